@@ -1,0 +1,50 @@
+-- nixfs-layer's own tables inside the merged Nix database.
+--
+-- They live in the same file as Nix's tables so that one SQLite transaction
+-- covers both, and so that the triggers below run inside every transaction
+-- Nix itself makes: when Nix registers a path (a build, `nix-store --add`) it
+-- is recorded as coming from the upper; when Nix invalidates a path (garbage
+-- collection, `nix-store --delete`) its provenance goes with it. Nix ignores
+-- tables it does not know.
+
+-- Lowers this upper has been stacked on. `priority` is the position in the
+-- current stack (0 = first --lower, on top); NULL once a lower is no longer
+-- part of the stack.
+create table if not exists NixfsLayerLower (
+    id        integer primary key autoincrement not null,
+    dir       text unique not null,
+    priority  integer,
+    paths     integer not null default 0, -- valid paths in the lower at the last sync
+    narBytes  integer not null default 0, -- their summed narSize
+    syncedAt  integer                     -- unix time of the last sync
+);
+
+-- Which layer every valid path of the merged database comes from:
+-- 0 = the upper (registered through the merged store), otherwise
+-- NixfsLayerLower.id.
+create table if not exists NixfsLayerOrigin (
+    path   text primary key not null,
+    layer  integer not null
+) without rowid;
+
+create index if not exists NixfsLayerOriginLayer on NixfsLayerOrigin(layer);
+
+-- The valid paths of each lower as of the last sync, whether or not the
+-- merged view takes them from that lower.
+create table if not exists NixfsLayerLowerPath (
+    lower  integer not null,
+    path   text not null,
+    primary key (lower, path)
+) without rowid;
+
+create index if not exists NixfsLayerLowerPathPath on NixfsLayerLowerPath(path);
+
+create trigger if not exists NixfsLayerOriginOnInsert after insert on ValidPaths
+  begin
+    insert or ignore into NixfsLayerOrigin (path, layer) values (new.path, 0);
+  end;
+
+create trigger if not exists NixfsLayerOriginOnDelete after delete on ValidPaths
+  begin
+    delete from NixfsLayerOrigin where path = old.path;
+  end;

@@ -1,0 +1,96 @@
+//! Command-line definitions. The names here are relied on by scripts,
+//! the NixOS module and the docs: change them only with care.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nixfs-layer",
+    version,
+    about = "Stack read-only lower Nix stores under a writable upper",
+    long_about = "Stack read-only lower Nix stores (a template VM's /nix, a shared NFS /nix) under a \
+                  writable upper with kernel overlayfs and a merged Nix path database, so stock Nix \
+                  sees every lower path as valid and builds land only in the upper."
+)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace); NIXFS_LAYER_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create an upper layer: store, overlay work dir, Nix state with a fresh database.
+    Init(InitArgs),
+    /// Mount lowers and an upper as one Nix store at the target.
+    Mount(MountArgs),
+    /// Unmount what `mount` mounted at the target.
+    Umount(TargetArgs),
+    /// Show whether the target is mounted and what each layer holds.
+    Status(StatusArgs),
+    /// Re-read the lower databases and apply what changed to the merged database.
+    Sync(TargetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// TOML config file with the same settings as the flags (flags win);
+    /// /etc/nixfs-layer/config.toml is read when present.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Directory for the upper layer (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub upper: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// A lower Nix root (holding store/ and var/nix/db/); repeat for more, first on top.
+    #[arg(long = "lower", value_name = "DIR")]
+    pub lowers: Vec<PathBuf>,
+    /// The upper made by `nixfs-layer init`.
+    #[arg(long, value_name = "DIR")]
+    pub upper: Option<PathBuf>,
+    /// Where the merged store appears: TARGET/store and TARGET/var [default: /nix].
+    #[arg(long, value_name = "DIR")]
+    pub target: Option<PathBuf>,
+    /// Do not serve the /nixfs/flake tree.
+    #[arg(long)]
+    pub no_flake_fs: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    /// The mount's target [default: /nix].
+    #[arg(long, value_name = "DIR")]
+    pub target: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// The upper to report on when nothing is mounted.
+    #[arg(long, value_name = "DIR")]
+    pub upper: Option<PathBuf>,
+    /// Machine-readable output (see docs/status-json.md).
+    #[arg(long)]
+    pub json: bool,
+}

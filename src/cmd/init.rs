@@ -1,0 +1,19 @@
+//! `nixfs-layer init --upper DIR`
+
+use crate::cli::InitArgs;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::layer::Upper;
+use crate::pathdb;
+
+pub fn run(args: &InitArgs) -> Result<()> {
+    let config = Config::load(args.config.config.as_deref())?;
+    let dir =
+        args.upper.clone().or(config.upper).ok_or_else(|| {
+            Error::Usage("init needs --upper DIR (or `upper` in the config)".into())
+        })?;
+    let upper = Upper::init(&dir)?;
+    pathdb::create(&upper.db())?;
+    tracing::info!(upper = %upper.dir().display(), "upper ready");
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! One module per subcommand, plus what they share: the target, finding
+//! what is mounted there, and the upper's lock.
+
+pub mod init;
+pub mod mount;
+pub mod status;
+pub mod sync;
+pub mod umount;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::layer::{Lower, Upper};
+use crate::overlay::{self, MountError};
+
+pub const DEFAULT_TARGET: &str = "/nix";
+
+/// The target from the flag, else the config, else `/nix`; made absolute.
+pub fn resolve_target(flag: Option<&Path>, config: &Config) -> Result<PathBuf> {
+    let t = flag
+        .map(Path::to_owned)
+        .or_else(|| config.target.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_TARGET));
+    let t = if t.is_absolute() {
+        t
+    } else {
+        std::env::current_dir()
+            .map_err(|source| Error::Io {
+                path: t.clone(),
+                source,
+            })?
+            .join(t)
+    };
+    // A target that exists is compared with mountinfo by its real path.
+    Ok(std::fs::canonicalize(&t).unwrap_or(t))
+}
+
+/// What `mount` records in the upper, for `sync`/`umount`/`status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MountRecord {
+    pub target: PathBuf,
+    pub lowers: Vec<PathBuf>,
+}
+
+/// A stack found mounted at a target.
+#[derive(Debug)]
+pub struct Mounted {
+    pub target: PathBuf,
+    pub upper: Upper,
+    pub record: MountRecord,
+}
+
+impl Mounted {
+    pub fn store(&self) -> PathBuf {
+        self.target.join("store")
+    }
+    pub fn lowers(&self) -> Result<Vec<Lower>> {
+        Ok(self
+            .record
+            .lowers
+            .iter()
+            .map(|l| Lower::open(l))
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+/// Finds our overlay at `TARGET/store` and the upper behind it.
+pub fn find_mounted(target: &Path) -> Result<Option<Mounted>> {
+    let mounts = overlay::mounts()?;
+    let Some(m) = overlay::mount_at(&mounts, &target.join("store")) else {
+        return Ok(None);
+    };
+    let Some(upper_store) = m
+        .option("upperdir")
+        .filter(|_| m.fs_type == "overlay")
+        .map(PathBuf::from)
+    else {
+        return Ok(None);
+    };
+    let Some(upper_dir) = upper_store
+        .parent()
+        .filter(|_| upper_store.ends_with("store"))
+    else {
+        return Ok(None);
+    };
+    let Ok(upper) = Upper::open(upper_dir) else {
+        return Ok(None);
+    };
+    let rec_path = upper.mount_record();
+    let record: MountRecord = std::fs::read(&rec_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| Error::Io {
+            path: rec_path.clone(),
+            source: std::io::Error::other(
+                "mount record missing or unreadable; remount with `nixfs-layer umount` then `mount`",
+            ),
+        })?;
+    Ok(Some(Mounted {
+        target: target.to_owned(),
+        upper,
+        record,
+    }))
+}
+
+/// Like [`find_mounted`], but nothing mounted is an error.
+pub fn require_mounted(target: &Path) -> Result<Mounted> {
+    find_mounted(target)?.ok_or_else(|| MountError::NotMounted(target.to_owned()).into())
+}
+
+/// Holds the upper's lock: one mount/sync/umount at a time per upper.
+pub struct UpperLock(#[allow(dead_code)] Flock<File>);
+
+pub fn lock_upper(upper: &Upper) -> Result<UpperLock> {
+    let path = upper.lock_file();
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(UpperLock(l)),
+        Err((file, _)) => {
+            tracing::warn!(upper = %upper.dir().display(), "another nixfs-layer holds this upper; waiting");
+            Flock::lock(file, FlockArg::LockExclusive)
+                .map(UpperLock)
+                .map_err(|(_, errno)| Error::Io {
+                    path,
+                    source: errno.into(),
+                })
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! `nixfs-layer status [--target DIR] [--upper DIR] [--json]`
+//!
+//! The JSON shape is documented in docs/status-json.md; it only grows.
+
+use serde::Serialize;
+
+use crate::cli::StatusArgs;
+use crate::config::Config;
+use crate::error::Result;
+use crate::layer::Upper;
+use crate::pathdb::{self, stats};
+
+use super::{find_mounted, resolve_target};
+
+/// Version of the JSON document; bumped only for incompatible changes.
+pub const STATUS_FORMAT: u32 = 1;
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub format: u32,
+    pub target: String,
+    pub mounted: bool,
+    pub upper: Option<UpperStatus>,
+    pub lowers: Vec<stats::LowerStats>,
+    /// Valid paths in the merged database (null when no upper is known).
+    pub valid_paths: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UpperStatus {
+    pub dir: String,
+    #[serde(flatten)]
+    pub stats: stats::UpperStats,
+}
+
+pub fn run(args: &StatusArgs) -> Result<()> {
+    let config = Config::load(args.target.config.config.as_deref())?;
+    let target = resolve_target(args.target.target.as_deref(), &config)?;
+    let mounted = find_mounted(&target)?;
+    let upper = match &mounted {
+        Some(m) => Some(m.upper.clone()),
+        None => match args.upper.clone().or(config.upper.clone()) {
+            Some(dir) => Some(Upper::open(&dir)?),
+            None => None,
+        },
+    };
+    let db_stats = match &upper {
+        Some(u) => {
+            let conn = pathdb::open_read_only(&u.db())?;
+            Some(stats::read(&conn, &u.db())?)
+        }
+        None => None,
+    };
+    let status = Status {
+        format: STATUS_FORMAT,
+        target: target.display().to_string(),
+        mounted: mounted.is_some(),
+        valid_paths: db_stats.as_ref().map(|s| s.valid_paths),
+        upper: upper
+            .as_ref()
+            .zip(db_stats.as_ref())
+            .map(|(u, s)| UpperStatus {
+                dir: u.dir().display().to_string(),
+                stats: s.upper.clone(),
+            }),
+        lowers: db_stats.map(|s| s.lowers).unwrap_or_default(),
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).expect("status serialises")
+        );
+    } else {
+        print_text(&status);
+    }
+    Ok(())
+}
+
+fn print_text(s: &Status) {
+    println!(
+        "{}: {}",
+        s.target,
+        if s.mounted { "mounted" } else { "not mounted" }
+    );
+    if let Some(u) = &s.upper {
+        println!(
+            "  upper {}: {} paths, {} ({} upper-only)",
+            u.dir,
+            u.stats.paths,
+            human_bytes(u.stats.bytes),
+            u.stats.upper_only_paths
+        );
+    }
+    for l in &s.lowers {
+        println!(
+            "  lower {}: {} paths, {} ({} provided)",
+            l.dir,
+            l.paths,
+            human_bytes(l.bytes),
+            l.provided_paths
+        );
+    }
+    if let Some(n) = s.valid_paths {
+        println!("  valid paths: {n}");
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

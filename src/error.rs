@@ -1,0 +1,84 @@
+//! The error every command returns, and the exit code each kind maps to
+//! (the sysexits.h convention; 2 stays clap's for malformed arguments).
+
+use crate::config::ConfigError;
+use crate::layer::LayerError;
+use crate::overlay::MountError;
+use crate::pathdb::DbError;
+
+pub const EX_USAGE: u8 = 64;
+pub const EX_DATAERR: u8 = 65;
+pub const EX_NOINPUT: u8 = 66;
+pub const EX_UNAVAILABLE: u8 = 69;
+pub const EX_SOFTWARE: u8 = 70;
+pub const EX_OSERR: u8 = 71;
+pub const EX_CANTCREAT: u8 = 73;
+pub const EX_IOERR: u8 = 74;
+pub const EX_TEMPFAIL: u8 = 75;
+pub const EX_NOPERM: u8 = 77;
+pub const EX_CONFIG: u8 = 78;
+/// `umount`/`sync` on a target where nothing of ours is mounted.
+pub const EXIT_NOT_MOUNTED: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(_) => EX_CONFIG,
+            Error::Usage(_) => EX_USAGE,
+            Error::Io { .. } => EX_IOERR,
+            Error::Layer(e) => match e {
+                LayerError::LowerMissing(_) | LayerError::UpperNotInitialised(_) => EX_NOINPUT,
+                LayerError::LowerNoStore(_)
+                | LayerError::LowerNoDb { .. }
+                | LayerError::LowerSchema { .. } => EX_DATAERR,
+                LayerError::UpperForeign(_) => EX_CANTCREAT,
+                LayerError::Io { .. } => EX_IOERR,
+                LayerError::SameDir(_)
+                | LayerError::Overlap { .. }
+                | LayerError::DuplicateLower(_)
+                | LayerError::UnmountablePath(_)
+                | LayerError::TooManyLowers { .. }
+                | LayerError::NoLower => EX_USAGE,
+            },
+            Error::Mount(e) => match e {
+                MountError::NotPermitted(_) => EX_NOPERM,
+                MountError::OverlayUnavailable => EX_UNAVAILABLE,
+                MountError::AlreadyMounted(..)
+                | MountError::UpperInUse { .. }
+                | MountError::Busy(_) => EX_TEMPFAIL,
+                MountError::NotMounted(_) => EXIT_NOT_MOUNTED,
+                MountError::Mount { .. } | MountError::Umount { .. } => EX_OSERR,
+                MountError::Io { .. } => EX_IOERR,
+            },
+            Error::Db(e) => match e {
+                DbError::NotNixDb { .. }
+                | DbError::ForeignStoreDir { .. }
+                | DbError::ClosureBroken(_) => EX_DATAERR,
+                DbError::Unstable { .. } => EX_TEMPFAIL,
+                DbError::Io { .. } => EX_IOERR,
+                DbError::Sqlite { .. } => EX_SOFTWARE,
+            },
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

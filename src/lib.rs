@@ -1,0 +1,15 @@
+//! nixfs-layer: read-only lower Nix stores under a writable upper, combined
+//! with kernel overlayfs and a merged Nix path database.
+//!
+//! Data flows one way: `cli`/`config` → `layer` (what the user named) →
+//! `pathdb` (merge the lowers' databases into the upper's) → `overlay`
+//! (mount). `cmd` holds one module per subcommand.
+
+pub mod cli;
+pub mod cmd;
+pub mod config;
+pub mod error;
+pub mod layer;
+pub mod overlay;
+pub mod pathdb;
+pub mod storepath;

@@ -1,0 +1,280 @@
+//! Kernel mounts: the overlayfs on `TARGET/store`, the bind of the upper's
+//! state on `TARGET/var`, and reading `/proc/self/mountinfo`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::layer::{Lower, Upper};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("mounting needs root (CAP_SYS_ADMIN); run nixfs-layer {0} as root")]
+    NotPermitted(&'static str),
+    #[error(
+        "this kernel has no overlayfs (not in /proc/filesystems); load it with `modprobe overlay`"
+    )]
+    OverlayUnavailable,
+    #[error("{0} is already a mount point; run `nixfs-layer umount --target {1}` first")]
+    AlreadyMounted(PathBuf, PathBuf),
+    #[error("upper {upper} is already mounted at {at}; one upper serves one mount at a time")]
+    UpperInUse { upper: PathBuf, at: PathBuf },
+    #[error("nothing of nixfs-layer is mounted at {0}")]
+    NotMounted(PathBuf),
+    #[error(
+        "{0} is busy (a process has files open there); stop it (e.g. nix-daemon) and try again"
+    )]
+    Busy(PathBuf),
+    #[error("mounting {what} on {target} failed: {errno}{hint}")]
+    Mount {
+        what: String,
+        target: PathBuf,
+        errno: Errno,
+        hint: &'static str,
+    },
+    #[error("unmounting {target} failed: {errno}")]
+    Umount { target: PathBuf, errno: Errno },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// One line of `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    pub mount_point: PathBuf,
+    pub fs_type: String,
+    pub source: String,
+    /// The superblock options (for overlayfs: lowerdir=…,upperdir=…).
+    pub super_options: String,
+}
+
+impl MountInfo {
+    /// The value of a `key=value` superblock option.
+    pub fn option(&self, key: &str) -> Option<&str> {
+        self.super_options
+            .split(',')
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    }
+}
+
+/// Undoes the octal escapes (`\040` for space…) mountinfo uses.
+fn unescape(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses the text of a mountinfo file.
+pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
+    text.lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let mount_point = pre.split(' ').nth(4)?;
+            let mut post = post.split(' ');
+            Some(MountInfo {
+                mount_point: PathBuf::from(unescape(mount_point)),
+                fs_type: post.next()?.to_owned(),
+                source: unescape(post.next()?),
+                super_options: unescape(post.next().unwrap_or("")),
+            })
+        })
+        .collect()
+}
+
+/// The mounts of this process's mount namespace.
+pub fn mounts() -> Result<Vec<MountInfo>, MountError> {
+    let p = Path::new("/proc/self/mountinfo");
+    let text = fs::read_to_string(p).map_err(|source| MountError::Io {
+        path: p.to_owned(),
+        source,
+    })?;
+    Ok(parse_mountinfo(&text))
+}
+
+/// The topmost mount at exactly `point`, if any.
+pub fn mount_at(all: &[MountInfo], point: &Path) -> Option<MountInfo> {
+    all.iter().rev().find(|m| m.mount_point == point).cloned()
+}
+
+/// Whether this process may mount: CAP_SYS_ADMIN in its effective set.
+pub fn check_privileges(command: &'static str) -> Result<(), MountError> {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if has_cap_sys_admin(&status) {
+        Ok(())
+    } else {
+        Err(MountError::NotPermitted(command))
+    }
+}
+
+fn has_cap_sys_admin(proc_status: &str) -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    proc_status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
+}
+
+/// Whether the kernel offers overlayfs.
+pub fn check_overlay_available() -> Result<(), MountError> {
+    let text = fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if filesystems_has_overlay(&text) {
+        Ok(())
+    } else {
+        Err(MountError::OverlayUnavailable)
+    }
+}
+
+fn filesystems_has_overlay(text: &str) -> bool {
+    text.lines()
+        .any(|l| l.split_whitespace().last() == Some("overlay"))
+}
+
+/// The overlayfs option string for a stack (first lower on top).
+pub fn overlay_options(lowers: &[Lower], upper: &Upper) -> String {
+    let lowerdir = lowers
+        .iter()
+        .map(|l| l.store().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(":");
+    // index/metacopy/redirect_dir stay off: they record lower file handles,
+    // and our lowers legitimately change between mounts.
+    format!(
+        "lowerdir={lowerdir},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=off",
+        upper.store().display(),
+        upper.work().display()
+    )
+}
+
+/// Mounts the overlay on `target_store`.
+pub fn mount_overlay(
+    lowers: &[Lower],
+    upper: &Upper,
+    target_store: &Path,
+) -> Result<(), MountError> {
+    let opts = overlay_options(lowers, upper);
+    tracing::debug!(target = %target_store.display(), %opts, "mounting overlayfs");
+    mount(
+        Some("nixfs-layer"),
+        target_store,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .map_err(|errno| MountError::Mount {
+        what: "overlayfs".into(),
+        target: target_store.to_owned(),
+        errno,
+        hint: match errno {
+            Errno::EINVAL => " (the upper's filesystem may lack what overlayfs needs for an upperdir, e.g. NFS; keep the upper on a local disk or tmpfs)",
+            Errno::ENODEV => " (no overlayfs in this kernel; `modprobe overlay`)",
+            _ => "",
+        },
+    })
+}
+
+/// Bind-mounts `src` on `target`.
+pub fn bind(src: &Path, target: &Path) -> Result<(), MountError> {
+    mount(
+        Some(src),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|errno| MountError::Mount {
+        what: src.display().to_string(),
+        target: target.to_owned(),
+        errno,
+        hint: "",
+    })
+}
+
+/// Unmounts `target`; EBUSY becomes [`MountError::Busy`].
+pub fn unmount(target: &Path) -> Result<(), MountError> {
+    umount2(target, MntFlags::empty()).map_err(|errno| match errno {
+        Errno::EBUSY => MountError::Busy(target.to_owned()),
+        errno => MountError::Umount {
+            target: target.to_owned(),
+            errno,
+        },
+    })
+}
+
+/// Remounts the overlay in place. overlayfs keeps negative and stale
+/// dentries for lower entries; a remount drops them, so paths added to or
+/// removed from a lower since the mount show up as they now are.
+pub fn refresh(target_store: &Path) -> Result<(), MountError> {
+    mount(
+        None::<&str>,
+        target_store,
+        None::<&str>,
+        MsFlags::MS_REMOUNT,
+        None::<&str>,
+    )
+    .map_err(|errno| MountError::Mount {
+        what: "overlayfs (remount)".into(),
+        target: target_store.to_owned(),
+        errno,
+        hint: "",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+22 1 0:21 / / rw,relatime - ext4 /dev/vda rw
+67 63 0:40 / /nix/store rw,relatime - overlay nixfs-layer rw,lowerdir=/l/a/store:/l/b/store,upperdir=/u/store,workdir=/u/work,uuid=on
+68 63 0:41 /var /nix/var rw,relatime - ext4 /dev/vda rw
+70 22 0:42 / /mnt/with\\040space rw - tmpfs none rw,size=10k
+";
+
+    #[test]
+    fn parses_mountinfo_lines() {
+        let m = parse_mountinfo(SAMPLE);
+        assert_eq!(m.len(), 4);
+        let ov = mount_at(&m, Path::new("/nix/store")).unwrap();
+        assert_eq!(ov.fs_type, "overlay");
+        assert_eq!(ov.source, "nixfs-layer");
+        assert_eq!(ov.option("upperdir"), Some("/u/store"));
+        assert_eq!(ov.option("lowerdir"), Some("/l/a/store:/l/b/store"));
+        assert_eq!(ov.option("index"), None);
+        assert!(mount_at(&m, Path::new("/mnt/with space")).is_some());
+        assert!(mount_at(&m, Path::new("/nix")).is_none());
+    }
+
+    #[test]
+    fn reads_cap_sys_admin_from_proc_status() {
+        assert!(has_cap_sys_admin("Name:\tx\nCapEff:\t000001ffffffffff\n"));
+        assert!(!has_cap_sys_admin("CapEff:\t0000000000000000\n"));
+        // Everything but CAP_SYS_ADMIN (bit 21).
+        assert!(!has_cap_sys_admin("CapEff:\t000001ffffdfffff\n"));
+        assert!(!has_cap_sys_admin(""));
+    }
+
+    #[test]
+    fn finds_overlay_in_proc_filesystems() {
+        assert!(filesystems_has_overlay("nodev\tsysfs\nnodev\toverlay\n"));
+        assert!(!filesystems_has_overlay("nodev\tsysfs\n\text4\n"));
+    }
+}

@@ -1,0 +1,125 @@
+//! The Nix path database: creating the upper's, snapshotting the lowers',
+//! merging them, and the provenance of every valid path.
+
+pub mod merge;
+pub mod snapshot;
+pub mod stats;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use crate::layer::NIX_SCHEMA_VERSION;
+
+/// Nix's own tables, schema version 10.
+pub const NIX_SCHEMA_SQL: &str = include_str!("../../sqlite-schema/nix-schema-10.sql");
+/// This tool's tables and triggers inside the merged database.
+pub const LAYER_SCHEMA_SQL: &str = include_str!("../../sqlite-schema/nixfs-layer.sql");
+
+/// How long to wait for Nix (or another sync) to release the database.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("{path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("{path}: not a Nix database ({detail}); is this the right lower?")]
+    NotNixDb { path: PathBuf, detail: String },
+    #[error("{path}: could not take a consistent copy (it kept changing over {tries} tries); retry when the lower's publisher is idle")]
+    Unstable { path: PathBuf, tries: u32 },
+    #[error("lower {lower}: its database lists {bad} rows that are not store paths under /nix/store (first: {first}); this tool serves /nix/store only")]
+    ForeignStoreDir {
+        lower: PathBuf,
+        bad: usize,
+        first: String,
+    },
+    #[error("{0}")]
+    ClosureBroken(ClosureBroken),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Paths a sync would drop while paths that stay valid still need them.
+#[derive(Debug)]
+pub struct ClosureBroken {
+    /// (path that would go, a valid path that refers to it)
+    pub needed: Vec<(String, String)>,
+    pub total: usize,
+}
+
+impl std::fmt::Display for ClosureBroken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown: Vec<String> = self
+            .needed
+            .iter()
+            .map(|(gone, by)| format!("{gone} (needed by {by})"))
+            .collect();
+        write!(
+            f,
+            "sync refused, the merged database is unchanged: {} path(s) left the lowers but upper paths still need them: {}{}; put them back in a lower, or delete the upper paths that need them (nix-store --delete) and sync again",
+            self.total,
+            shown.join(", "),
+            if self.total > shown.len() { ", …" } else { "" }
+        )
+    }
+}
+
+pub(crate) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> DbError + '_ {
+    move |source| DbError::Sqlite {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Creates a fresh merged database (Nix schema 10 plus this tool's tables)
+/// at `db`, and Nix's `schema` file next to it. Leaves an existing one as it is.
+pub fn create(db: &Path) -> Result<(), DbError> {
+    let schema_file = db.with_file_name("schema");
+    if !db.exists() {
+        let conn = Connection::open(db).map_err(sql_err(db))?;
+        conn.pragma_update(None, "journal_mode", "wal")
+            .map_err(sql_err(db))?;
+        conn.execute_batch(NIX_SCHEMA_SQL).map_err(sql_err(db))?;
+        conn.execute_batch(LAYER_SCHEMA_SQL).map_err(sql_err(db))?;
+    }
+    if !schema_file.exists() {
+        std::fs::write(&schema_file, NIX_SCHEMA_VERSION).map_err(|source| DbError::Io {
+            path: schema_file.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Opens the merged database for reading and writing, the way Nix does
+/// (foreign keys on, waiting on locks), with this tool's tables present.
+pub fn open(db: &Path) -> Result<Connection, DbError> {
+    let conn = Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql_err(db))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql_err(db))?;
+    conn.pragma_update(None, "foreign_keys", "on")
+        .map_err(sql_err(db))?;
+    conn.execute_batch(LAYER_SCHEMA_SQL).map_err(sql_err(db))?;
+    Ok(conn)
+}
+
+/// Opens the merged database read-only (for `status`).
+pub fn open_read_only(db: &Path) -> Result<Connection, DbError> {
+    let conn = Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql_err(db))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql_err(db))?;
+    Ok(conn)
+}

@@ -1,0 +1,119 @@
+//! Consistent private copies of a lower's database.
+//!
+//! A lower is read-only (often NFS), so it is never opened in place: SQLite
+//! would want to create `-shm`/`-wal` files next to it, and `immutable=1`
+//! would ignore rows that sit in the `-wal` file, not yet checkpointed. Instead
+//! the database file and its `-wal` (or hot `-journal`) are copied into the
+//! upper's scratch directory and opened there, where SQLite replays the WAL
+//! as usual. The copy is retried if the lower changed while it was taken.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use tempfile::TempDir;
+
+use super::DbError;
+use crate::layer::Lower;
+
+const TRIES: u32 = 8;
+
+/// A private copy of a lower's `db.sqlite` (plus WAL), removed on drop.
+#[derive(Debug)]
+pub struct Snapshot {
+    _dir: TempDir,
+    db: PathBuf,
+}
+
+impl Snapshot {
+    /// The copied database file; attach or open it like any SQLite file.
+    pub fn db(&self) -> &Path {
+        &self.db
+    }
+}
+
+/// What identifies one state of a file: size, mtime, inode.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+struct Stamp {
+    len: u64,
+    mtime: Option<SystemTime>,
+    ino: u64,
+}
+
+fn stamp(p: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(p).ok()?;
+    Some(Stamp {
+        len: m.len(),
+        mtime: m.modified().ok(),
+        ino: m.ino(),
+    })
+}
+
+/// The WAL header carries salts that change whenever the WAL restarts.
+fn wal_header(p: &Path) -> Option<[u8; 32]> {
+    let mut h = [0u8; 32];
+    fs::File::open(p).ok()?.read_exact(&mut h).ok()?;
+    Some(h)
+}
+
+fn sidecar(db: &Path, suffix: &str) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Copies the lower's database into a fresh directory under `scratch`.
+pub fn take(lower: &Lower, scratch: &Path) -> Result<Snapshot, DbError> {
+    let src = lower.db();
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DbError::Io { path, source }
+    };
+    fs::create_dir_all(scratch).map_err(io(scratch))?;
+    for attempt in 1..=TRIES {
+        let dir = tempfile::Builder::new()
+            .prefix("lower-db-")
+            .tempdir_in(scratch)
+            .map_err(io(scratch))?;
+        let dst = dir.path().join("db.sqlite");
+        let (src_wal, src_journal) = (sidecar(&src, "-wal"), sidecar(&src, "-journal"));
+
+        let before = (stamp(&src), wal_header(&src_wal), stamp(&src_journal));
+        fs::copy(&src, &dst).map_err(io(&src))?;
+        let wal_copied = copy_if_present(&src_wal, &sidecar(&dst, "-wal"))?;
+        copy_if_present(&src_journal, &sidecar(&dst, "-journal"))?;
+        let after = (stamp(&src), wal_header(&src_wal), stamp(&src_journal));
+
+        // A checkpoint rewrites db.sqlite and, once complete, lets the next
+        // writer restart the WAL with new salts. If neither the main file nor
+        // the WAL header moved, the copied WAL still covers every page of the
+        // copied main file that a checkpoint could have half-written.
+        let main_stable = before.0 == after.0;
+        let wal_stable =
+            before.1 == after.1 && (!wal_copied || wal_header(&sidecar(&dst, "-wal")) == after.1);
+        let journal_stable = before.2 == after.2;
+        if main_stable && wal_stable && journal_stable {
+            tracing::debug!(lower = %lower.dir().display(), attempt, wal = wal_copied, "lower database copied");
+            return Ok(Snapshot { _dir: dir, db: dst });
+        }
+        tracing::info!(lower = %lower.dir().display(), attempt, "lower database changed while copying; retrying");
+        std::thread::sleep(Duration::from_millis(50 * u64::from(attempt)));
+    }
+    Err(DbError::Unstable {
+        path: src,
+        tries: TRIES,
+    })
+}
+
+fn copy_if_present(src: &Path, dst: &Path) -> Result<bool, DbError> {
+    match fs::copy(src, dst) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(DbError::Io {
+            path: src.to_owned(),
+            source,
+        }),
+    }
+}

@@ -1,0 +1,240 @@
+//! Shared by the integration tests: running a test body in a private mount
+//! namespace, real Nix against a throw-away `/nix`, the binary under test.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use sha2::{Digest, Sha256};
+
+const IN_NS: &str = "NIXFS_LAYER_TEST_IN_NS";
+
+/// Declares a test whose body runs in its own mount namespace: the test
+/// process re-runs itself under `unshare -m --propagation private` (a
+/// multithreaded process cannot unshare its mounts reliably), so nothing it
+/// mounts is seen by the host or by other tests.
+#[macro_export]
+macro_rules! ns_test {
+    ($(#[$m:meta])* fn $name:ident() $body:block) => {
+        #[test]
+        $(#[$m])*
+        fn $name() {
+            common::in_private_ns(stringify!($name), || $body)
+        }
+    };
+}
+
+pub fn in_private_ns(name: &str, body: impl FnOnce()) {
+    if std::env::var_os(IN_NS).is_some() {
+        body();
+        return;
+    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "mount tests need root: run the test suite as root (see README)"
+    );
+    std::fs::create_dir_all("/nix").expect("create /nix as a mount point");
+    let exe = std::env::current_exe().unwrap();
+    let status = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "--"])
+        .arg(exe)
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(IN_NS, "1")
+        .status()
+        .expect("run unshare (util-linux)");
+    assert!(
+        status.success(),
+        "test body of {name} failed in its namespace: {status}"
+    );
+}
+
+/// A scratch directory for one test, with a tmpfs on `/nix` (inside the
+/// test's namespace) so real Nix can build into it.
+pub struct World {
+    pub tmp: tempfile::TempDir,
+}
+
+impl World {
+    pub fn new() -> World {
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ns-tests");
+        std::fs::create_dir_all(&base).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("t-")
+            .tempdir_in(&base)
+            .unwrap();
+        sh("mount -t tmpfs nixfs-layer-test /nix");
+        std::fs::create_dir_all(tmp.path().join("home")).unwrap();
+        World { tmp }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    /// Environment for real Nix: local store at /nix, no daemon, no build
+    /// users, no substituters, caches under the test's home.
+    pub fn nix(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("NIX_REMOTE", "local")
+            .env(
+                "NIX_CONFIG",
+                "build-users-group =\nsubstituters =\nsandbox = false\nexperimental-features = nix-command flakes\n",
+            )
+            .env("HOME", self.path("home"))
+            .env("XDG_CACHE_HOME", self.path("home/.cache"))
+            .env_remove("NIX_PATH");
+        c
+    }
+
+    /// Runs a Nix command and returns its stdout; panics with stderr on failure.
+    pub fn nix_ok<I, S>(&self, program: &str, args: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let out = self.nix(program).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Builds attributes of tests/fixtures/store.nix into whatever /nix is now.
+    pub fn build(&self, attrs: &[&str]) -> Vec<String> {
+        let mut args = vec!["--no-out-link".to_owned(), fixture("store.nix")];
+        for a in attrs {
+            args.push("-A".into());
+            args.push((*a).into());
+        }
+        self.nix_ok("nix-build", &args)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Makes `dir` a lower built by real Nix: binds it on /nix for the
+    /// duration of `f`, in a nested namespace so that whatever is mounted
+    /// on /nix now is left alone.
+    pub fn with_nix_at<T>(&self, dir: &Path, f: impl FnOnce() -> T) -> T {
+        std::fs::create_dir_all(dir).unwrap();
+        // Bind over /nix; undo it afterwards. Mount stacking restores the
+        // previous /nix (the merged store, if one is mounted).
+        sh(&format!("mount --bind {} /nix", dir.display()));
+        let r = f();
+        sh("umount /nix");
+        r
+    }
+
+    /// Runs the binary under test.
+    pub fn tool<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Command::new(env!("CARGO_BIN_EXE_nixfs-layer"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the binary and asserts success; returns stdout.
+    pub fn tool_ok<I, S>(&self, args: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let out = self.tool(args);
+        assert!(
+            out.status.success(),
+            "nixfs-layer failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+pub fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+pub fn sh(script: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`{script}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn mountinfo() -> String {
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap()
+}
+
+/// Mount points and types only (mount ids change with every mount).
+pub fn mount_table() -> Vec<(String, String)> {
+    mountinfo()
+        .lines()
+        .map(|l| {
+            let (pre, post) = l.split_once(" - ").unwrap();
+            (
+                pre.split(' ').nth(4).unwrap().to_owned(),
+                post.split(' ').next().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A digest of every entry under `dir`: names, types, modes, mtimes,
+/// symlink targets and file contents.
+pub fn tree_digest(dir: &Path) -> BTreeMap<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
+        let e = e.unwrap();
+        let m = e.path().symlink_metadata().unwrap();
+        let mut h = Sha256::new();
+        h.update(format!("{:o} {} {} ", m.mode(), m.mtime(), m.mtime_nsec()));
+        if m.file_type().is_symlink() {
+            h.update(
+                std::fs::read_link(e.path())
+                    .unwrap()
+                    .as_os_str()
+                    .as_encoded_bytes(),
+            );
+        } else if m.is_file() {
+            let mut f = std::fs::File::open(e.path()).unwrap();
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf).unwrap();
+            h.update(&buf);
+        }
+        let rel = e.path().strip_prefix(dir).unwrap().to_owned();
+        out.insert(rel, format!("{:x}", h.finalize()));
+    }
+    out
+}
+
+/// Entries of a directory, sorted.
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

@@ -1,0 +1,436 @@
+//! The layered store core, end to end: a lower built by real Nix, stacked
+//! under an upper with real overlayfs, used by stock Nix (Debian's nix-bin).
+//! Every test runs in its own mount namespace with a tmpfs on /nix.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{entries, mount_table, sh, stderr, tree_digest, World};
+
+/// A lower with app (→ libb → liba, liba.dev), tool, and a file added with
+/// `nix-store --add`; an initialised upper.
+struct Setup {
+    w: World,
+    lower: PathBuf,
+    upper: PathBuf,
+    /// Output paths built into the lower.
+    built: Vec<String>,
+    /// The store path of the added file.
+    added_file: String,
+}
+
+const ADDED_CONTENT: &str = "a file the lower already holds\n";
+
+fn setup() -> Setup {
+    let w = World::new();
+    let lower = w.path("lower");
+    let (built, added_file) = w.with_nix_at(&lower, || {
+        let built = w.build(&["app", "tool"]);
+        let f = w.path("note.txt");
+        std::fs::write(&f, ADDED_CONTENT).unwrap();
+        let added = w.nix_ok("nix-store", [OsArg::from("--add"), f.as_os_str().into()]);
+        (built, added.trim().to_owned())
+    });
+    let upper = w.path("upper");
+    w.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
+    Setup {
+        w,
+        lower,
+        upper,
+        built,
+        added_file,
+    }
+}
+
+type OsArg = std::ffi::OsString;
+
+impl Setup {
+    fn mount(&self) {
+        self.w.tool_ok([
+            "mount",
+            "--lower",
+            self.lower.to_str().unwrap(),
+            "--upper",
+            self.upper.to_str().unwrap(),
+            "--no-flake-fs",
+        ]);
+    }
+    fn upper_store(&self) -> Vec<String> {
+        entries(&self.upper.join("store"))
+    }
+    /// All valid paths as `nix path-info --all` lists them.
+    fn all_paths(&self) -> Vec<String> {
+        self.w
+            .nix_ok("nix", ["path-info", "--all"])
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+    fn valid(&self, path: &str) -> bool {
+        self.w
+            .nix("nix-store")
+            .args(["--check-validity", path])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+}
+
+/// What Nix answers about a set of paths, in one comparable string.
+fn nix_answers(w: &World, paths: &[String]) -> String {
+    let mut out = w.nix_ok("nix", ["path-info", "--json", "--all"]);
+    for p in paths {
+        for q in [
+            vec!["-qR", p.as_str()],
+            vec!["-q", "--referrers", p.as_str()],
+            vec!["-q", "--deriver", p.as_str()],
+            vec!["-q", "--references", p.as_str()],
+            vec!["-q", "--hash", p.as_str()],
+            vec!["-q", "--size", p.as_str()],
+        ] {
+            out += &format!("== {q:?}\n");
+            out += &w.nix_ok("nix-store", &q);
+        }
+    }
+    out
+}
+
+fn verify_contents(w: &World) {
+    let out = w
+        .nix("nix-store")
+        .args(["--verify", "--check-contents"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "nix-store --verify failed: {err}");
+    for bad in ["error", "corrupt", "disappeared", "modified", "warning"] {
+        assert!(
+            !err.to_lowercase().contains(bad),
+            "nix-store --verify complains: {err}"
+        );
+    }
+}
+
+ns_test! {
+    fn lower_paths_answer_as_in_the_lower() {
+        let s = setup();
+        let all = s.w.with_nix_at(&s.lower, || s.all_paths());
+        assert!(all.len() >= 8, "lower has outputs, .drv files and the added file: {all:?}");
+        let expected = s.w.with_nix_at(&s.lower, || nix_answers(&s.w, &all));
+        let lower_before = tree_digest(&s.lower);
+
+        s.mount();
+        assert_eq!(s.all_paths(), all, "every lower path is valid in the merged store, nothing else");
+        assert_eq!(nix_answers(&s.w, &all), expected, "Nix answers as the lower itself does");
+        verify_contents(&s.w);
+        let app = s.built.iter().find(|p| p.ends_with("-app")).unwrap();
+        assert_eq!(sh(&format!("{app}/bin/app")), "hello from app\n");
+        assert!(s.upper_store().is_empty(), "reading creates nothing in the upper: {:?}", s.upper_store());
+        assert_eq!(tree_digest(&s.lower), lower_before, "the lower is untouched");
+    }
+}
+
+ns_test! {
+    fn adding_content_the_lower_has_creates_nothing_in_the_upper() {
+        let s = setup();
+        s.mount();
+        let f = s.w.path("again.txt");
+        std::fs::write(&f, ADDED_CONTENT).unwrap();
+        // Same name and content as in the lower: same store path.
+        let again = s.w.path("copy");
+        std::fs::create_dir(&again).unwrap();
+        std::fs::rename(&f, again.join("note.txt")).unwrap();
+        let p = s.w.nix_ok("nix-store", [OsArg::from("--add"), again.join("note.txt").into()]);
+        assert_eq!(p.trim(), s.added_file);
+        assert!(s.upper_store().is_empty(), "upper store gained {:?}", s.upper_store());
+    }
+}
+
+ns_test! {
+    fn builds_land_in_the_upper_only() {
+        let s = setup();
+        let lower_before = tree_digest(&s.lower);
+        s.mount();
+        let out = s.w.build(&["onTop"]);
+        let on_top = &out[0];
+        let base = Path::new(on_top).file_name().unwrap().to_str().unwrap().to_owned();
+        assert!(s.upper.join("store").join(&base).is_dir(), "output in the upper's store dir");
+        assert!(!s.lower.join("store").join(&base).exists(), "output not in the lower");
+        assert!(s.valid(on_top));
+        let refs = s.w.nix_ok("nix-store", ["-q", "--references", on_top]);
+        let app = s.built.iter().find(|p| p.ends_with("-app")).unwrap();
+        let tool = s.built.iter().find(|p| p.ends_with("-tool")).unwrap();
+        assert!(refs.contains(app.as_str()) && refs.contains(tool.as_str()), "references: {refs}");
+        for r in refs.lines().filter(|r| *r != on_top) {
+            let b = Path::new(r).file_name().unwrap();
+            assert!(s.lower.join("store").join(b).exists(), "{r} is a lower path");
+            assert!(!s.upper.join("store").join(b).exists(), "{r} was not copied up");
+        }
+        // Everything new in the upper belongs to this build (its .drv and output).
+        for e in s.upper_store() {
+            assert!(e.contains("on-top"), "unexpected upper entry {e}");
+        }
+        assert_eq!(sh(&format!("cat {on_top}/share/deps")).lines().count(), 2);
+        verify_contents(&s.w);
+        assert_eq!(tree_digest(&s.lower), lower_before, "the lower is byte-identical");
+    }
+}
+
+/// The store path of a fixture attribute, computed without building it.
+fn out_path(w: &World, attr: &str) -> String {
+    let expr = format!(
+        "(import {} {{}}).{attr}.outPath",
+        common::fixture("store.nix")
+    );
+    w.nix_ok("nix-instantiate", ["--eval", "--json", "-E", &expr])
+        .trim()
+        .trim_matches('"')
+        .to_owned()
+}
+
+ns_test! {
+    fn sync_follows_a_lower_that_gains_and_loses_paths() {
+        let s = setup();
+        s.mount();
+        let extra = s.w.with_nix_at(&s.lower, || out_path(&s.w, "extra"));
+        // Looked up (and missed) through the overlay before the lower has it.
+        assert!(!Path::new(&extra).exists());
+        assert!(!s.valid(&extra));
+
+        let lower_extra = s.w.with_nix_at(&s.lower, || s.w.build(&["extra"]));
+        assert_eq!(lower_extra, vec![extra.clone()]);
+        assert!(!s.valid(&extra), "not valid before sync");
+        let out = s.w.tool_ok(["sync"]);
+        assert!(out.starts_with("sync: added 2, removed 0"), "extra and its .drv: {out}");
+        assert!(s.valid(&extra));
+        assert_eq!(sh(&format!("cat {extra}/share/name")), "extra\n", "content visible through the overlay");
+        verify_contents(&s.w);
+        assert!(s.upper_store().is_empty(), "a lower addition copies nothing: {:?}", s.upper_store());
+
+        // Nothing changed: nothing to do.
+        let out = s.w.tool_ok(["sync"]);
+        assert!(out.starts_with("sync: added 0, removed 0"), "{out}");
+
+        // The lower loses an unreferenced path.
+        let tool = s.built.iter().find(|p| p.ends_with("-tool")).unwrap().clone();
+        s.w.with_nix_at(&s.lower, || s.w.nix_ok("nix-store", ["--delete", &tool]));
+        assert!(!s.lower.join("store").join(&tool[11..]).exists());
+        let out = s.w.tool_ok(["sync"]);
+        assert!(out.starts_with("sync: added 0, removed 1"), "{out}");
+        assert!(!s.valid(&tool), "{tool} is no longer valid");
+        assert!(!Path::new(&tool).exists(), "and no longer visible");
+        verify_contents(&s.w);
+    }
+}
+
+ns_test! {
+    fn sync_refuses_to_drop_what_upper_builds_need() {
+        let s = setup();
+        s.mount();
+        let on_top = s.w.build(&["onTop"]).remove(0);
+        let tool = s.built.iter().find(|p| p.ends_with("-tool")).unwrap().clone();
+        let db = s.upper.join("var/nix/db/db.sqlite");
+        let db_before = std::fs::read(&db).unwrap();
+        s.w.with_nix_at(&s.lower, || s.w.nix_ok("nix-store", ["--delete", &tool]));
+
+        let out = s.w.tool(["sync"]);
+        assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(&format!("{tool} (needed by {on_top})")), "names path and referrer: {err}");
+        assert!(err.contains("unchanged"), "{err}");
+        assert_eq!(std::fs::read(&db).unwrap(), db_before, "merged database untouched");
+        assert!(s.valid(&tool) && s.valid(&on_top));
+
+        // Once the upper no longer needs it, the sync goes through.
+        s.w.nix_ok("nix-store", ["--delete", &on_top]);
+        let out = s.w.tool_ok(["sync"]);
+        assert!(out.contains("removed 1"), "{out}");
+        assert!(!s.valid(&tool));
+    }
+}
+
+ns_test! {
+    fn rows_still_in_the_lowers_wal_are_valid() {
+        let w = World::new();
+        let lower = w.path("lower");
+        w.with_nix_at(&lower, || w.build(&["app"]));
+        let db = lower.join("var/nix/db/db.sqlite");
+        // A reader keeps the WAL from being checkpointed when Nix closes the
+        // database, as a publisher's long-running Nix process would.
+        let holder = rusqlite::Connection::open(&db).unwrap();
+        let mode: String = holder.query_row("pragma journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+        let tool = w.with_nix_at(&lower, || w.build(&["tool"])).remove(0);
+
+        let wal = lower.join("var/nix/db/db.sqlite-wal");
+        assert!(std::fs::metadata(&wal).unwrap().len() > 0, "registrations sit in the WAL");
+        let main_only = w.path("main-only.sqlite");
+        std::fs::copy(&db, &main_only).unwrap();
+        let c = rusqlite::Connection::open(&main_only).unwrap();
+        let n: i64 = c
+            .query_row("select count(*) from ValidPaths where path = ?1", [&tool], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0, "the main database file alone does not have {tool}");
+        drop(c);
+
+        let upper = w.path("upper");
+        w.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
+        let lower_before = tree_digest(&lower);
+        w.tool_ok(["mount", "--lower", lower.to_str().unwrap(), "--upper", upper.to_str().unwrap()]);
+        let ok = w.nix("nix-store").args(["--check-validity", &tool]).status().unwrap();
+        assert!(ok.success(), "{tool} from the WAL is valid");
+        verify_contents(&w);
+        assert_eq!(tree_digest(&lower), lower_before, "no -shm or other file made in the lower");
+        drop(holder);
+    }
+}
+
+ns_test! {
+    fn umount_then_mount_keeps_upper_builds() {
+        let s = setup();
+        s.mount();
+        let on_top = s.w.build(&["onTop"]).remove(0);
+        s.w.tool_ok(["umount"]);
+        assert!(!mount_table().iter().any(|(p, _)| p == "/nix/store" || p == "/nix/var"));
+        assert!(!Path::new(&on_top).exists(), "unmounted: the store is gone from /nix");
+        s.mount();
+        assert!(s.valid(&on_top));
+        assert_eq!(sh(&format!("{on_top}/bin/on-top")), "hello from on-top\n");
+        verify_contents(&s.w);
+        let status: serde_json::Value =
+            serde_json::from_str(&s.w.tool_ok(["status", "--json"])).unwrap();
+        assert_eq!(status["upper"]["paths"], 2, "on-top and its .drv: {status}");
+    }
+}
+
+ns_test! {
+    fn status_reports_each_layer() {
+        let s = setup();
+        let out = s.w.tool_ok(["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["mounted"], false);
+        assert_eq!(v["upper"], serde_json::Value::Null, "no upper known: {out}");
+
+        s.mount();
+        let lower_count = s.all_paths().len() as u64;
+        s.w.build(&["onTop"]);
+        let v: serde_json::Value =
+            serde_json::from_str(&s.w.tool_ok(["status", "--json"])).unwrap();
+        assert_eq!(v["format"], 1);
+        assert_eq!(v["target"], "/nix");
+        assert_eq!(v["mounted"], true);
+        assert_eq!(v["upper"]["dir"], s.upper.to_str().unwrap());
+        assert_eq!(v["upper"]["paths"], 2);
+        assert_eq!(v["upper"]["upper_only_paths"], 2);
+        assert!(v["upper"]["bytes"].as_u64().unwrap() > 0);
+        assert_eq!(v["lowers"][0]["dir"], s.lower.to_str().unwrap());
+        assert_eq!(v["lowers"][0]["paths"], lower_count);
+        assert_eq!(v["lowers"][0]["provided_paths"], lower_count);
+        assert!(v["lowers"][0]["bytes"].as_u64().unwrap() > 0);
+        assert_eq!(v["valid_paths"], lower_count + 2);
+
+        let text = s.w.tool_ok(["status"]);
+        assert!(text.starts_with("/nix: mounted\n"), "{text}");
+        assert!(text.contains(&format!("lower {}: {lower_count} paths", s.lower.display())), "{text}");
+
+        s.w.tool_ok(["umount"]);
+        let v: serde_json::Value = serde_json::from_str(
+            &s.w.tool_ok(["status", "--json", "--upper", s.upper.to_str().unwrap()]),
+        )
+        .unwrap();
+        assert_eq!(v["mounted"], false);
+        assert_eq!(v["upper"]["paths"], 2, "figures of an unmounted upper: {v}");
+    }
+}
+
+/// Runs the tool, expects `code`, a one-line message containing `says`,
+/// and the mount table exactly as before.
+fn refused(w: &World, args: &[&str], code: i32, says: &str) {
+    let before = mount_table();
+    let out = w.tool(args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+    assert!(err.contains(says), "{args:?}: expected '{says}' in: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("nixfs-layer: "), "{err}");
+    assert_eq!(mount_table(), before, "{args:?} left mounts behind");
+}
+
+ns_test! {
+    fn bad_input_is_refused_with_no_mount_left_behind() {
+        let s = setup();
+        let (lower, upper) = (s.lower.to_str().unwrap(), s.upper.to_str().unwrap());
+        let w = &s.w;
+        let mount = |l: &str, u: &str| vec!["mount", "--lower", l, "--upper", u].into_iter()
+            .map(str::to_owned).collect::<Vec<_>>();
+        let run = |args: Vec<String>, code, says: &str| {
+            refused(w, &args.iter().map(String::as_str).collect::<Vec<_>>(), code, says)
+        };
+
+        let missing = w.path("no-such-lower");
+        run(mount(missing.to_str().unwrap(), upper), 66, "no-such-lower: no such directory");
+
+        let empty = w.path("empty-lower");
+        std::fs::create_dir(&empty).unwrap();
+        run(mount(empty.to_str().unwrap(), upper), 65, "no store/ directory");
+
+        std::fs::create_dir(empty.join("store")).unwrap();
+        run(mount(empty.to_str().unwrap(), upper), 65, "no Nix database at");
+
+        std::fs::create_dir_all(empty.join("var/nix/db")).unwrap();
+        std::fs::write(empty.join("var/nix/db/db.sqlite"), "this is not sqlite, just text padding it out to a page or so".repeat(100)).unwrap();
+        std::fs::write(empty.join("var/nix/db/schema"), "7").unwrap();
+        run(mount(empty.to_str().unwrap(), upper), 65, "schema version '7'");
+
+        std::fs::write(empty.join("var/nix/db/schema"), "10").unwrap();
+        run(mount(empty.to_str().unwrap(), upper), 65, "not a Nix database");
+
+        let fresh = w.path("never-initialised");
+        std::fs::create_dir(&fresh).unwrap();
+        run(mount(lower, fresh.to_str().unwrap()), 66, "nixfs-layer init --upper");
+        run(mount(lower, lower), 64, "both as a lower and as the upper");
+        refused(w, &["mount", "--lower", lower], 64, "mount needs --upper");
+
+        let bad_config = w.path("bad.toml");
+        std::fs::write(&bad_config, "lowers = \"not a list\"\n").unwrap();
+        refused(w, &["mount", "--config", bad_config.to_str().unwrap()], 78, "bad.toml");
+
+        let foreign = w.path("foreign");
+        std::fs::create_dir(&foreign).unwrap();
+        std::fs::write(foreign.join("precious"), "data").unwrap();
+        refused(w, &["init", "--upper", foreign.to_str().unwrap()], 73, "not a nixfs-layer upper");
+        assert_eq!(std::fs::read_to_string(foreign.join("precious")).unwrap(), "data");
+
+        // Without CAP_SYS_ADMIN (still uid 0).
+        let before = mount_table();
+        let out = std::process::Command::new("setpriv")
+            .args(["--inh-caps=-sys_admin", "--bounding-set=-sys_admin", "--"])
+            .arg(env!("CARGO_BIN_EXE_nixfs-layer"))
+            .args(mount(lower, upper))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(77), "{}", stderr(&out));
+        assert!(stderr(&out).contains("needs root (CAP_SYS_ADMIN)"), "{}", stderr(&out));
+        assert_eq!(mount_table(), before);
+
+        // A kernel without overlayfs: this namespace's /proc/filesystems lacks it.
+        let fake = w.path("filesystems");
+        std::fs::write(&fake, "nodev\tsysfs\nnodev\ttmpfs\n\text4\n").unwrap();
+        sh(&format!("mount --bind {} /proc/filesystems", fake.display()));
+        run(mount(lower, upper), 69, "modprobe overlay");
+        sh("umount /proc/filesystems");
+
+        // Already mounted.
+        s.mount();
+        run(mount(lower, upper), 75, "/nix/store is already a mount point");
+        let other = w.path("other-target");
+        let mut again = mount(lower, upper);
+        again.extend(["--target".to_owned(), other.to_str().unwrap().to_owned()]);
+        run(again, 75, "is already mounted at /nix/store");
+        s.w.tool_ok(["umount"]);
+        refused(w, &["umount"], 1, "nothing of nixfs-layer is mounted at /nix");
+        refused(w, &["sync"], 1, "nothing of nixfs-layer is mounted at /nix");
+    }
+}
