@@ -434,3 +434,117 @@ ns_test! {
         refused(w, &["sync"], 1, "nothing of nixfs-layer is mounted at /nix");
     }
 }
+
+ns_test! {
+    fn realisations_of_ca_derivations_come_along() {
+        let w = World::new();
+        w.features.replace("ca-derivations".into());
+        let lower = w.path("lower");
+        let (built, lower_rows) = w.with_nix_at(&lower, || {
+            let built = w.build_from("ca.nix", &["b"]);
+            (built, realisation_rows(Path::new("/nix/var/nix/db/db.sqlite")))
+        });
+        assert_eq!(lower_rows.len(), 3, "ca-a, ca-b and its resolved form: {lower_rows:?}");
+        let upper = w.path("upper");
+        w.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
+        w.tool_ok(["mount", "--lower", lower.to_str().unwrap(), "--upper", upper.to_str().unwrap()]);
+        assert_eq!(realisation_rows(&upper.join("var/nix/db/db.sqlite")), lower_rows);
+        assert_eq!(
+            std::fs::read_to_string(upper.join("var/nix/db/ca-schema")).unwrap(),
+            std::fs::read_to_string(lower.join("var/nix/db/ca-schema")).unwrap()
+        );
+        // Nix finds the outputs through the realisations: nothing is rebuilt.
+        let out = w.nix("nix-build").args(["--no-out-link", &common::fixture("ca.nix"), "-A", "b"]).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), built[0]);
+        assert!(!stderr(&out).contains("building"), "nothing built: {}", stderr(&out));
+        let upper_outputs: Vec<_> = entries(&upper.join("store")).into_iter().filter(|e| !e.ends_with(".drv")).collect();
+        assert!(upper_outputs.is_empty(), "no output in the upper: {upper_outputs:?}");
+        verify_contents(&w);
+    }
+}
+
+/// (drvPath, outputName, output path, references to other realisations)
+fn realisation_rows(db: &Path) -> Vec<(String, String, String, Vec<String>)> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let mut s = c
+        .prepare(
+            "select r.drvPath, r.outputName, v.path,
+                    coalesce((select group_concat(r2.drvPath || '!' || r2.outputName, ' ')
+                              from RealisationsRefs rr join Realisations r2 on r2.id = rr.realisationReference
+                              where rr.referrer = r.id), '')
+             from Realisations r join ValidPaths v on v.id = r.outputPath order by 1, 2",
+        )
+        .unwrap();
+    s.query_map([], |r| {
+        let refs: String = r.get(3)?;
+        let mut refs: Vec<String> = refs.split_whitespace().map(str::to_owned).collect();
+        refs.sort();
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, refs))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+ns_test! {
+    fn config_file_carries_the_same_settings_and_flags_win() {
+        let s = setup();
+        let (lower, upper) = (s.lower.to_str().unwrap(), s.upper.to_str().unwrap());
+        let cfg = s.w.path("stack.toml");
+        std::fs::write(&cfg, format!("lowers = [\"{lower}\"]\nupper = \"{upper}\"\ntarget = \"/nix\"\n[flakefs]\nenable = false\n")).unwrap();
+        let cfg = cfg.to_str().unwrap();
+        s.w.tool_ok(["mount", "--config", cfg]);
+        let v: serde_json::Value = serde_json::from_str(&s.w.tool_ok(["status", "--json", "--config", cfg])).unwrap();
+        assert_eq!(v["mounted"], true);
+        assert_eq!(v["lowers"][0]["dir"], lower);
+        s.w.tool_ok(["umount", "--config", cfg]);
+
+        // Flags win over the file: the file's upper does not exist.
+        let wrong = s.w.path("wrong.toml");
+        std::fs::write(&wrong, format!("lowers = [\"{lower}\"]\nupper = \"/nonexistent/upper\"\n")).unwrap();
+        let out = s.w.tool(["mount", "--config", wrong.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(66), "{}", stderr(&out));
+        s.w.tool_ok(["mount", "--config", wrong.to_str().unwrap(), "--upper", upper]);
+        s.w.tool_ok(["umount"]);
+
+        // /etc/nixfs-layer/config.toml is read when no --config is given.
+        std::fs::write(Path::new(common::DEFAULT_CONFIG_DIR).join("config.toml"), format!("lowers = [\"{lower}\"]\nupper = \"{upper}\"\n")).unwrap();
+        s.w.tool_ok(["mount"]);
+        assert!(s.valid(&s.built[0]));
+        let v: serde_json::Value = serde_json::from_str(&s.w.tool_ok(["status", "--json"])).unwrap();
+        assert_eq!(v["upper"]["dir"], upper);
+    }
+}
+
+ns_test! {
+    fn provenance_follows_what_nix_itself_adds_and_deletes() {
+        let s = setup();
+        s.mount();
+        let status = || -> serde_json::Value { serde_json::from_str(&s.w.tool_ok(["status", "--json"])).unwrap() };
+        let lower_count = status()["lowers"][0]["provided_paths"].as_u64().unwrap();
+        let on_top = s.w.build(&["onTop"]).remove(0);
+        assert_eq!(status()["upper"]["paths"], 2, "Nix's registrations are the upper's");
+
+        s.w.nix_ok("nix-store", ["--delete", &on_top]);
+        assert_eq!(status()["upper"]["paths"], 1, "only the .drv is left");
+
+        // Nix deleting a lower path through the merged store: it goes from
+        // the lower's count, and a sync does not bring it back (its files
+        // are hidden by a whiteout in the upper now).
+        let tool = s.built.iter().find(|p| p.ends_with("-tool")).unwrap();
+        s.w.nix_ok("nix-store", ["--delete", tool]);
+        assert_eq!(status()["lowers"][0]["provided_paths"], lower_count - 1);
+        let out = s.w.tool_ok(["sync"]);
+        assert!(out.starts_with("sync: added 0, removed 0"), "{out}");
+        assert!(out.contains("whose store entry is missing"), "{out}");
+        assert!(!s.valid(tool));
+        verify_contents(&s.w);
+
+        let c = rusqlite::Connection::open(s.upper.join("var/nix/db/db.sqlite")).unwrap();
+        let (paths, origins): (i64, i64) = c
+            .query_row("select (select count(*) from ValidPaths), (select count(*) from NixfsLayerOrigin)", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap();
+        assert_eq!(paths, origins, "one provenance row per valid path");
+    }
+}

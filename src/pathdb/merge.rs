@@ -26,7 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use super::{open, snapshot, sql_err, ClosureBroken, DbError};
+use super::{open, realisations, snapshot, sql_err, ClosureBroken, DbError};
 use crate::layer::{Lower, Upper};
 use crate::storepath::StorePath;
 
@@ -218,6 +218,7 @@ pub fn sync(upper: &Upper, lowers: &[Lower]) -> Result<SyncSummary, DbError> {
         .map_err(&err)?
         .map_or(Ok(()), |b| Err(DbError::ClosureBroken(b)))?;
 
+    realisations::release_removed(&tx).map_err(&err)?;
     summary.removed = tx
         .execute_batch(
             "delete from main.Refs where referrer in (select id from removed);
@@ -234,6 +235,11 @@ pub fn sync(upper: &Upper, lowers: &[Lower]) -> Result<SyncSummary, DbError> {
     for a in &attached {
         add_paths(&tx, a).map_err(&err)?;
         move_paths(&tx, a).map_err(&err)?;
+        if realisations::has_table(&tx, &a.alias, "Realisations").map_err(&err)? {
+            realisations::ensure_tables(&tx, &a.alias, &a.lower.db_dir(), &upper.db_dir())
+                .map_err(&err)?;
+            realisations::add(&tx, &a.alias, a.id).map_err(&err)?;
+        }
     }
     update_membership(&tx, &attached).map_err(&err)?;
     let provided: u64 = tx

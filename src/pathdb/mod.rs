@@ -2,6 +2,7 @@
 //! merging them, and the provenance of every valid path.
 
 pub mod merge;
+pub mod realisations;
 pub mod snapshot;
 pub mod stats;
 

@@ -11,6 +11,7 @@ use std::process::{Command, Output, Stdio};
 use sha2::{Digest, Sha256};
 
 const IN_NS: &str = "NIXFS_LAYER_TEST_IN_NS";
+pub const DEFAULT_CONFIG_DIR: &str = "/etc/nixfs-layer";
 
 /// Declares a test whose body runs in its own mount namespace: the test
 /// process re-runs itself under `unshare -m --propagation private` (a
@@ -55,6 +56,8 @@ pub fn in_private_ns(name: &str, body: impl FnOnce()) {
 /// test's namespace) so real Nix can build into it.
 pub struct World {
     pub tmp: tempfile::TempDir,
+    /// Extra Nix experimental features (e.g. "ca-derivations").
+    pub features: std::cell::RefCell<String>,
 }
 
 impl World {
@@ -66,8 +69,17 @@ impl World {
             .tempdir_in(&base)
             .unwrap();
         sh("mount -t tmpfs nixfs-layer-test /nix");
+        // The host's own /etc/nixfs-layer/config.toml must not leak into
+        // tests: an empty tmpfs hides it (and takes the default-config test's).
+        std::fs::create_dir_all(DEFAULT_CONFIG_DIR).unwrap();
+        sh(&format!(
+            "mount -t tmpfs nixfs-layer-test {DEFAULT_CONFIG_DIR}"
+        ));
         std::fs::create_dir_all(tmp.path().join("home")).unwrap();
-        World { tmp }
+        World {
+            tmp,
+            features: Default::default(),
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -81,7 +93,10 @@ impl World {
         c.env("NIX_REMOTE", "local")
             .env(
                 "NIX_CONFIG",
-                "build-users-group =\nsubstituters =\nsandbox = false\nexperimental-features = nix-command flakes\n",
+                format!(
+                    "build-users-group =\nsubstituters =\nsandbox = false\nexperimental-features = nix-command flakes {}\n",
+                    self.features.borrow()
+                ),
             )
             .env("HOME", self.path("home"))
             .env("XDG_CACHE_HOME", self.path("home/.cache"))
@@ -106,7 +121,12 @@ impl World {
 
     /// Builds attributes of tests/fixtures/store.nix into whatever /nix is now.
     pub fn build(&self, attrs: &[&str]) -> Vec<String> {
-        let mut args = vec!["--no-out-link".to_owned(), fixture("store.nix")];
+        self.build_from("store.nix", attrs)
+    }
+
+    /// Builds attributes of a fixture file.
+    pub fn build_from(&self, file: &str, attrs: &[&str]) -> Vec<String> {
+        let mut args = vec!["--no-out-link".to_owned(), fixture(file)];
         for a in attrs {
             args.push("-A".into());
             args.push((*a).into());
