@@ -10,6 +10,8 @@ pub mod cmd;
 pub mod config;
 pub mod error;
 pub mod layer;
+pub mod nar;
 pub mod overlay;
 pub mod pathdb;
 pub mod storepath;
+pub mod synth;

@@ -93,6 +93,45 @@ impl fmt::Display for StorePath {
     }
 }
 
+/// Nix's base-32 encoding (used for store path hashes): least significant
+/// 5-bit group last.
+pub fn nixbase32_encode(bytes: &[u8]) -> String {
+    let len = (bytes.len() * 8).div_ceil(5);
+    (0..len)
+        .rev()
+        .map(|n| {
+            let b = n * 5;
+            let (i, j) = (b / 8, b % 8);
+            let lo = u32::from(bytes[i]) >> j;
+            let hi = bytes.get(i + 1).map_or(0, |&x| u32::from(x) << (8 - j));
+            NIXBASE32_ALPHABET[((lo | hi) & 0x1f) as usize] as char
+        })
+        .collect()
+}
+
+/// Folds a hash to `size` bytes by XOR, as Nix does for store path hashes.
+pub fn compress_hash(hash: &[u8], size: usize) -> Vec<u8> {
+    let mut out = vec![0u8; size];
+    for (i, b) in hash.iter().enumerate() {
+        out[i % size] ^= b;
+    }
+    out
+}
+
+/// `makeStorePath`: the store path for a path of kind `ty` (`source`,
+/// `text:<refs>`, `output:out`, …) whose content/derivation hashes to the
+/// SHA-256 `hash`.
+pub fn make_store_path(ty: &str, hash: &[u8; 32], name: &str) -> Result<StorePath, StorePathError> {
+    use sha2::{Digest, Sha256};
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    let fingerprint = format!("{ty}:sha256:{hex}:{STORE_DIR}:{name}");
+    let digest = Sha256::digest(fingerprint.as_bytes());
+    StorePath::from_base_name(&format!(
+        "{}-{name}",
+        nixbase32_encode(&compress_hash(&digest, 20))
+    ))
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
@@ -144,6 +183,36 @@ mod tests {
         let long = format!("/nix/store/{H}-{}", "a".repeat(212));
         assert!(StorePath::parse(&ok).is_ok());
         assert!(StorePath::parse(&long).is_err());
+    }
+
+    #[test]
+    fn nixbase32_matches_nix() {
+        // `nix-hash --type sha256 --to-base32` of sha256("") in base16.
+        let empty: Vec<u8> = (0..32)
+            .map(|i| u8::from_str_radix(&"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        assert_eq!(nixbase32_encode(&empty), "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73");
+        assert_eq!(nixbase32_encode(&[]), "");
+        assert_eq!(nixbase32_encode(&[0xff]), "7z");
+    }
+
+    #[test]
+    fn store_paths_of_added_files_match_nix() {
+        // Nix 2.8's `nix-store --add` of a file "hello.txt" holding "hello\n"
+        // printed /nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt,
+        // that is makeStorePath("source", narHash, name).
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("hello.txt");
+        std::fs::write(&f, "hello\n").unwrap();
+        let h = crate::nar::hash_path(&f).unwrap();
+        let p = make_store_path("source", &h.sha256, "hello.txt").unwrap();
+        assert_eq!(p.to_string(), "/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt");
+        let b32 = std::process::Command::new("nix-hash")
+            .args(["--type", "sha256", "--base32"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(b32.stdout).unwrap().trim(), nixbase32_encode(&h.sha256));
     }
 
     #[test]
