@@ -19,7 +19,10 @@ const SEED: u64 = 20261121;
 
 fn main() {
     if std::env::var_os(IN_NS).is_none() {
-        assert!(nix::unistd::geteuid().is_root(), "the benchmark mounts overlayfs: run it as root");
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the benchmark mounts overlayfs: run it as root"
+        );
         std::fs::create_dir_all("/nix").unwrap();
         let status = Command::new("unshare")
             .args(["-m", "--propagation", "private", "--"])
@@ -29,18 +32,27 @@ fn main() {
             .unwrap();
         std::process::exit(status.code().unwrap_or(1));
     }
-    let n: usize = std::env::var("BENCH_PATHS").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
+    let n: usize = std::env::var("BENCH_PATHS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     let pristine = root.join(format!("lower-{n}-{SEED}"));
     if !pristine.join("var/nix/db/schema").exists() {
-        eprintln!("generating a synthetic lower of {n} paths in {} …", pristine.display());
+        eprintln!(
+            "generating a synthetic lower of {n} paths in {} …",
+            pristine.display()
+        );
         let _ = std::fs::remove_dir_all(&pristine);
         let t = Instant::now();
         synth::generate(&pristine, n, SEED).unwrap();
         eprintln!("  done in {:.1?}", t.elapsed());
     }
     let work = root.join("run");
-    let _ = sh(&format!("chmod -R u+w {0} 2>/dev/null; rm -rf {0}", work.display()));
+    let _ = sh(&format!(
+        "chmod -R u+w {0} 2>/dev/null; rm -rf {0}",
+        work.display()
+    ));
     std::fs::create_dir_all(&work).unwrap();
     let lower = work.join("lower");
     sh(&format!("cp -a {} {}", pristine.display(), lower.display()));
@@ -55,10 +67,27 @@ fn main() {
     let upper = work.join("upper");
     run(bin, &["init", "--upper", upper.to_str().unwrap()]);
     let t = Instant::now();
-    run(bin, &["mount", "--quiet", "--no-flake-fs", "--lower", lower.to_str().unwrap(), "--upper", upper.to_str().unwrap()]);
+    run(
+        bin,
+        &[
+            "mount",
+            "--quiet",
+            "--no-flake-fs",
+            "--lower",
+            lower.to_str().unwrap(),
+            "--upper",
+            upper.to_str().unwrap(),
+        ],
+    );
     let ours = t.elapsed();
     let peak_kib = children_max_rss_kib();
-    assert_eq!(count(&upper, "select count(*) from ValidPaths where path like '%synth-%'") as usize, n);
+    assert_eq!(
+        count(
+            &upper,
+            "select count(*) from ValidPaths where path like '%synth-%'"
+        ) as usize,
+        n
+    );
 
     // sync with nothing changed.
     let mut idle: Vec<Duration> = (0..7)
@@ -72,13 +101,27 @@ fn main() {
 
     // 1% of the lower changes (half removed, half added), then sync.
     let change = n / 100;
-    let (removed, added) = synth::mutate(&lower, change / 2, change - change / 2, SEED + 1).unwrap();
+    let (removed, added) =
+        synth::mutate(&lower, change / 2, change - change / 2, SEED + 1).unwrap();
     let t = Instant::now();
     let out = run(bin, &["sync"]);
     let one_percent = t.elapsed();
-    assert!(out.contains(&format!("added {}, removed {}", added.len(), removed.len())), "{out}");
+    assert!(
+        out.contains(&format!("added {}, removed {}", added.len(), removed.len())),
+        "{out}"
+    );
     run(bin, &["umount"]);
 
+    if std::env::var_os("BENCH_SKIP_PEER").is_some() {
+        println!(
+            "full merge {:.2} s, idle sync {:.1} ms, 1% sync {:.3} s, peak {} MB",
+            ours.as_secs_f64(),
+            idle[3].as_secs_f64() * 1e3,
+            one_percent.as_secs_f64(),
+            peak_kib / 1024
+        );
+        return;
+    }
     // The peer: dump the lower's DB and load it into a fresh store stacked
     // on the same lower with overlayfs (Nix reads .drv files while loading).
     let peer = work.join("peer");
@@ -86,7 +129,11 @@ fn main() {
         std::fs::create_dir_all(peer.join(d)).unwrap();
     }
     let peer_lower = work.join("peer-lower");
-    sh(&format!("cp -a {} {}", pristine.display(), peer_lower.display()));
+    sh(&format!(
+        "cp -a {} {}",
+        pristine.display(),
+        peer_lower.display()
+    ));
     let t = Instant::now();
     sh(&format!(
         "export NIX_REMOTE=local NIX_CONFIG='build-users-group =\nsubstituters ='; \
@@ -100,28 +147,64 @@ fn main() {
 
     let secs = |d: Duration| d.as_secs_f64();
     println!();
-    println!("{:<48} {:>10}", "full merge, nixfs-layer mount", format!("{:.2} s", secs(ours)));
-    println!("{:<48} {:>10}", "nix-store --dump-db | nix-store --load-db", format!("{:.2} s", secs(peer_time)));
-    println!("{:<48} {:>10}   (target >= 10x)", "speed-up", format!("{:.1}x", secs(peer_time) / secs(ours)));
-    println!("{:<48} {:>10}   (target < 200 MB)", "nixfs-layer peak RSS", format!("{:.0} MB", peak_kib as f64 / 1024.0));
-    println!("{:<48} {:>10}   (target < 50 ms)", "sync, nothing changed (median of 7)", format!("{:.1} ms", secs(idle[3]) * 1e3));
+    println!(
+        "{:<48} {:>10}",
+        "full merge, nixfs-layer mount",
+        format!("{:.2} s", secs(ours))
+    );
+    println!(
+        "{:<48} {:>10}",
+        "nix-store --dump-db | nix-store --load-db",
+        format!("{:.2} s", secs(peer_time))
+    );
+    println!(
+        "{:<48} {:>10}   (target >= 10x)",
+        "speed-up",
+        format!("{:.1}x", secs(peer_time) / secs(ours))
+    );
+    println!(
+        "{:<48} {:>10}   (target < 200 MB)",
+        "nixfs-layer peak RSS",
+        format!("{:.0} MB", peak_kib as f64 / 1024.0)
+    );
+    println!(
+        "{:<48} {:>10}   (target < 50 ms)",
+        "sync, nothing changed (median of 7)",
+        format!("{:.1} ms", secs(idle[3]) * 1e3)
+    );
     println!(
         "{:<48} {:>10}   ({:.1}% of the full merge; target < 10%)",
-        format!("sync after 1% changed (-{} +{})", removed.len(), added.len()),
+        format!(
+            "sync after 1% changed (-{} +{})",
+            removed.len(),
+            added.len()
+        ),
         format!("{:.3} s", secs(one_percent)),
         100.0 * secs(one_percent) / secs(ours)
     );
 }
 
 fn sh(script: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(script).stderr(Stdio::inherit()).output().unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "`{script}` failed");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn run(bin: &str, args: &[&str]) -> String {
     let out = Command::new(bin).args(args).output().unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if std::env::var_os("NIXFS_LAYER_LOG").is_some() {
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    }
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -145,7 +228,10 @@ fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|s| s.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|s| s.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
         .unwrap_or_default();
     let mem = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
@@ -157,6 +243,22 @@ fn machine() -> String {
         .and_then(|k| k.parse::<u64>().ok())
         .map(|k| k / 1024 / 1024)
         .unwrap_or(0);
-    let nix = Command::new("nix-store").arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
-    format!("{} cores ({cpu}), {mem} GiB RAM, kernel {}, {nix}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), PathBuf::from("/proc/sys/kernel/osrelease").exists().then(|| std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap().trim().to_owned()).unwrap_or_default())
+    let nix = Command::new("nix-store")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "{} cores ({cpu}), {mem} GiB RAM, kernel {}, {nix}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        PathBuf::from("/proc/sys/kernel/osrelease")
+            .exists()
+            .then(|| std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap()
+                .trim()
+                .to_owned())
+            .unwrap_or_default()
+    )
 }

@@ -11,12 +11,11 @@
 -- current stack (0 = first --lower, on top); NULL once a lower is no longer
 -- part of the stack.
 create table if not exists NixfsLayerLower (
-    id        integer primary key autoincrement not null,
-    dir       text unique not null,
-    priority  integer,
-    paths     integer not null default 0, -- valid paths in the lower at the last sync
-    narBytes  integer not null default 0, -- their summed narSize
-    syncedAt  integer                     -- unix time of the last sync
+    id          integer primary key autoincrement not null,
+    dir         text unique not null,
+    priority    integer,
+    fingerprint text,    -- size/mtime/inode of its database files and store dir at the last sync
+    syncedAt    integer  -- unix time of the last sync
 );
 
 -- Which layer every valid path of the merged database comes from:
@@ -32,8 +31,9 @@ create index if not exists NixfsLayerOriginLayer on NixfsLayerOrigin(layer);
 -- The valid paths of each lower as of the last sync, whether or not the
 -- merged view takes them from that lower.
 create table if not exists NixfsLayerLowerPath (
-    lower  integer not null,
-    path   text not null,
+    lower    integer not null,
+    path     text not null,
+    narSize  integer,
     primary key (lower, path)
 ) without rowid;
 

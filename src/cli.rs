@@ -36,7 +36,7 @@ pub enum Command {
     /// Show whether the target is mounted and what each layer holds.
     Status(StatusArgs),
     /// Re-read the lower databases and apply what changed to the merged database.
-    Sync(TargetArgs),
+    Sync(SyncArgs),
 }
 
 #[derive(Debug, Args)]
@@ -93,4 +93,13 @@ pub struct StatusArgs {
     /// Machine-readable output (see docs/status-json.md).
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Re-read every lower, even those whose database has not changed.
+    #[arg(long)]
+    pub force: bool,
 }

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod error;
+pub mod gcroots;
 pub mod layer;
 pub mod nar;
 pub mod overlay;

@@ -25,10 +25,10 @@ fn main() -> ExitCode {
 
     let result = match &cli.command {
         Command::Init(a) => cmd::init::run(a),
-        Command::Mount(a) => cmd::mount::run(a),
+        Command::Mount(a) => cmd::mount::run(a, cli.quiet),
         Command::Umount(a) => cmd::umount::run(a),
         Command::Status(a) => cmd::status::run(a),
-        Command::Sync(a) => cmd::sync::run(a),
+        Command::Sync(a) => cmd::sync::run(a, cli.quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

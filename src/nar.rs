@@ -172,11 +172,24 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let root = t.path().join("tree");
         sample_tree(&root);
-        for p in [root.clone(), root.join("bin/tool"), root.join("link"), root.join("share/empty")] {
+        for p in [
+            root.clone(),
+            root.join("bin/tool"),
+            root.join("link"),
+            root.join("share/empty"),
+        ] {
             let mut ours = Vec::new();
             dump(&p, &mut ours).unwrap();
-            let nix = Command::new("nix-store").arg("--dump").arg(&p).output().unwrap();
-            assert!(nix.status.success(), "{}", String::from_utf8_lossy(&nix.stderr));
+            let nix = Command::new("nix-store")
+                .arg("--dump")
+                .arg(&p)
+                .output()
+                .unwrap();
+            assert!(
+                nix.status.success(),
+                "{}",
+                String::from_utf8_lossy(&nix.stderr)
+            );
             assert_eq!(ours, nix.stdout, "NAR of {}", p.display());
         }
     }

@@ -189,9 +189,19 @@ mod tests {
     fn nixbase32_matches_nix() {
         // `nix-hash --type sha256 --to-base32` of sha256("") in base16.
         let empty: Vec<u8> = (0..32)
-            .map(|i| u8::from_str_radix(&"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"[2 * i..2 * i + 2], 16).unwrap())
+            .map(|i| {
+                u8::from_str_radix(
+                    &"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+                        [2 * i..2 * i + 2],
+                    16,
+                )
+                .unwrap()
+            })
             .collect();
-        assert_eq!(nixbase32_encode(&empty), "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73");
+        assert_eq!(
+            nixbase32_encode(&empty),
+            "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"
+        );
         assert_eq!(nixbase32_encode(&[]), "");
         assert_eq!(nixbase32_encode(&[0xff]), "7z");
     }
@@ -206,13 +216,19 @@ mod tests {
         std::fs::write(&f, "hello\n").unwrap();
         let h = crate::nar::hash_path(&f).unwrap();
         let p = make_store_path("source", &h.sha256, "hello.txt").unwrap();
-        assert_eq!(p.to_string(), "/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt");
+        assert_eq!(
+            p.to_string(),
+            "/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt"
+        );
         let b32 = std::process::Command::new("nix-hash")
             .args(["--type", "sha256", "--base32"])
             .arg(&f)
             .output()
             .unwrap();
-        assert_eq!(String::from_utf8(b32.stdout).unwrap().trim(), nixbase32_encode(&h.sha256));
+        assert_eq!(
+            String::from_utf8(b32.stdout).unwrap().trim(),
+            nixbase32_encode(&h.sha256)
+        );
     }
 
     #[test]

@@ -116,7 +116,11 @@ pub fn plan(n: usize, seed: u64, name_prefix: &str) -> SynthLower {
         let path = match (is_drv, deriver) {
             (true, _) => format!("{STORE_DIR}/{hash}-{name_prefix}{}.drv", i + 1),
             (false, Some(d)) => {
-                let srcs: Vec<&str> = paths[d].references.iter().map(|&r| paths[r].path.as_str()).collect();
+                let srcs: Vec<&str> = paths[d]
+                    .references
+                    .iter()
+                    .map(|&r| paths[r].path.as_str())
+                    .collect();
                 output_path(&format!("{name_prefix}{i}"), &srcs)
             }
             (false, None) => format!("{STORE_DIR}/{hash}-{name_prefix}{i}"),
@@ -285,15 +289,22 @@ pub fn mutate(
         }
         all.push(p);
     }
-    add_paths(&mut conn, &store, &all[base..].to_vec(), &all)?;
-    Ok((removed, all[base..].iter().map(|p| p.path.clone()).collect()))
+    add_paths(&mut conn, &store, &all[base..], &all)?;
+    Ok((
+        removed,
+        all[base..].iter().map(|p| p.path.clone()).collect(),
+    ))
 }
 
 fn make_writable(p: &Path) -> std::io::Result<()> {
     for e in walkdir::WalkDir::new(p) {
         let e = e.map_err(std::io::Error::other)?;
         if !e.path_is_symlink() {
-            let mode = e.metadata().map_err(std::io::Error::other)?.permissions().mode();
+            let mode = e
+                .metadata()
+                .map_err(std::io::Error::other)?
+                .permissions()
+                .mode();
             fs::set_permissions(e.path(), fs::Permissions::from_mode(mode | 0o200))?;
         }
     }
@@ -313,7 +324,10 @@ mod tests {
             b.paths.iter().map(|p| &p.path).collect::<Vec<_>>()
         );
         let avg = a.references as f64 / a.paths.len() as f64;
-        assert!((7.0..13.0).contains(&avg), "about ten references a path, got {avg}");
+        assert!(
+            (7.0..13.0).contains(&avg),
+            "about ten references a path, got {avg}"
+        );
         assert!(a.paths.iter().filter(|p| p.is_drv).count() >= 300);
         for p in &a.paths {
             crate::storepath::StorePath::parse(&p.path).unwrap();
@@ -336,18 +350,24 @@ mod tests {
         assert_eq!(refs as usize, lower.references);
         assert!(outs >= 50);
         let (path, hash): (String, String) = c
-            .query_row("select path, hash from ValidPaths where id = 42", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row("select path, hash from ValidPaths where id = 42", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .unwrap();
         let on_disk = nar::hash_path(&t.path().join("store").join(&path[11..])).unwrap();
         assert_eq!(on_disk.to_db_string(), hash);
 
         let (removed, added) = mutate(t.path(), 5, 7, 2).unwrap();
         assert_eq!((removed.len(), added.len()), (5, 7));
-        let n: i64 = c.query_row("select count(*) from ValidPaths", [], |r| r.get(0)).unwrap();
+        let n: i64 = c
+            .query_row("select count(*) from ValidPaths", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, 302);
         assert!(!t.path().join("store").join(&removed[0][11..]).exists());
         let fk: i64 = c
-            .query_row("select count(*) from pragma_foreign_key_check", [], |r| r.get(0))
+            .query_row("select count(*) from pragma_foreign_key_check", [], |r| {
+                r.get(0)
+            })
             .unwrap();
         assert_eq!(fk, 0);
     }

@@ -56,14 +56,19 @@ impl Setup {
             "--no-flake-fs",
         ]);
     }
+    /// The upper's store entries, but for the pin every upper holds.
     fn upper_store(&self) -> Vec<String> {
         entries(&self.upper.join("store"))
+            .into_iter()
+            .filter(|e| !e.ends_with(PIN_SUFFIX))
+            .collect()
     }
-    /// All valid paths as `nix path-info --all` lists them.
+    /// All valid paths as `nix path-info --all` lists them, but for the pin.
     fn all_paths(&self) -> Vec<String> {
         self.w
             .nix_ok("nix", ["path-info", "--all"])
             .lines()
+            .filter(|l| !l.ends_with(PIN_SUFFIX))
             .map(str::to_owned)
             .collect()
     }
@@ -78,9 +83,21 @@ impl Setup {
     }
 }
 
-/// What Nix answers about a set of paths, in one comparable string.
+/// The store path every upper holds to keep lower paths alive for Nix's GC
+/// (it refers to the tops of the lowers' closures).
+const PIN_SUFFIX: &str = "-nixfs-layer-lowers";
+
+/// What Nix answers about a set of paths, in one comparable string. The
+/// pin's own entry and its name among referrers are left out; tests check
+/// where it shows on their own.
 fn nix_answers(w: &World, paths: &[String]) -> String {
-    let mut out = w.nix_ok("nix", ["path-info", "--json", "--all"]);
+    let info: Vec<serde_json::Value> =
+        serde_json::from_str(&w.nix_ok("nix", ["path-info", "--json", "--all"])).unwrap();
+    let info: Vec<_> = info
+        .into_iter()
+        .filter(|v| !v["path"].as_str().unwrap().ends_with(PIN_SUFFIX))
+        .collect();
+    let mut out = serde_json::to_string_pretty(&info).unwrap();
     for p in paths {
         for q in [
             vec!["-qR", p.as_str()],
@@ -91,7 +108,14 @@ fn nix_answers(w: &World, paths: &[String]) -> String {
             vec!["-q", "--size", p.as_str()],
         ] {
             out += &format!("== {q:?}\n");
-            out += &w.nix_ok("nix-store", &q);
+            for line in w
+                .nix_ok("nix-store", &q)
+                .lines()
+                .filter(|l| !l.ends_with(PIN_SUFFIX))
+            {
+                out += line;
+                out += "\n";
+            }
         }
     }
     out
@@ -124,6 +148,13 @@ ns_test! {
         s.mount();
         assert_eq!(s.all_paths(), all, "every lower path is valid in the merged store, nothing else");
         assert_eq!(nix_answers(&s.w, &all), expected, "Nix answers as the lower itself does");
+        // The pin shows among the referrers of the lower's tops only.
+        let app = s.built.iter().find(|p| p.ends_with("-app")).unwrap();
+        let liba = s.w.nix_ok("nix-store", ["-q", "--references", app]);
+        let liba = liba.lines().find(|l| l.ends_with("-liba")).unwrap();
+        let referrers = |p: &str| s.w.nix_ok("nix-store", ["-q", "--referrers", p]);
+        assert!(referrers(app).lines().any(|l| l.ends_with(PIN_SUFFIX)), "{}", referrers(app));
+        assert!(!referrers(liba).contains(PIN_SUFFIX), "{}", referrers(liba));
         verify_contents(&s.w);
         let app = s.built.iter().find(|p| p.ends_with("-app")).unwrap();
         assert_eq!(sh(&format!("{app}/bin/app")), "hello from app\n");
@@ -329,7 +360,7 @@ ns_test! {
         assert_eq!(v["lowers"][0]["paths"], lower_count);
         assert_eq!(v["lowers"][0]["provided_paths"], lower_count);
         assert!(v["lowers"][0]["bytes"].as_u64().unwrap() > 0);
-        assert_eq!(v["valid_paths"], lower_count + 2);
+        assert_eq!(v["valid_paths"], lower_count + 2, "the pin is not counted");
 
         let text = s.w.tool_ok(["status"]);
         assert!(text.starts_with("/nix: mounted\n"), "{text}");
@@ -458,7 +489,7 @@ ns_test! {
         assert!(out.status.success(), "{}", stderr(&out));
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), built[0]);
         assert!(!stderr(&out).contains("building"), "nothing built: {}", stderr(&out));
-        let upper_outputs: Vec<_> = entries(&upper.join("store")).into_iter().filter(|e| !e.ends_with(".drv")).collect();
+        let upper_outputs: Vec<_> = entries(&upper.join("store")).into_iter().filter(|e| !e.ends_with(".drv") && !e.ends_with(PIN_SUFFIX)).collect();
         assert!(upper_outputs.is_empty(), "no output in the upper: {upper_outputs:?}");
         verify_contents(&w);
     }
@@ -529,16 +560,21 @@ ns_test! {
         s.w.nix_ok("nix-store", ["--delete", &on_top]);
         assert_eq!(status()["upper"]["paths"], 1, "only the .drv is left");
 
-        // Nix deleting a lower path through the merged store: it goes from
-        // the lower's count, and a sync does not bring it back (its files
-        // are hidden by a whiteout in the upper now).
+        // Lower paths are GC roots: a plain delete is refused...
         let tool = s.built.iter().find(|p| p.ends_with("-tool")).unwrap();
-        s.w.nix_ok("nix-store", ["--delete", tool]);
-        assert_eq!(status()["lowers"][0]["provided_paths"], lower_count - 1);
-        let out = s.w.tool_ok(["sync"]);
-        assert!(out.starts_with("sync: added 0, removed 0"), "{out}");
-        assert!(out.contains("whose store entry is missing"), "{out}");
-        assert!(!s.valid(tool));
+        let out = s.w.nix("nix-store").args(["--delete", tool]).output().unwrap();
+        assert!(!out.status.success() && stderr(&out).contains("still alive"), "{}", stderr(&out));
+        assert!(s.upper_store().iter().all(|e| e.contains("on-top")), "no whiteout: {:?}", s.upper_store());
+        // ...and so is one forced past liveness (the pin still refers to it).
+        let out = s.w.nix("nix-store").args(["--delete", "--ignore-liveness", tool]).output().unwrap();
+        assert!(!out.status.success() && (stderr(&out).contains("in use") || stderr(&out).contains("still alive")), "{}", stderr(&out));
+        assert!(s.valid(tool));
+        assert_eq!(status()["lowers"][0]["provided_paths"], lower_count);
+
+        // A lower path hidden by a whiteout (made behind the tool's back) is
+        // not registered again by a sync that re-reads the lower.
+        let out = s.w.tool_ok(["sync", "--force"]);
+        assert!(out.starts_with("sync: added 0, removed 0"), "re-reading the lower: {out}");
         verify_contents(&s.w);
 
         let c = rusqlite::Connection::open(s.upper.join("var/nix/db/db.sqlite")).unwrap();

@@ -14,6 +14,11 @@ pub fn run(args: &InitArgs) -> Result<()> {
         })?;
     let upper = Upper::init(&dir)?;
     pathdb::create(&upper.db())?;
+    let conn = pathdb::open(&upper.db())?;
+    pathdb::pin::ensure(&conn, &upper, &upper.store()).map_err(|source| Error::Io {
+        path: upper.store(),
+        source,
+    })?;
     tracing::info!(upper = %upper.dir().display(), "upper ready");
     Ok(())
 }

@@ -113,6 +113,40 @@ pub fn require_mounted(target: &Path) -> Result<Mounted> {
     find_mounted(target)?.ok_or_else(|| MountError::NotMounted(target.to_owned()).into())
 }
 
+/// A spinner naming the merge's phases on a terminal; nothing otherwise.
+pub struct Progress(Option<indicatif::ProgressBar>);
+
+impl Progress {
+    pub fn new(quiet: bool, what: &str) -> Progress {
+        use std::io::IsTerminal;
+        if quiet || !std::io::stderr().is_terminal() {
+            return Progress(None);
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {prefix}: {msg} [{elapsed}]")
+                .expect("valid template"),
+        );
+        bar.set_prefix(what.to_owned());
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        Progress(Some(bar))
+    }
+
+    pub fn phase(&self, name: &str) {
+        if let Some(b) = &self.0 {
+            b.set_message(name.to_owned());
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
+
 /// Holds the upper's lock: one mount/sync/umount at a time per upper.
 pub struct UpperLock(#[allow(dead_code)] Flock<File>);
 

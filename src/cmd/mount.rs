@@ -11,11 +11,11 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layer::Stack;
 use crate::overlay::{self, MountError};
-use crate::pathdb::merge;
+use crate::pathdb::merge::{self, Needed, SyncOptions};
 
-use super::{lock_upper, resolve_target, MountRecord};
+use super::{lock_upper, resolve_target, MountRecord, Progress};
 
-pub fn run(args: &MountArgs) -> Result<()> {
+pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     let config = Config::load(args.config.config.as_deref())?;
     let lowers = if args.lowers.is_empty() {
         config.lowers.clone()
@@ -35,8 +35,25 @@ pub fn run(args: &MountArgs) -> Result<()> {
     check_target_free(&target, &stack)?;
 
     let _lock = lock_upper(&stack.upper)?;
-    let summary = merge::sync(&stack.upper, &stack.lowers)?;
+    let progress = Progress::new(quiet, "merging lower databases");
+    let phase = |p: &str| progress.phase(p);
+    let summary = merge::sync(
+        &stack.upper,
+        &stack.lowers,
+        &SyncOptions {
+            // The lower may have lost paths while nothing was mounted (a
+            // template updated while its AppVM was off): mount anyway and
+            // report what broke; `verify` lists it.
+            needed: Needed::KeepBroken,
+            progress: Some(&phase),
+            ..Default::default()
+        },
+    )?;
+    drop(progress);
     tracing::info!(%summary, "merged database up to date");
+    for p in &summary.broken {
+        eprintln!("nixfs-layer: warning: {p} left the lowers but upper paths need it; its content is missing (see `nixfs-layer verify`)");
+    }
 
     let store = target.join("store");
     let var = target.join("var");
@@ -66,12 +83,14 @@ pub fn run(args: &MountArgs) -> Result<()> {
     if !args.no_flake_fs && config.flakefs.enable.unwrap_or(true) {
         tracing::debug!("the /nixfs/flake tree is not served by this build");
     }
-    eprintln!(
-        "mounted {} lower(s) and upper {} at {} ({summary})",
-        stack.lowers.len(),
-        stack.upper.dir().display(),
-        target.display()
-    );
+    if !quiet {
+        eprintln!(
+            "mounted {} lower(s) and upper {} at {} ({summary})",
+            stack.lowers.len(),
+            stack.upper.dir().display(),
+            target.display()
+        );
+    }
     Ok(())
 }
 

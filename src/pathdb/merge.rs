@@ -1,19 +1,23 @@
 //! Merging the lowers' databases into the upper's: the `sync` algorithm.
 //!
-//! The merged database is the upper's own Nix database. Every sync computes,
-//! from fresh snapshots of the lowers, the set of lower paths that should be
-//! valid ("wanted") and moves the merged database to it in one transaction:
+//! The merged database is the upper's own Nix database. Next to Nix's
+//! tables it records, per lower, the paths that lower had at the last sync
+//! (`NixfsLayerLowerPath`) and a fingerprint of its database files. A sync:
 //!
-//! * a lower path is wanted when its row is in the lower's database, its
-//!   entry is in the lower's `store/`, no whiteout in the upper hides it, and
-//!   everything it references is wanted or registered in the upper;
-//! * the first lower (in mount order) that offers a path provides it;
-//! * a path Nix registered through the merged store (provenance 0, "upper")
-//!   always wins and is never touched;
-//! * lower-provided paths no longer wanted are invalidated, unless a path that
-//!   stays valid still refers to them: then nothing changes and the sync
-//!   fails naming them.
+//! 1. skips every lower whose fingerprint is unchanged (a few `stat`s);
+//! 2. copies each changed lower's database (with its WAL) and diffs it
+//!    against the recorded paths: new paths and gone paths;
+//! 3. registers new paths the merged database lacks, if their store entry
+//!    exists, no whiteout in the upper hides them and everything they
+//!    reference is or becomes valid;
+//! 4. invalidates gone paths no other lower has, unless a path that stays
+//!    valid (or a GC root) still needs them: then, by default, nothing
+//!    changes and the sync fails naming them;
+//! 5. moves paths between lowers when the one providing them lost them or a
+//!    higher one gained them.
 //!
+//! All of it is one SQLite transaction. A path Nix registered through the
+//! merged store (provenance 0, "upper") always wins and is never touched.
 //! Rows are matched by `path` text, never by id: ids are per database.
 
 use std::collections::HashSet;
@@ -21,14 +25,39 @@ use std::ffi::OsString;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 
-use super::{open, realisations, snapshot, sql_err, ClosureBroken, DbError};
+use super::{open, pin, realisations, snapshot, sql_err, ClosureBroken, DbError};
+use crate::gcroots;
 use crate::layer::{Lower, Upper};
 use crate::storepath::StorePath;
+
+/// What to do with lower paths that are gone but still needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Needed {
+    /// Change nothing and fail naming them (`sync`).
+    #[default]
+    Refuse,
+    /// Keep their rows (their content is missing now), report them, go on
+    /// (`mount`, when the old lower is already gone).
+    KeepBroken,
+}
+
+/// How a sync runs.
+#[derive(Clone, Copy, Default)]
+pub struct SyncOptions<'a> {
+    pub needed: Needed,
+    /// Re-read every lower even if its fingerprint is unchanged.
+    pub force: bool,
+    /// Told the name of each phase while a long merge runs.
+    pub progress: Option<&'a dyn Fn(&str)>,
+    /// The merged store (`TARGET/store`) when mounted: files this tool adds
+    /// to the upper go through it, not behind overlayfs' back.
+    pub mounted_store: Option<&'a Path>,
+}
 
 /// What a sync did.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
@@ -46,6 +75,10 @@ pub struct SyncSummary {
     pub missing_content: u64,
     /// Lower rows not registered because something they reference is not available.
     pub incomplete_closure: u64,
+    /// Gone lower paths kept because the upper still needs them (content missing).
+    pub broken: Vec<String>,
+    /// Lowers whose database had not changed since the last sync.
+    pub lowers_unchanged: u64,
 }
 
 impl SyncSummary {
@@ -69,7 +102,7 @@ impl std::fmt::Display for SyncSummary {
         if self.missing_content > 0 {
             write!(
                 f,
-                "; skipped {} lower row(s) whose store entry is missing",
+                "; skipped {} lower path(s) whose store entry is missing or hidden",
                 self.missing_content
             )?;
         }
@@ -80,20 +113,259 @@ impl std::fmt::Display for SyncSummary {
                 self.incomplete_closure
             )?;
         }
+        if !self.broken.is_empty() {
+            write!(
+                f,
+                "; BROKEN: {} path(s) left the lowers but upper paths still need them: {}",
+                self.broken.len(),
+                self.broken.join(", ")
+            )?;
+        }
         Ok(())
     }
 }
 
-/// Entries of a store directory.
-fn list_store(dir: &Path) -> Result<HashSet<OsString>, DbError> {
-    let io = |source| DbError::Io {
-        path: dir.to_owned(),
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// One lower as the merge sees it.
+struct LowerState<'a> {
+    lower: &'a Lower,
+    /// NixfsLayerLower.id
+    id: i64,
+    /// Its database files' fingerprint now.
+    fingerprint: String,
+    /// Schema name of its attached snapshot, when it changed.
+    alias: Option<String>,
+}
+
+/// Brings the upper's merged database in line with the lowers (see the
+/// module docs). Nothing is written under any lower.
+pub fn sync(
+    upper: &Upper,
+    lowers: &[Lower],
+    opts: &SyncOptions<'_>,
+) -> Result<SyncSummary, DbError> {
+    let started = Instant::now();
+    let db = upper.db();
+    let err = sql_err(&db);
+    let phase = |name: &str| {
+        tracing::debug!(elapsed = ?started.elapsed(), "sync: {name}");
+        if let Some(p) = opts.progress {
+            p(name);
+        }
+    };
+    let mut conn = open(&db)?;
+    conn.pragma_update(None, "temp_store", "memory")
+        .map_err(&err)?;
+    conn.pragma_update(None, "cache_size", -65536)
+        .map_err(&err)?;
+    conn.pragma_update(None, "synchronous", "normal")
+        .map_err(&err)?;
+    clean_scratch(upper);
+
+    let mut states = Vec::with_capacity(lowers.len());
+    for lower in lowers {
+        states.push(LowerState {
+            lower,
+            id: 0,
+            fingerprint: snapshot::fingerprint(lower),
+            alias: None,
+        });
+    }
+    let pin_store = opts
+        .mounted_store
+        .map_or_else(|| upper.store(), Path::to_owned);
+    let pin_io = |source| DbError::Io {
+        path: pin_store.clone(),
         source,
     };
-    fs::read_dir(dir)
-        .map_err(io)?
-        .map(|e| e.map(|e| e.file_name()).map_err(io))
-        .collect()
+    let stale = stack_changed(&conn, &states).map_err(&err)?;
+    let changed: Vec<usize> = (0..states.len())
+        .filter(|&i| opts.force || stale.contains(&i))
+        .collect();
+    if changed.is_empty() && !stack_left(&conn, &states).map_err(&err)? {
+        pin::ensure(&conn, upper, &pin_store).map_err(pin_io)?;
+        let provided = conn
+            .query_row(
+                "select count(*) from NixfsLayerOrigin where layer > 0",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(&err)?;
+        return Ok(SyncSummary {
+            unchanged: provided,
+            lowers_unchanged: states.len() as u64,
+            ..Default::default()
+        });
+    }
+
+    phase("copying lower databases");
+    let mut snapshots = Vec::new();
+    for &i in &changed {
+        let lower = states[i].lower;
+        let snap = snapshot::take(lower, &upper.tmp_dir())?;
+        let alias = format!("lower{i}");
+        attach(&conn, &snap, &alias, lower)?;
+        states[i].alias = Some(alias);
+        snapshots.push(snap);
+    }
+
+    let whiteouts = upper_whiteouts(&upper.store())?;
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(&err)?;
+    reconcile_provenance(&tx).map_err(&err)?;
+    register_lowers(&tx, &mut states).map_err(&err)?;
+    let pin_id = pin::ensure(&tx, upper, &pin_store).map_err(pin_io)?;
+    create_temp_tables(&tx).map_err(&err)?;
+
+    let mut summary = SyncSummary {
+        lowers_unchanged: (states.len() - changed.len()) as u64,
+        ..Default::default()
+    };
+    phase("comparing lower databases with the last sync");
+    for s in states.iter().filter(|s| s.alias.is_some()) {
+        summary.missing_content += diff_lower(&tx, s, &whiteouts, opts.force)?;
+    }
+    forget_departed_lowers(&tx).map_err(&err)?;
+
+    phase("deciding what changes");
+    tx.execute_batch(PLAN_SQL).map_err(&err)?;
+    summary.incomplete_closure = drop_incomplete(&tx, &states).map_err(&err)?;
+    tx.execute_batch(
+        "insert into temp.removed (id, path)
+           select v.id, v.path from temp.orphaned o join main.ValidPaths v on v.path = o.path
+           where not exists (select 1 from temp.moved m where m.path = o.path);",
+    )
+    .map_err(&err)?;
+
+    let broken = check_removals(&tx, upper, pin_id).map_err(&err)?;
+    if let Some(b) = broken {
+        match opts.needed {
+            Needed::Refuse => return Err(DbError::ClosureBroken(b)),
+            Needed::KeepBroken => summary.broken = keep_needed(&tx, upper, pin_id).map_err(&err)?,
+        }
+    }
+
+    phase("applying changes");
+    realisations::release_removed(&tx).map_err(&err)?;
+    tx.execute_batch(
+        "create temp table exposed as
+           select distinct v.path from main.Refs r join main.ValidPaths v on v.id = r.reference
+           where r.referrer in (select id from temp.removed) and r.reference not in (select id from temp.removed);
+         delete from main.Refs where referrer in (select id from temp.removed);
+         delete from main.Refs where reference in (select id from temp.removed);
+         delete from main.ValidPaths where id in (select id from temp.removed);",
+    )
+    .map_err(&err)?;
+    for s in &states {
+        if let Some(alias) = &s.alias {
+            add_paths(&tx, alias, s.id).map_err(&err)?;
+            if realisations::has_table(&tx, alias, "Realisations").map_err(&err)? {
+                realisations::ensure_tables(&tx, alias, &s.lower.db_dir(), &upper.db_dir())
+                    .map_err(&err)?;
+                realisations::add(&tx, alias, s.id).map_err(&err)?;
+            }
+        }
+    }
+    move_paths(&tx, &states).map_err(&err)?;
+    pin::pin_tops(&tx, pin_id, "added").map_err(&err)?;
+    pin::pin_tops(&tx, pin_id, "exposed").map_err(&err)?;
+    for s in &states {
+        tx.execute(
+            "update main.NixfsLayerLower set fingerprint = ?2, syncedAt = ?3 where id = ?1",
+            params![s.id, s.fingerprint, now()],
+        )
+        .map_err(&err)?;
+    }
+    let count = |sql: &str| tx.query_row(sql, [], |r| r.get::<_, u64>(0));
+    summary.added = count("select count(*) from temp.added").map_err(&err)?;
+    summary.removed = count("select count(*) from temp.removed").map_err(&err)?;
+    summary.moved = count("select count(*) from temp.moved").map_err(&err)?;
+    let provided =
+        count("select count(*) from main.NixfsLayerOrigin where layer > 0").map_err(&err)?;
+    summary.unchanged = provided - summary.added - summary.moved;
+    tx.execute_batch(DROP_TEMP_SQL).map_err(&err)?;
+    phase("committing");
+    tx.commit().map_err(&err)?;
+    for s in &states {
+        if let Some(alias) = &s.alias {
+            conn.execute("detach database ?1", [alias]).map_err(&err)?;
+        }
+    }
+    drop(snapshots);
+    tracing::info!(elapsed = ?started.elapsed(), %summary, "sync done");
+    Ok(summary)
+}
+
+/// Removes snapshot directories a killed sync may have left behind (the
+/// caller holds the upper's lock).
+fn clean_scratch(upper: &Upper) {
+    if let Ok(entries) = fs::read_dir(upper.tmp_dir()) {
+        for e in entries.flatten() {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn attach(
+    conn: &Connection,
+    snap: &snapshot::Snapshot,
+    alias: &str,
+    lower: &Lower,
+) -> Result<(), DbError> {
+    let not_nix = |detail: String| DbError::NotNixDb {
+        path: lower.db(),
+        detail,
+    };
+    conn.execute(
+        "attach database ?1 as ?2",
+        params![snap.db().to_string_lossy(), alias],
+    )
+    .map_err(|e| not_nix(e.to_string()))?;
+    let ok =
+        realisations::has_table(conn, alias, "ValidPaths").map_err(|e| not_nix(e.to_string()))?;
+    if !ok {
+        return Err(not_nix("no ValidPaths table".into()));
+    }
+    Ok(())
+}
+
+/// Indices of lowers whose fingerprint differs from the recorded one, or
+/// that were not at this place in the stack.
+fn stack_changed(conn: &Connection, states: &[LowerState]) -> rusqlite::Result<HashSet<usize>> {
+    let mut out = HashSet::new();
+    for (i, s) in states.iter().enumerate() {
+        let rec: Option<(Option<i64>, Option<String>)> = conn
+            .query_row(
+                "select priority, fingerprint from NixfsLayerLower where dir = ?1",
+                [s.lower.dir().to_string_lossy()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        match rec {
+            Some((Some(p), Some(f))) if p == i as i64 && f == s.fingerprint => {}
+            _ => {
+                out.insert(i);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a lower of the previous stack is no longer part of it.
+fn stack_left(conn: &Connection, states: &[LowerState]) -> rusqlite::Result<bool> {
+    let n: i64 = conn.query_row(
+        "select count(*) from NixfsLayerLower where priority is not null",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(n as usize != states.len())
 }
 
 /// Names the upper hides with an overlayfs whiteout (a 0/0 character device).
@@ -114,155 +386,6 @@ fn upper_whiteouts(store: &Path) -> Result<HashSet<OsString>, DbError> {
     Ok(out)
 }
 
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// One lower as the merge sees it.
-struct Attached<'a> {
-    lower: &'a Lower,
-    /// NixfsLayerLower.id
-    id: i64,
-    /// schema name of the attached snapshot
-    alias: String,
-}
-
-/// Brings the upper's merged database in line with the lowers (see the
-/// module docs). Nothing is written under any lower.
-pub fn sync(upper: &Upper, lowers: &[Lower]) -> Result<SyncSummary, DbError> {
-    let db = upper.db();
-    let err = sql_err(&db);
-    let snapshots = lowers
-        .iter()
-        .map(|l| snapshot::take(l, &upper.tmp_dir()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut conn = open(&db)?;
-    conn.pragma_update(None, "temp_store", "memory")
-        .map_err(&err)?;
-    conn.pragma_update(None, "cache_size", -65536)
-        .map_err(&err)?;
-
-    let mut attached = Vec::new();
-    for (i, (lower, snap)) in lowers.iter().zip(&snapshots).enumerate() {
-        let alias = format!("lower{i}");
-        let not_nix = |detail: String| DbError::NotNixDb {
-            path: lower.db(),
-            detail,
-        };
-        conn.execute(
-            "attach database ?1 as ?2",
-            params![snap.db().to_string_lossy(), alias],
-        )
-        .map_err(|e| not_nix(e.to_string()))?;
-        let has_table: Option<i64> = conn
-            .query_row(
-                &format!("select 1 from {alias}.sqlite_master where type = 'table' and name = 'ValidPaths'"),
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| not_nix(e.to_string()))?;
-        if has_table.is_none() {
-            return Err(not_nix("no ValidPaths table".into()));
-        }
-        attached.push(Attached {
-            lower,
-            id: 0,
-            alias,
-        });
-    }
-
-    let whiteouts = upper_whiteouts(&upper.store())?;
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(&err)?;
-    reconcile_provenance(&tx).map_err(&err)?;
-    register_lowers(&tx, &mut attached).map_err(&err)?;
-
-    let mut summary = SyncSummary::default();
-    tx.execute_batch(
-        "create temp table lp (path text not null, lower integer not null, prio integer not null, lid integer not null, primary key (path, lower)) without rowid;
-         create temp table want (path text primary key not null, lower integer not null, lid integer not null) without rowid;
-         create index temp.want_lower on want(lower);",
-    )
-    .map_err(&err)?;
-
-    for (prio, a) in attached.iter().enumerate() {
-        summary.missing_content += load_lower_paths(&tx, a, prio, &whiteouts)?;
-        tx.execute(
-            "insert or ignore into want (path, lower, lid) select path, lower, lid from lp where lower = ?1",
-            [a.id],
-        )
-        .map_err(&err)?;
-    }
-    summary.incomplete_closure = drop_incomplete(&tx, &attached).map_err(&err)?;
-
-    tx.execute_batch(
-        "create temp table added as
-           select w.path, w.lower, w.lid from want w
-           where not exists (select 1 from main.ValidPaths v where v.path = w.path);
-         create temp table removed as
-           select v.id, v.path from main.ValidPaths v join main.NixfsLayerOrigin o on o.path = v.path
-           where o.layer != 0 and not exists (select 1 from want w where w.path = v.path);
-         create index temp.removed_id on removed(id);
-         create temp table moved as
-           select w.path, w.lower, w.lid from want w join main.NixfsLayerOrigin o on o.path = w.path
-           where o.layer != 0 and o.layer != w.lower;",
-    )
-    .map_err(&err)?;
-
-    check_removals(&tx)
-        .map_err(&err)?
-        .map_or(Ok(()), |b| Err(DbError::ClosureBroken(b)))?;
-
-    realisations::release_removed(&tx).map_err(&err)?;
-    summary.removed = tx
-        .execute_batch(
-            "delete from main.Refs where referrer in (select id from removed);
-             delete from main.ValidPaths where id in (select id from removed);",
-        )
-        .and_then(|_| tx.query_row("select count(*) from removed", [], |r| r.get(0)))
-        .map_err(&err)?;
-    summary.added = tx
-        .query_row("select count(*) from added", [], |r| r.get(0))
-        .map_err(&err)?;
-    summary.moved = tx
-        .query_row("select count(*) from moved", [], |r| r.get(0))
-        .map_err(&err)?;
-    for a in &attached {
-        add_paths(&tx, a).map_err(&err)?;
-        move_paths(&tx, a).map_err(&err)?;
-        if realisations::has_table(&tx, &a.alias, "Realisations").map_err(&err)? {
-            realisations::ensure_tables(&tx, &a.alias, &a.lower.db_dir(), &upper.db_dir())
-                .map_err(&err)?;
-            realisations::add(&tx, &a.alias, a.id).map_err(&err)?;
-        }
-    }
-    update_membership(&tx, &attached).map_err(&err)?;
-    let provided: u64 = tx
-        .query_row(
-            "select count(*) from main.NixfsLayerOrigin where layer != 0",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(&err)?;
-    summary.unchanged = provided - summary.added - summary.moved;
-    tx.execute_batch(
-        "drop table temp.lp; drop table temp.want; drop table temp.added;
-         drop table temp.removed; drop table temp.moved;",
-    )
-    .map_err(&err)?;
-    tx.commit().map_err(&err)?;
-    for a in &attached {
-        conn.execute("detach database ?1", [&a.alias])
-            .map_err(&err)?;
-    }
-    Ok(summary)
-}
-
 /// Provenance rows are kept by triggers; this repairs what predates them
 /// (a database Nix created) or what someone changed with triggers off.
 fn reconcile_provenance(tx: &Connection) -> rusqlite::Result<()> {
@@ -271,16 +394,7 @@ fn reconcile_provenance(tx: &Connection) -> rusqlite::Result<()> {
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let orphans: i64 = if paths == origins {
-        tx.query_row(
-            "select count(*) from main.NixfsLayerOrigin o where not exists (select 1 from main.ValidPaths v where v.path = o.path)",
-            [],
-            |r| r.get(0),
-        )?
-    } else {
-        1
-    };
-    if orphans > 0 {
+    if paths != origins {
         tx.execute_batch(
             "delete from main.NixfsLayerOrigin where path not in (select path from main.ValidPaths);
              insert or ignore into main.NixfsLayerOrigin (path, layer) select path, 0 from main.ValidPaths;",
@@ -290,92 +404,212 @@ fn reconcile_provenance(tx: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Gives each lower its stable id and its place in the current stack.
-fn register_lowers(tx: &Connection, attached: &mut [Attached]) -> rusqlite::Result<()> {
+fn register_lowers(tx: &Connection, states: &mut [LowerState]) -> rusqlite::Result<()> {
     tx.execute("update main.NixfsLayerLower set priority = null", [])?;
-    for (prio, a) in attached.iter_mut().enumerate() {
-        let dir = a.lower.dir().to_string_lossy();
-        tx.execute(
+    for (prio, s) in states.iter_mut().enumerate() {
+        let dir = s.lower.dir().to_string_lossy();
+        s.id = tx.query_row(
             "insert into main.NixfsLayerLower (dir, priority) values (?1, ?2)
-             on conflict (dir) do update set priority = excluded.priority",
+             on conflict (dir) do update set priority = excluded.priority
+             returning id",
             params![dir, prio as i64],
-        )?;
-        a.id = tx.query_row(
-            "select id from main.NixfsLayerLower where dir = ?1",
-            [dir],
             |r| r.get(0),
         )?;
     }
     Ok(())
 }
 
-/// Fills `temp.lp` with the lower's usable rows; returns how many rows were
-/// passed over because their store entry is absent or whited out.
-fn load_lower_paths(
-    tx: &Connection,
-    a: &Attached,
-    prio: usize,
+fn create_temp_tables(tx: &Connection) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "create temp table cand (lower integer not null, lid integer not null, path text not null,
+                                 hidden integer not null default 0, primary key (lower, lid)) without rowid;
+         create index temp.cand_path on cand(path);
+         create temp table gone (lower integer not null, path text not null, primary key (lower, path)) without rowid;
+         create temp table added (lower integer not null, lid integer not null, path text not null unique,
+                                  primary key (lower, lid)) without rowid;
+         create temp table orphaned (path text primary key not null) without rowid;
+         create temp table moved (path text primary key not null, lower integer not null) without rowid;
+         create temp table removed (id integer primary key, path text not null unique);
+         create temp table idmap (lower integer not null, lid integer not null, mid integer not null,
+                                  primary key (lower, lid)) without rowid;",
+    )
+}
+
+const DROP_TEMP_SQL: &str = "drop table temp.cand; drop table temp.gone; drop table temp.added;
+     drop table temp.orphaned; drop table temp.moved; drop table temp.removed; drop table temp.idmap;
+     drop table temp.exposed;";
+
+/// Fills `temp.cand` with the lower's new rows whose store entry exists
+/// (marking those a whiteout hides) and `temp.gone` with recorded paths it
+/// no longer lists, and brings its recorded paths up to date. Returns how
+/// many new rows were passed over for a missing or hidden store entry.
+fn diff_lower(
+    tx: &Transaction,
+    s: &LowerState,
     whiteouts: &HashSet<OsString>,
+    full: bool,
 ) -> Result<u64, DbError> {
-    let lower_db = a.lower.db();
+    let alias = s.alias.as_deref().expect("changed lowers are attached");
+    let lower_db = s.lower.db();
     let err = sql_err(&lower_db);
-    let present = list_store(&a.lower.store())?;
-    let mut select = tx
-        .prepare(&format!("select id, path from {}.ValidPaths", a.alias))
+    tx.execute(
+        &format!(
+            "insert into temp.gone (lower, path)
+             select ?1, m.path from main.NixfsLayerLowerPath m
+             where m.lower = ?1 and not exists (select 1 from {alias}.ValidPaths v where v.path = m.path)"
+        ),
+        [s.id],
+    )
+    .map_err(&err)?;
+    if full {
+        // Re-examine every row, not only the new ones.
+        tx.execute(
+            "delete from main.NixfsLayerLowerPath where lower = ?1",
+            [s.id],
+        )
         .map_err(&err)?;
-    let mut insert = tx
-        .prepare("insert into temp.lp (path, lower, prio, lid) values (?1, ?2, ?3, ?4)")
+    }
+    tx.execute(
+        &format!(
+            "insert into temp.cand (lower, lid, path)
+             select ?1, v.id, v.path from {alias}.ValidPaths v
+             where not exists (select 1 from main.NixfsLayerLowerPath m where m.lower = ?1 and m.path = v.path)"
+        ),
+        [s.id],
+    )
+    .map_err(&err)?;
+
+    // Check the new rows against the lower's store directory.
+    let new: Vec<(i64, String)> = tx
+        .prepare("select lid, path from temp.cand where lower = ?1")
+        .and_then(|mut st| {
+            st.query_map([s.id], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
         .map_err(&err)?;
-    let mut rows = select.query([]).map_err(&err)?;
+    let store = s.lower.store();
+    let listing = if new.len() > 2000 {
+        Some(list_store(&store)?)
+    } else {
+        None
+    };
     let (mut missing, mut foreign, mut first_foreign) = (0u64, 0usize, None);
-    while let Some(row) = rows.next().map_err(&err)? {
-        let lid: i64 = row.get(0).map_err(&err)?;
-        let path: String = row.get(1).map_err(&err)?;
-        let sp = match StorePath::parse(&path) {
-            Ok(sp) => sp,
-            Err(_) => {
+    {
+        let mut drop_row = tx
+            .prepare_cached("delete from temp.cand where lower = ?1 and lid = ?2")
+            .map_err(&err)?;
+        let mut hide = tx
+            .prepare_cached("update temp.cand set hidden = 1 where lower = ?1 and lid = ?2")
+            .map_err(&err)?;
+        for (lid, path) in &new {
+            let Ok(sp) = StorePath::parse(path) else {
                 foreign += 1;
-                first_foreign.get_or_insert(path);
+                first_foreign.get_or_insert_with(|| path.clone());
                 continue;
+            };
+            let name = OsString::from(sp.base_name());
+            let present = match &listing {
+                Some(l) => l.contains(&name),
+                None => fs::symlink_metadata(store.join(&name)).is_ok(),
+            };
+            if !present {
+                missing += 1;
+                tracing::warn!(lower = %s.lower.dir().display(), %path, "lower database lists a path its store does not have; not registering it");
+                drop_row.execute(params![s.id, lid]).map_err(&err)?;
+            } else if whiteouts.contains(&name) {
+                missing += 1;
+                hide.execute(params![s.id, lid]).map_err(&err)?;
             }
-        };
-        let name = OsString::from(sp.base_name());
-        if !present.contains(&name) || whiteouts.contains(&name) {
-            missing += 1;
-            tracing::warn!(lower = %a.lower.dir().display(), %path, "lower database lists a path its store does not have (or the upper hides); not registering it");
-            continue;
         }
-        insert
-            .execute(params![path, a.id, prio as i64, lid])
-            .map_err(sql_err(&lower_db))?;
     }
     if foreign > 0 {
         return Err(DbError::ForeignStoreDir {
-            lower: a.lower.dir().to_owned(),
+            lower: s.lower.dir().to_owned(),
             bad: foreign,
             first: first_foreign.unwrap_or_default(),
         });
     }
+    tx.execute(
+        "delete from main.NixfsLayerLowerPath where lower = ?1 and path in (select path from temp.gone where lower = ?1)",
+        [s.id],
+    )
+    .map_err(&err)?;
+    tx.execute(
+        &format!(
+            "insert or replace into main.NixfsLayerLowerPath (lower, path, narSize)
+             select c.lower, c.path, v.narSize from temp.cand c join {alias}.ValidPaths v on v.id = c.lid
+             where c.lower = ?1"
+        ),
+        [s.id],
+    )
+    .map_err(&err)?;
     Ok(missing)
 }
 
-/// Removes from `want` every path with a reference that is neither wanted
-/// nor registered in the upper, until none is left; returns how many.
-fn drop_incomplete(tx: &Connection, attached: &[Attached]) -> rusqlite::Result<u64> {
+/// Lowers no longer in the stack: everything they had is gone.
+fn forget_departed_lowers(tx: &Connection) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "insert or ignore into temp.gone (lower, path)
+           select m.lower, m.path from main.NixfsLayerLowerPath m
+           join main.NixfsLayerLower l on l.id = m.lower where l.priority is null;
+         delete from main.NixfsLayerLowerPath
+           where lower in (select id from main.NixfsLayerLower where priority is null);",
+    )
+}
+
+/// From the differences to the decisions:
+/// * added: new, unhidden rows the merged database lacks, from the highest lower;
+/// * moved: lower-provided paths whose provider lost them, or that a higher
+///   lower gained, to the highest lower that has them now;
+/// * orphaned: lower-provided paths whose provider lost them and no other has.
+const PLAN_SQL: &str = "
+insert or ignore into temp.added (lower, lid, path)
+  select c.lower, c.lid, c.path from temp.cand c
+  join main.NixfsLayerLower l on l.id = c.lower
+  where c.hidden = 0
+    and not exists (select 1 from main.ValidPaths v where v.path = c.path)
+  order by l.priority;
+
+insert or ignore into temp.moved (path, lower)
+  select path, best from (
+    select a.path, a.layer,
+           (select m.lower from main.NixfsLayerLowerPath m join main.NixfsLayerLower l on l.id = m.lower
+            where m.path = a.path and l.priority is not null order by l.priority limit 1) as best
+    from (select o.path, o.layer from temp.gone g
+            join main.NixfsLayerOrigin o on o.path = g.path and o.layer = g.lower
+          union
+          select o.path, o.layer from temp.cand c
+            join main.NixfsLayerOrigin o on o.path = c.path
+          where c.hidden = 0 and o.layer > 0) a)
+  where best is not null and best != layer;
+
+insert or ignore into temp.orphaned (path)
+  select g.path from temp.gone g join main.NixfsLayerOrigin o on o.path = g.path and o.layer = g.lower
+  where not exists (select 1 from temp.moved m where m.path = g.path);
+";
+
+/// Removes from `added` every path with a reference that will not be
+/// valid, until none is left; returns how many.
+fn drop_incomplete(tx: &Connection, states: &[LowerState]) -> rusqlite::Result<u64> {
     let mut dropped = 0u64;
     loop {
         let mut round = 0usize;
-        for a in attached {
+        for s in states {
+            let Some(l) = &s.alias else { continue };
             round += tx.execute(
                 &format!(
-                    "delete from want where lower = ?1 and lid in (
+                    "delete from temp.added where lower = ?1 and lid in (
                        select r.referrer from {l}.Refs r
-                       join {l}.ValidPaths d on d.id = r.reference
-                       where r.referrer in (select lid from want where lower = ?1)
-                         and not exists (select 1 from want x where x.path = d.path)
-                         and not exists (select 1 from main.NixfsLayerOrigin o where o.path = d.path and o.layer = 0))",
-                    l = a.alias
+                       where r.referrer in (select lid from temp.added where lower = ?1)
+                         and not exists (select 1 from temp.added x where x.lower = ?1 and x.lid = r.reference)
+                         and not exists (
+                           select 1 from {l}.ValidPaths d
+                           join main.ValidPaths v on v.path = d.path
+                           where d.id = r.reference
+                             and v.path not in (select path from temp.orphaned)
+                             and not exists (select 1 from temp.added y where y.path = d.path)))"
                 ),
-                [a.id],
+                [s.id],
             )?;
         }
         if round == 0 {
@@ -389,110 +623,172 @@ fn drop_incomplete(tx: &Connection, attached: &[Attached]) -> rusqlite::Result<u
     }
 }
 
-/// The paths to be removed that valid paths outside the removal still use.
-fn check_removals(tx: &Connection) -> rusqlite::Result<Option<ClosureBroken>> {
-    let query = "select g.path, u.path from removed g
+/// The paths to be removed that stay needed: by a valid path outside the
+/// removal, or by a GC root of the merged store.
+fn check_removals(
+    tx: &Connection,
+    upper: &Upper,
+    pin_id: i64,
+) -> rusqlite::Result<Option<ClosureBroken>> {
+    let query = "select g.path, u.path from temp.removed g
                  join main.Refs r on r.reference = g.id
                  join main.ValidPaths u on u.id = r.referrer
-                 where r.referrer not in (select id from removed)";
-    let total: usize =
-        tx.query_row(&format!("select count(*) from ({query})"), [], |r| r.get(0))?;
-    if total == 0 {
-        return Ok(None);
-    }
-    let needed = tx
+                 where r.referrer not in (select id from temp.removed) and r.referrer != ?1";
+    let total: usize = tx.query_row(&format!("select count(*) from ({query})"), [pin_id], |r| {
+        r.get(0)
+    })?;
+    let mut needed = tx
         .prepare(&format!("{query} order by 1, 2 limit 10"))?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map([pin_id], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<Vec<(String, String)>>>()?;
-    Ok(Some(ClosureBroken { needed, total }))
+    let removed: HashSet<String> = names_of(tx, "select path from temp.removed")?
+        .into_iter()
+        .collect();
+    let mut rooted = 0;
+    if !removed.is_empty() {
+        for (root, target) in gcroots::user_roots(upper) {
+            if removed.contains(&target) {
+                rooted += 1;
+                if needed.len() < 10 {
+                    needed.push((target, format!("GC root {}", root.display())));
+                }
+            }
+        }
+    }
+    Ok((total + rooted > 0).then_some(ClosureBroken {
+        needed,
+        total: total + rooted,
+    }))
+}
+
+/// Takes the still-needed paths (and, transitively, what they reference)
+/// out of the removal; returns them.
+fn keep_needed(tx: &Connection, upper: &Upper, pin_id: i64) -> rusqlite::Result<Vec<String>> {
+    let roots: Vec<String> = gcroots::user_roots(upper)
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    for t in &roots {
+        tx.execute("delete from temp.removed where path = ?1", [t])?;
+    }
+    loop {
+        let n = tx.execute(
+            "delete from temp.removed where id in (
+               select r.reference from main.Refs r
+               where r.reference in (select id from temp.removed)
+                 and r.referrer not in (select id from temp.removed) and r.referrer != ?1)",
+            [pin_id],
+        )?;
+        if n == 0 {
+            break;
+        }
+    }
+    // What stays but no lower has any more: report it.
+    let broken = names_of(
+        tx,
+        "select o.path from temp.orphaned o where o.path not in (select path from temp.removed) order by 1",
+    )?;
+    for p in &broken {
+        tracing::error!(path = %p, "a lower lost this path but upper paths need it; its content is missing now (see `nixfs-layer verify`)");
+    }
+    Ok(broken)
+}
+
+fn names_of(tx: &Connection, sql: &str) -> rusqlite::Result<Vec<String>> {
+    tx.prepare(sql)?.query_map([], |r| r.get(0))?.collect()
 }
 
 /// Registers the paths this lower provides that the merged database lacks.
-fn add_paths(tx: &Connection, a: &Attached) -> rusqlite::Result<()> {
-    let l = &a.alias;
+fn add_paths(tx: &Connection, l: &str, id: i64) -> rusqlite::Result<()> {
     tx.execute(
-        "insert or replace into main.NixfsLayerOrigin (path, layer) select path, lower from added where lower = ?1",
-        [a.id],
+        "insert or replace into main.NixfsLayerOrigin (path, layer) select path, lower from temp.added where lower = ?1",
+        [id],
     )?;
     tx.execute(
         &format!(
             "insert into main.ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca)
              select v.path, v.hash, v.registrationTime, v.deriver, v.narSize, v.ultimate, v.sigs, v.ca
-             from added a join {l}.ValidPaths v on v.id = a.lid where a.lower = ?1"
+             from temp.added a join {l}.ValidPaths v on v.id = a.lid where a.lower = ?1 order by a.lid"
         ),
-        [a.id],
+        [id],
+    )?;
+    // Lower ids to merged ids: first for the added rows, then for whatever
+    // else they reference (already valid in the merged database).
+    tx.execute(
+        "insert into temp.idmap (lower, lid, mid)
+         select a.lower, a.lid, v.id from temp.added a join main.ValidPaths v on v.path = a.path where a.lower = ?1",
+        [id],
+    )?;
+    tx.execute(
+        &format!(
+            "insert or ignore into temp.idmap (lower, lid, mid)
+             select distinct ?1, r.reference, v.id from temp.added a
+             join {l}.Refs r on r.referrer = a.lid
+             join {l}.ValidPaths d on d.id = r.reference
+             join main.ValidPaths v on v.path = d.path
+             where a.lower = ?1
+               and not exists (select 1 from temp.idmap x where x.lower = ?1 and x.lid = r.reference)"
+        ),
+        [id],
     )?;
     tx.execute(
         &format!(
             "insert or ignore into main.Refs (referrer, reference)
-             select mr.id, md.id from added a
+             select m1.mid, m2.mid from temp.added a
              join {l}.Refs r on r.referrer = a.lid
-             join {l}.ValidPaths d on d.id = r.reference
-             join main.ValidPaths mr on mr.path = a.path
-             join main.ValidPaths md on md.path = d.path
-             where a.lower = ?1"
+             join temp.idmap m1 on m1.lower = ?1 and m1.lid = r.referrer
+             join temp.idmap m2 on m2.lower = ?1 and m2.lid = r.reference
+             where a.lower = ?1
+             order by m1.mid, m2.mid"
         ),
-        [a.id],
+        [id],
     )?;
     tx.execute(
         &format!(
             "insert or ignore into main.DerivationOutputs (drv, id, path)
-             select m.id, o.id, o.path from added a
+             select m.mid, o.id, o.path from temp.added a
              join {l}.DerivationOutputs o on o.drv = a.lid
-             join main.ValidPaths m on m.path = a.path
+             join temp.idmap m on m.lower = ?1 and m.lid = a.lid
              where a.lower = ?1"
         ),
-        [a.id],
+        [id],
     )?;
     Ok(())
 }
 
-/// Paths that another lower now provides take that lower's metadata.
-fn move_paths(tx: &Connection, a: &Attached) -> rusqlite::Result<()> {
-    let l = &a.alias;
-    tx.execute(
-        &format!(
-            "update main.ValidPaths set (hash, registrationTime, deriver, narSize, ultimate, sigs, ca) =
-               (select v.hash, v.registrationTime, v.deriver, v.narSize, v.ultimate, v.sigs, v.ca
-                from moved m join {l}.ValidPaths v on v.id = m.lid where m.path = ValidPaths.path)
-             where path in (select path from moved where lower = ?1)"
-        ),
-        [a.id],
-    )?;
-    tx.execute(
-        "update main.NixfsLayerOrigin set layer = ?1 where path in (select path from moved where lower = ?1)",
-        [a.id],
-    )?;
-    Ok(())
-}
-
-/// Records each lower's current paths and totals; forgets lowers that left.
-fn update_membership(tx: &Connection, attached: &[Attached]) -> rusqlite::Result<()> {
-    for a in attached {
-        tx.execute(
-            "delete from main.NixfsLayerLowerPath where lower = ?1
-               and path not in (select path from lp where lower = ?1)",
-            [a.id],
-        )?;
-        tx.execute(
-            "insert or ignore into main.NixfsLayerLowerPath (lower, path) select ?1, path from lp where lower = ?1",
-            [a.id],
-        )?;
-        tx.execute(
-            &format!(
-                "update main.NixfsLayerLower set
-                   paths = (select count(*) from lp where lower = ?1),
-                   narBytes = (select coalesce(sum(v.narSize), 0) from lp join {l}.ValidPaths v on v.id = lp.lid where lp.lower = ?1),
-                   syncedAt = ?2
-                 where id = ?1",
-                l = a.alias
-            ),
-            params![a.id, now()],
-        )?;
+/// Paths another lower now provides: provenance follows, and the metadata
+/// too when that lower's database is at hand (it is the same path, so it
+/// only differs in details such as signatures).
+fn move_paths(tx: &Connection, states: &[LowerState]) -> rusqlite::Result<()> {
+    for s in states {
+        if let Some(l) = &s.alias {
+            tx.execute(
+                &format!(
+                    "update main.ValidPaths set (hash, registrationTime, deriver, narSize, ultimate, sigs, ca) =
+                       (select v.hash, v.registrationTime, v.deriver, v.narSize, v.ultimate, v.sigs, v.ca
+                        from {l}.ValidPaths v where v.path = ValidPaths.path)
+                     where path in (select path from temp.moved where lower = ?1)"
+                ),
+                [s.id],
+            )?;
+        }
     }
     tx.execute(
-        "delete from main.NixfsLayerLowerPath where lower in (select id from main.NixfsLayerLower where priority is null)",
+        "update main.NixfsLayerOrigin set layer = (select m.lower from temp.moved m where m.path = NixfsLayerOrigin.path)
+         where path in (select path from temp.moved)",
         [],
     )?;
     Ok(())
+}
+
+/// Entries of a store directory.
+fn list_store(dir: &Path) -> Result<HashSet<OsString>, DbError> {
+    let io = |source| DbError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    fs::read_dir(dir)
+        .map_err(io)?
+        .map(|e| e.map(|e| e.file_name()).map_err(io))
+        .collect()
 }

@@ -2,6 +2,7 @@
 //! merging them, and the provenance of every valid path.
 
 pub mod merge;
+pub mod pin;
 pub mod realisations;
 pub mod snapshot;
 pub mod stats;
@@ -102,7 +103,7 @@ pub fn create(db: &Path) -> Result<(), DbError> {
 /// Opens the merged database for reading and writing, the way Nix does
 /// (foreign keys on, waiting on locks), with this tool's tables present.
 pub fn open(db: &Path) -> Result<Connection, DbError> {
-    let conn = Connection::open_with_flags(
+    let mut conn = Connection::open_with_flags(
         db,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
@@ -111,7 +112,28 @@ pub fn open(db: &Path) -> Result<Connection, DbError> {
     conn.pragma_update(None, "foreign_keys", "on")
         .map_err(sql_err(db))?;
     conn.execute_batch(LAYER_SCHEMA_SQL).map_err(sql_err(db))?;
+    trace_statements(&mut conn);
     Ok(conn)
+}
+
+/// With `NIXFS_LAYER_LOG=nixfs_layer::sql=trace`, logs every statement that
+/// takes over a millisecond, with its time: the way to see where a slow
+/// merge spends it.
+fn trace_statements(conn: &mut Connection) {
+    if tracing::enabled!(target: "nixfs_layer::sql", tracing::Level::TRACE) {
+        let _ = conn.trace_v2(
+            rusqlite::trace::TraceEventCodes::SQLITE_TRACE_PROFILE,
+            Some(|e: rusqlite::trace::TraceEvent<'_>| {
+                if let rusqlite::trace::TraceEvent::Profile(stmt, d) = e {
+                    if d.as_micros() >= 1000 {
+                        let sql = stmt.sql();
+                        let sql: String = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+                        tracing::trace!(target: "nixfs_layer::sql", elapsed = ?d, "{}", &sql[..sql.len().min(160)]);
+                    }
+                }
+            }),
+        );
+    }
 }
 
 /// Opens the merged database read-only (for `status`).

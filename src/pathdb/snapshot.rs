@@ -107,6 +107,38 @@ pub fn take(lower: &Lower, scratch: &Path) -> Result<Snapshot, DbError> {
     })
 }
 
+/// A cheap summary of a lower's state: its database files (main, WAL
+/// header, hot journal) and its store directory. Equal fingerprints mean
+/// the lower has not changed since they were taken.
+pub fn fingerprint(lower: &Lower) -> String {
+    use std::fmt::Write;
+    let db = lower.db();
+    let mut out = String::new();
+    for p in [
+        db.clone(),
+        sidecar(&db, "-wal"),
+        sidecar(&db, "-journal"),
+        lower.store(),
+    ] {
+        match stamp(&p) {
+            Some(s) => {
+                let mtime = s
+                    .mtime
+                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                let _ = write!(out, "{}:{}:{};", s.len, mtime, s.ino);
+            }
+            None => out.push_str("-;"),
+        }
+    }
+    if let Some(h) = wal_header(&sidecar(&db, "-wal")) {
+        for b in &h[16..24] {
+            let _ = write!(out, "{b:02x}");
+        }
+    }
+    out
+}
+
 fn copy_if_present(src: &Path, dst: &Path) -> Result<bool, DbError> {
     match fs::copy(src, dst) {
         Ok(_) => Ok(true),

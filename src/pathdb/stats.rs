@@ -43,7 +43,11 @@ pub struct DbStats {
 pub fn read(conn: &Connection, db: &Path) -> Result<DbStats, DbError> {
     let err = sql_err(db);
     let valid_paths = conn
-        .query_row("select count(*) from ValidPaths", [], |r| r.get(0))
+        .query_row(
+            "select count(*) from NixfsLayerOrigin where layer >= 0",
+            [],
+            |r| r.get(0),
+        )
         .map_err(&err)?;
     let upper = conn
         .query_row(
@@ -65,7 +69,9 @@ pub fn read(conn: &Connection, db: &Path) -> Result<DbStats, DbError> {
         .map_err(&err)?;
     let lowers = conn
         .prepare(
-            "select l.dir, l.priority, l.paths, l.narBytes,
+            "select l.dir, l.priority,
+                    (select count(*) from NixfsLayerLowerPath m where m.lower = l.id),
+                    (select coalesce(sum(m.narSize), 0) from NixfsLayerLowerPath m where m.lower = l.id),
                     (select count(*) from NixfsLayerOrigin o where o.layer = l.id), l.syncedAt
              from NixfsLayerLower l where l.priority is not null order by l.priority",
         )

@@ -1,0 +1,105 @@
+//! The pin: one store path in the upper that keeps every lower path alive
+//! for Nix's own garbage collector.
+//!
+//! Stock `nix-collect-garbage` / `nix-store --gc` on the merged store would
+//! otherwise delete lower paths nothing refers to, and through overlayfs a
+//! deletion of a lower path is a whiteout in the upper. So the merged
+//! database holds a small, valid store path, `…-nixfs-layer-lowers`, kept by
+//! one GC root (`var/nix/gcroots/nixfs-layer-lowers`), that references every
+//! lower-provided path no other lower-provided path refers to (the tops of
+//! the lowers' closures); everything below a top is reachable from it. Nix
+//! then sees every lower path as alive: the collector passes over them and
+//! `nix-store --delete` refuses them ("still alive" / "in use").
+//!
+//! The one visible trace: `nix-store -q --referrers` of a top lists the pin.
+//! The pin's provenance is [`PIN_LAYER`], so status figures leave it out.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::gcroots::PIN_ROOT;
+use crate::layer::Upper;
+use crate::nar;
+use crate::storepath::{make_store_path, StorePath};
+
+/// Provenance of the pin: neither upper (0) nor a lower (> 0).
+pub const PIN_LAYER: i64 = -1;
+
+const NAME: &str = "nixfs-layer-lowers";
+const CONTENT: &str = "This store path keeps the paths of nixfs-layer's lower layers alive for \
+Nix's garbage collector: it refers to them and a GC root keeps it. nixfs-layer maintains it.\n";
+
+/// The pin's store path (the same for every upper: it depends only on its content).
+pub fn path() -> StorePath {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let f = dir.path().join(NAME);
+    fs::write(&f, CONTENT).expect("write pin content");
+    let h = nar::hash_path(&f).expect("hash pin content");
+    make_store_path("source", &h.sha256, NAME).expect("valid name")
+}
+
+/// Makes sure the pin's file, its database row and its GC root exist.
+/// `store` is where to write the file: the upper's store directory when
+/// nothing is mounted, the merged `TARGET/store` when it is.
+pub fn ensure(tx: &Connection, upper: &Upper, store: &Path) -> io::Result<i64> {
+    let pin = path();
+    let file = store.join(pin.base_name());
+    if fs::symlink_metadata(&file).is_err() {
+        let tmp = store.join(format!(".{}.tmp", pin.base_name()));
+        fs::write(&tmp, CONTENT)?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))?;
+        fs::rename(&tmp, &file)?;
+    }
+    let root = upper.var().join("nix/gcroots").join(PIN_ROOT);
+    if fs::read_link(&root).ok().as_deref() != Some(Path::new(&pin.to_absolute())) {
+        let _ = fs::remove_file(&root);
+        symlink(pin.to_absolute(), &root)?;
+    }
+    let abs = pin.to_absolute();
+    let existing: Option<i64> = tx
+        .query_row(
+            "select id from main.ValidPaths where path = ?1",
+            [&abs],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(io::Error::other)?;
+    if let Some(id) = existing {
+        return Ok(id);
+    }
+    let h = nar::hash_path(&file)?;
+    tx.execute(
+        "insert or replace into main.NixfsLayerOrigin (path, layer) values (?1, ?2)",
+        params![abs, PIN_LAYER],
+    )
+    .map_err(io::Error::other)?;
+    tx.query_row(
+        "insert into main.ValidPaths (path, hash, registrationTime, narSize, ultimate)
+         values (?1, ?2, strftime('%s', 'now'), ?3, 1) returning id",
+        params![abs, h.to_db_string(), h.size as i64],
+        |r| r.get(0),
+    )
+    .map_err(io::Error::other)
+}
+
+/// Pins the lower-provided paths among `temp.<candidates>` (a table with
+/// a `path` column) that no lower-provided path refers to.
+pub fn pin_tops(tx: &Connection, pin_id: i64, candidates: &str) -> rusqlite::Result<usize> {
+    tx.execute(
+        &format!(
+            "insert or ignore into main.Refs (referrer, reference)
+             select ?1, v.id from temp.{candidates} c
+             join main.ValidPaths v on v.path = c.path
+             join main.NixfsLayerOrigin o on o.path = v.path and o.layer > 0
+             where not exists (
+               select 1 from main.Refs r join main.ValidPaths u on u.id = r.referrer
+               join main.NixfsLayerOrigin uo on uo.path = u.path
+               where r.reference = v.id and r.referrer != v.id and uo.layer > 0)"
+        ),
+        [pin_id],
+    )
+}
