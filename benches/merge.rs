@@ -225,40 +225,25 @@ fn children_max_rss_kib() -> i64 {
 }
 
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
         .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|s| s.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|s| s.trim_start_matches([' ', '\t', ':']).to_owned())
         .unwrap_or_default();
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .next()
-        .unwrap_or_default()
+    let mem_gib = read("/proc/meminfo")
         .split_whitespace()
         .nth(1)
         .and_then(|k| k.parse::<u64>().ok())
-        .map(|k| k / 1024 / 1024)
-        .unwrap_or(0);
+        .map_or(0, |k| k / 1024 / 1024);
     let nix = Command::new("nix-store")
         .arg("--version")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     format!(
-        "{} cores ({cpu}), {mem} GiB RAM, kernel {}, {nix}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        PathBuf::from("/proc/sys/kernel/osrelease")
-            .exists()
-            .then(|| std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .unwrap()
-                .trim()
-                .to_owned())
-            .unwrap_or_default()
+        "{cores} cores ({cpu}), {mem_gib} GiB RAM, kernel {}, {nix}",
+        read("/proc/sys/kernel/osrelease").trim()
     )
 }
