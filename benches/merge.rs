@@ -8,7 +8,7 @@
 //! Needs root: it runs itself in a private mount namespace with a tmpfs on
 //! /nix. The synthetic lower is cached under target/bench/.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
