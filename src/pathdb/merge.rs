@@ -30,7 +30,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 
-use super::{open, pin, realisations, snapshot, sql_err, ClosureBroken, DbError};
+use super::{adopt, open, pin, realisations, snapshot, sql_err, ClosureBroken, DbError};
 use crate::gcroots;
 use crate::layer::{Lower, Upper};
 use crate::storepath::StorePath;
@@ -204,6 +204,43 @@ pub fn sync(
         });
     }
 
+    let whiteouts = upper_whiteouts(&upper.store())?;
+    let mut adopted = 0u64;
+    let mut changed = changed;
+    if opts.mounted_store.is_none()
+        && changed.first() == Some(&0)
+        && adopt::is_fresh(&conn).map_err(&err)?
+    {
+        phase("adopting the first lower's database");
+        let snap = snapshot::take(states[0].lower, &upper.tmp_dir())?;
+        drop(conn);
+        let result = adopt::adopt(
+            upper,
+            states[0].lower,
+            &snap,
+            &whiteouts,
+            &states[0].fingerprint,
+        )?;
+        conn = open(&db)?;
+        conn.pragma_update(None, "temp_store", "memory")
+            .map_err(&err)?;
+        conn.pragma_update(None, "cache_size", -65536)
+            .map_err(&err)?;
+        conn.pragma_update(None, "synchronous", "normal")
+            .map_err(&err)?;
+        if let Some(n) = result {
+            adopted = n;
+            changed.remove(0);
+            if changed.is_empty() && states.len() == 1 {
+                tracing::info!(elapsed = ?started.elapsed(), paths = n, "sync done by adopting the lower's database");
+                return Ok(SyncSummary {
+                    added: n,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+
     phase("copying lower databases");
     let mut snapshots = Vec::new();
     for &i in &changed {
@@ -215,7 +252,6 @@ pub fn sync(
         snapshots.push(snap);
     }
 
-    let whiteouts = upper_whiteouts(&upper.store())?;
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(&err)?;
@@ -265,7 +301,12 @@ pub fn sync(
     .map_err(&err)?;
     for s in &states {
         if let Some(alias) = &s.alias {
-            add_paths(&tx, alias, s.id).map_err(&err)?;
+            register_paths(&tx, alias, s.id).map_err(&err)?;
+        }
+    }
+    for s in &states {
+        if let Some(alias) = &s.alias {
+            link_paths(&tx, alias, s.id).map_err(&err)?;
             if realisations::has_table(&tx, alias, "Realisations").map_err(&err)? {
                 realisations::ensure_tables(&tx, alias, &s.lower.db_dir(), &upper.db_dir())
                     .map_err(&err)?;
@@ -284,7 +325,7 @@ pub fn sync(
         .map_err(&err)?;
     }
     let count = |sql: &str| tx.query_row(sql, [], |r| r.get::<_, u64>(0));
-    summary.added = count("select count(*) from temp.added").map_err(&err)?;
+    summary.added = adopted + count("select count(*) from temp.added").map_err(&err)?;
     summary.removed = count("select count(*) from temp.removed").map_err(&err)?;
     summary.moved = count("select count(*) from temp.moved").map_err(&err)?;
     let provided =
@@ -431,13 +472,17 @@ fn create_temp_tables(tx: &Connection) -> rusqlite::Result<()> {
          create temp table moved (path text primary key not null, lower integer not null) without rowid;
          create temp table removed (id integer primary key, path text not null unique);
          create temp table idmap (lower integer not null, lid integer not null, mid integer not null,
-                                  primary key (lower, lid)) without rowid;",
+                                  primary key (lower, lid)) without rowid;
+         create temp table ext (lower integer not null, lid integer not null, rlid integer not null, rpath text not null);
+         create index temp.ext_rpath on ext(rpath);
+         create temp table newly (lower integer not null, lid integer not null, primary key (lower, lid)) without rowid;
+         create temp table prev (lower integer not null, lid integer not null, primary key (lower, lid)) without rowid;",
     )
 }
 
 const DROP_TEMP_SQL: &str = "drop table temp.cand; drop table temp.gone; drop table temp.added;
      drop table temp.orphaned; drop table temp.moved; drop table temp.removed; drop table temp.idmap;
-     drop table temp.exposed;";
+     drop table temp.exposed; drop table temp.ext; drop table temp.newly; drop table temp.prev;";
 
 /// Fills `temp.cand` with the lower's new rows whose store entry exists
 /// (marking those a whiteout hides) and `temp.gone` with recorded paths it
@@ -590,36 +635,69 @@ insert or ignore into temp.orphaned (path)
 
 /// Removes from `added` every path with a reference that will not be
 /// valid, until none is left; returns how many.
+///
+/// `temp.ext` gets, once, the references of added rows to rows outside the
+/// same lower's additions (normally few: a lower's closure is complete); each
+/// round then drops rows whose outside target is neither added by another
+/// lower nor staying valid, and the same lower's referrers of the rows the
+/// previous round dropped.
 fn drop_incomplete(tx: &Connection, states: &[LowerState]) -> rusqlite::Result<u64> {
+    for s in states {
+        let Some(l) = &s.alias else { continue };
+        tx.execute(
+            &format!(
+                "insert into temp.ext (lower, lid, rlid, rpath)
+                 select a.lower, a.lid, r.reference, d.path
+                 from temp.added a
+                 cross join {l}.Refs r on r.referrer = a.lid
+                 cross join {l}.ValidPaths d on d.id = r.reference
+                 where a.lower = ?1
+                   and not exists (select 1 from temp.added x where x.lower = ?1 and x.lid = r.reference)"
+            ),
+            [s.id],
+        )?;
+    }
     let mut dropped = 0u64;
     loop {
-        let mut round = 0usize;
+        tx.execute("delete from temp.newly", [])?;
+        tx.execute(
+            "insert or ignore into temp.newly (lower, lid)
+             select e.lower, e.lid from temp.ext e
+             where exists (select 1 from temp.added a where a.lower = e.lower and a.lid = e.lid)
+               and not exists (select 1 from temp.added y where y.path = e.rpath)
+               and not (exists (select 1 from main.ValidPaths v where v.path = e.rpath)
+                        and not exists (select 1 from temp.orphaned o where o.path = e.rpath))",
+            [],
+        )?;
         for s in states {
             let Some(l) = &s.alias else { continue };
-            round += tx.execute(
+            tx.execute(
                 &format!(
-                    "delete from temp.added where lower = ?1 and lid in (
-                       select r.referrer from {l}.Refs r
-                       where r.referrer in (select lid from temp.added where lower = ?1)
-                         and not exists (select 1 from temp.added x where x.lower = ?1 and x.lid = r.reference)
-                         and not exists (
-                           select 1 from {l}.ValidPaths d
-                           join main.ValidPaths v on v.path = d.path
-                           where d.id = r.reference
-                             and v.path not in (select path from temp.orphaned)
-                             and not exists (select 1 from temp.added y where y.path = d.path)))"
+                    "insert or ignore into temp.newly (lower, lid)
+                     select a.lower, a.lid from temp.prev p
+                     cross join {l}.Refs r on r.reference = p.lid
+                     cross join temp.added a on a.lower = p.lower and a.lid = r.referrer
+                     where p.lower = ?1"
                 ),
                 [s.id],
             )?;
         }
-        if round == 0 {
+        let n = tx.execute(
+            "delete from temp.added where exists
+               (select 1 from temp.newly n where n.lower = added.lower and n.lid = added.lid)",
+            [],
+        )?;
+        if n == 0 {
             return Ok(dropped);
         }
         tracing::warn!(
-            paths = round,
+            paths = n,
             "lower paths whose references are not available are not registered"
         );
-        dropped += round as u64;
+        dropped += n as u64;
+        tx.execute_batch(
+            "delete from temp.prev; insert into temp.prev select lower, lid from temp.newly;",
+        )?;
     }
 }
 
@@ -631,8 +709,8 @@ fn check_removals(
     pin_id: i64,
 ) -> rusqlite::Result<Option<ClosureBroken>> {
     let query = "select g.path, u.path from temp.removed g
-                 join main.Refs r on r.reference = g.id
-                 join main.ValidPaths u on u.id = r.referrer
+                 cross join main.Refs r indexed by IndexReference on r.reference = g.id
+                 cross join main.ValidPaths u on u.id = r.referrer
                  where r.referrer not in (select id from temp.removed) and r.referrer != ?1";
     let total: usize = tx.query_row(&format!("select count(*) from ({query})"), [pin_id], |r| {
         r.get(0)
@@ -698,8 +776,10 @@ fn names_of(tx: &Connection, sql: &str) -> rusqlite::Result<Vec<String>> {
     tx.prepare(sql)?.query_map([], |r| r.get(0))?.collect()
 }
 
-/// Registers the paths this lower provides that the merged database lacks.
-fn add_paths(tx: &Connection, l: &str, id: i64) -> rusqlite::Result<()> {
+/// Registers the paths this lower provides that the merged database lacks
+/// (rows only: references follow in [`link_paths`], once every lower's
+/// rows exist, since one lower's new path may refer to another's).
+fn register_paths(tx: &Connection, l: &str, id: i64) -> rusqlite::Result<()> {
     tx.execute(
         "insert or replace into main.NixfsLayerOrigin (path, layer) select path, lower from temp.added where lower = ?1",
         [id],
@@ -708,38 +788,38 @@ fn add_paths(tx: &Connection, l: &str, id: i64) -> rusqlite::Result<()> {
         &format!(
             "insert into main.ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca)
              select v.path, v.hash, v.registrationTime, v.deriver, v.narSize, v.ultimate, v.sigs, v.ca
-             from temp.added a join {l}.ValidPaths v on v.id = a.lid where a.lower = ?1 order by a.lid"
+             from temp.added a cross join {l}.ValidPaths v on v.id = a.lid where a.lower = ?1 order by a.lid"
         ),
         [id],
     )?;
-    // Lower ids to merged ids: first for the added rows, then for whatever
-    // else they reference (already valid in the merged database).
+    Ok(())
+}
+
+/// The references and derivation outputs of this lower's added paths.
+fn link_paths(tx: &Connection, l: &str, id: i64) -> rusqlite::Result<()> {
+    // Lower ids to merged ids: the added rows, then the outside targets.
     tx.execute(
         "insert into temp.idmap (lower, lid, mid)
-         select a.lower, a.lid, v.id from temp.added a join main.ValidPaths v on v.path = a.path where a.lower = ?1",
+         select a.lower, a.lid, v.id from temp.added a cross join main.ValidPaths v on v.path = a.path
+         where a.lower = ?1",
         [id],
     )?;
     tx.execute(
-        &format!(
-            "insert or ignore into temp.idmap (lower, lid, mid)
-             select distinct ?1, r.reference, v.id from temp.added a
-             join {l}.Refs r on r.referrer = a.lid
-             join {l}.ValidPaths d on d.id = r.reference
-             join main.ValidPaths v on v.path = d.path
-             where a.lower = ?1
-               and not exists (select 1 from temp.idmap x where x.lower = ?1 and x.lid = r.reference)"
-        ),
+        "insert or ignore into temp.idmap (lower, lid, mid)
+         select e.lower, e.rlid, v.id from temp.ext e cross join main.ValidPaths v on v.path = e.rpath
+         where e.lower = ?1",
         [id],
     )?;
+    // Driven by the added rows in lower-id order, which is also merged-id
+    // order: the rows arrive sorted for Refs' indexes.
     tx.execute(
         &format!(
             "insert or ignore into main.Refs (referrer, reference)
              select m1.mid, m2.mid from temp.added a
-             join {l}.Refs r on r.referrer = a.lid
-             join temp.idmap m1 on m1.lower = ?1 and m1.lid = r.referrer
-             join temp.idmap m2 on m2.lower = ?1 and m2.lid = r.reference
-             where a.lower = ?1
-             order by m1.mid, m2.mid"
+             cross join {l}.Refs r on r.referrer = a.lid
+             cross join temp.idmap m1 on m1.lower = ?1 and m1.lid = r.referrer
+             cross join temp.idmap m2 on m2.lower = ?1 and m2.lid = r.reference
+             where a.lower = ?1"
         ),
         [id],
     )?;
@@ -747,8 +827,8 @@ fn add_paths(tx: &Connection, l: &str, id: i64) -> rusqlite::Result<()> {
         &format!(
             "insert or ignore into main.DerivationOutputs (drv, id, path)
              select m.mid, o.id, o.path from temp.added a
-             join {l}.DerivationOutputs o on o.drv = a.lid
-             join temp.idmap m on m.lower = ?1 and m.lid = a.lid
+             cross join {l}.DerivationOutputs o on o.drv = a.lid
+             cross join temp.idmap m on m.lower = ?1 and m.lid = a.lid
              where a.lower = ?1"
         ),
         [id],

@@ -1,6 +1,7 @@
 //! The Nix path database: creating the upper's, snapshotting the lowers',
 //! merging them, and the provenance of every valid path.
 
+pub mod adopt;
 pub mod merge;
 pub mod pin;
 pub mod realisations;

@@ -93,11 +93,12 @@ pub fn pin_tops(tx: &Connection, pin_id: i64, candidates: &str) -> rusqlite::Res
         &format!(
             "insert or ignore into main.Refs (referrer, reference)
              select ?1, v.id from temp.{candidates} c
-             join main.ValidPaths v on v.path = c.path
-             join main.NixfsLayerOrigin o on o.path = v.path and o.layer > 0
-             where not exists (
-               select 1 from main.Refs r join main.ValidPaths u on u.id = r.referrer
-               join main.NixfsLayerOrigin uo on uo.path = u.path
+             cross join main.ValidPaths v on v.path = c.path
+             cross join main.NixfsLayerOrigin o on o.path = v.path
+             where o.layer > 0 and not exists (
+               select 1 from main.Refs r indexed by IndexReference
+               cross join main.ValidPaths u on u.id = r.referrer
+               cross join main.NixfsLayerOrigin uo on uo.path = u.path
                where r.reference = v.id and r.referrer != v.id and uo.layer > 0)"
         ),
         [pin_id],
