@@ -3,6 +3,7 @@
 use crate::cli::TargetArgs;
 use crate::config::Config;
 use crate::error::Result;
+use crate::flakefs::daemon;
 use crate::overlay;
 
 use super::{lock_upper, require_mounted, resolve_target};
@@ -13,6 +14,10 @@ pub fn run(args: &TargetArgs) -> Result<()> {
     overlay::check_privileges("umount")?;
     let mounted = require_mounted(&target)?;
     let _lock = lock_upper(&mounted.upper)?;
+    // First the flake tree: its server keeps the store's database open.
+    if let Some(f) = &mounted.record.flakefs {
+        daemon::stop(Some(f.pid), &f.mountpoint)?;
+    }
     let var = target.join("var");
     let store = mounted.store();
     let mounts = overlay::mounts()?;

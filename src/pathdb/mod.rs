@@ -1,6 +1,7 @@
 //! The Nix path database: creating the upper's, snapshotting the lowers',
 //! merging them, and the provenance of every valid path.
 
+pub mod lookup;
 pub mod merge;
 pub mod realisations;
 pub mod snapshot;
