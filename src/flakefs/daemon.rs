@@ -250,26 +250,29 @@ pub fn stop(pid: Option<u32>, mountpoint: &Path) -> Result<(), FlakeFsError> {
     }
     let Some(pid) = pid else { return Ok(()) };
     let p = Pid::from_raw(pid as i32);
-    let ours = || {
-        std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|c| String::from_utf8_lossy(&c).contains("nixfs-layer"))
+    let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains("nixfs-layer"))
+        .unwrap_or(false);
+    if !ours {
+        return Ok(());
+    }
+    // Running until it is a zombie (or gone): only then are its files, the
+    // store database among them, closed. (Its command line reads empty
+    // earlier than that, while it is still exiting.)
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                let state = s.rsplit(')').next().unwrap_or("").trim_start();
+                !(state.starts_with('Z') || state.starts_with('X'))
+            })
             .unwrap_or(false)
-            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| {
-                    s.rsplit(')')
-                        .next()
-                        .unwrap_or("")
-                        .trim_start()
-                        .starts_with('Z')
-                })
-                .unwrap_or(true)
     };
     for (signal, wait) in [
         (None, Duration::from_secs(5)),
         (Some(Signal::SIGTERM), Duration::from_secs(5)),
         (Some(Signal::SIGKILL), Duration::from_secs(5)),
     ] {
-        if !ours() {
+        if !running() {
             return Ok(());
         }
         if let Some(s) = signal {
@@ -277,7 +280,7 @@ pub fn stop(pid: Option<u32>, mountpoint: &Path) -> Result<(), FlakeFsError> {
         }
         let deadline = Instant::now() + wait;
         while Instant::now() < deadline {
-            if !ours() {
+            if !running() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(10));

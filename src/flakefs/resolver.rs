@@ -175,6 +175,11 @@ impl Resolver {
         if matches!(r.source, Source::Local(_)) {
             return None;
         }
+        self.cached(r)
+    }
+
+    /// The cached answer for `r`, if any and fresh.
+    fn cached(&self, r: &FlakeRef) -> Option<Outcome> {
         let cache = self.cache.lock().unwrap();
         let e = cache.get(&r.text)?;
         if e.unverified {
@@ -213,7 +218,7 @@ impl Resolver {
         if let Source::Local(path) = &r.source {
             may_read(caller, path)?;
         }
-        if let Some(o) = self.peek(r) {
+        if let Some(o) = self.cached(r) {
             return o;
         }
         if let Some(o) = self.verify_loaded(r) {
