@@ -538,3 +538,81 @@ ns_test! {
         assert!(!s.upper.join("store").join(&s.out["slow"][11..]).exists());
     }
 }
+
+ns_test! {
+    fn an_unlocked_reference_follows_its_flake_after_the_ttl() {
+        let s = setup("ttl = 1");
+        let old = target(&str_("myflake#hello"));
+        assert_eq!(old, s.out["hello"]);
+        let f = s.flake.join("flake.nix");
+        let text = std::fs::read_to_string(&f).unwrap();
+        std::fs::write(&f, text.replace("hello = mk \"hello\" { };", "hello = mk \"hello\" { V = \"2\"; };")).unwrap();
+        // Within the TTL the kernel and the cache keep the old answer.
+        assert_eq!(target(&str_("myflake#hello")), old);
+        std::thread::sleep(Duration::from_millis(1500));
+        let new = target(&str_("myflake#hello"));
+        assert_ne!(new, old, "the kernel's cached symlink is not stale");
+        assert_eq!(run(&str_("myflake#hello").join("bin/hello")), "hello from hello\n");
+        assert!(s.upper.join("store").join(&new[11..]).is_dir(), "the new one was built into the upper");
+    }
+}
+
+ns_test! {
+    fn a_tree_that_cannot_start_leaves_nothing_mounted() {
+        let s = setup("");
+        s.tool_ok(&["umount"]);
+        let before_mount = common::mount_table();
+        // A mount point that cannot be made (/proc refuses directories).
+        let out = s.tool(&["mount", "--config", s.config.to_str().unwrap(), "--flake-mount", "/proc/nixfs-test"]);
+        assert_eq!(out.status.code(), Some(71), "{}", stderr(&out));
+        assert!(stderr(&out).contains("flake tree"), "{}", stderr(&out));
+        assert_eq!(common::mount_table(), before_mount, "overlay and bind undone");
+        assert!(!s.upper.join("nixfs-layer/mount.json").exists());
+    }
+}
+
+ns_test! {
+    fn the_tree_runs_alone_and_in_the_foreground() {
+        let s = setup("enable = false");
+        // Alone, over the store that is mounted: returns once mounted.
+        let mp = s.w.path("tree");
+        s.tool_ok(&["flakefs", "--mountpoint", mp.to_str().unwrap()]);
+        let e = mp.join("flake/str/myflake#hello");
+        assert_eq!(target(&e), s.out["hello"]);
+        sh(&format!("umount {}", mp.display()));
+        let servers = || {
+            sh("for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done")
+                .lines()
+                .filter(|l| l.contains("nixfs-layer flakefs"))
+                .count()
+        };
+        let t = Instant::now();
+        while servers() > 0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "the server exits when its tree is unmounted");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        // `mount --foreground` serves the tree itself until `umount`.
+        s.tool_ok(&["umount"]);
+        let cfg = s.w.path("fg.toml");
+        std::fs::write(&cfg, std::fs::read_to_string(&s.config).unwrap().replace("enable = false", "")).unwrap();
+        let mut fg = s
+            .w
+            .tool_command()
+            .args(["mount", "--foreground", "--config", cfg.to_str().unwrap()])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while !common::mount_table().iter().any(|(p, _)| p == FLAKE_MOUNT) {
+            assert!(fg.try_wait().unwrap().is_none(), "mount --foreground exited");
+            assert!(t.elapsed() < Duration::from_secs(10), "the tree never came up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(target(&str_("myflake#hello")), s.out["hello"]);
+        s.tool_ok(&["umount"]);
+        assert!(fg.wait().unwrap().success(), "the foreground process ends cleanly with umount");
+        let table = common::mount_table();
+        assert!(!table.iter().any(|(p, _)| p == FLAKE_MOUNT || p == "/nix/store" || p == "/nix/var"), "{table:?}");
+    }
+}

@@ -4,7 +4,10 @@ use crate::cli::TargetArgs;
 use crate::config::Config;
 use crate::error::Result;
 use crate::flakefs::daemon;
-use crate::overlay;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::overlay::{self, MountError};
 
 use super::{lock_upper, require_mounted, resolve_target};
 
@@ -23,9 +26,9 @@ pub fn run(args: &TargetArgs) -> Result<()> {
     let mounts = overlay::mounts()?;
     let var_is_ours = overlay::mount_at(&mounts, &var).is_some();
     if var_is_ours {
-        overlay::unmount(&var)?;
+        unmount_settling(&var)?;
     }
-    if let Err(e) = overlay::unmount(&store) {
+    if let Err(e) = unmount_settling(&store) {
         // Leave things as they were: put the state back.
         if var_is_ours {
             overlay::bind(&mounted.upper.var(), &var)?;
@@ -35,4 +38,18 @@ pub fn run(args: &TargetArgs) -> Result<()> {
     let _ = std::fs::remove_file(mounted.upper.mount_record());
     eprintln!("unmounted {}", target.display());
     Ok(())
+}
+
+/// Unmounts `target`, retrying EBUSY for a moment: processes that just
+/// exited (the flake tree's server) can hold it briefly after they are gone.
+fn unmount_settling(target: &Path) -> Result<(), MountError> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match overlay::unmount(target) {
+            Err(MountError::Busy(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            r => return r,
+        }
+    }
 }

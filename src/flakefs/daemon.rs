@@ -256,16 +256,23 @@ pub fn stop(pid: Option<u32>, mountpoint: &Path) -> Result<(), FlakeFsError> {
     if !ours {
         return Ok(());
     }
-    // Running until it is a zombie (or gone): only then are its files, the
-    // store database among them, closed. (Its command line reads empty
-    // earlier than that, while it is still exiting.)
+    // Running until it is gone, or a zombie with no open file left: only
+    // then is the store database closed. (Its command line reads empty
+    // earlier, and its main thread turns zombie while other threads may
+    // still be exiting.)
     let running = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                let state = s.rsplit(')').next().unwrap_or("").trim_start();
-                !(state.starts_with('Z') || state.starts_with('X'))
-            })
-            .unwrap_or(false)
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+        let zombie = state.starts_with('Z') || state.starts_with('X');
+        let open_files = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count() > 0)
+            .unwrap_or(false);
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        !zombie || open_files || threads > 1
     };
     for (signal, wait) in [
         (None, Duration::from_secs(5)),
