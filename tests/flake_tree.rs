@@ -356,12 +356,26 @@ ns_test! {
         let s = setup("");
         let builds = s.builds().len();
         let barrier = std::sync::Arc::new(std::sync::Barrier::new(64));
-        let readers: Vec<_> = (0..64)
-            .map(|_| {
+        // 64 different names for the one reference (some of its characters
+        // percent-encoded, chosen by the bits of k): the kernel cannot merge
+        // the lookups, the server gets 64 of them at once.
+        let names: Vec<PathBuf> = (0..64u32)
+            .map(|k| {
+                let name: String = "myflake#extra"
+                    .chars()
+                    .enumerate()
+                    .map(|(i, c)| if k & (1 << i) != 0 { format!("%{:02X}", c as u32) } else { c.to_string() })
+                    .collect();
+                entry("urlenc", &name)
+            })
+            .collect();
+        let readers: Vec<_> = names
+            .into_iter()
+            .map(|p| {
                 let b = barrier.clone();
                 std::thread::spawn(move || {
                     b.wait();
-                    target(&str_("myflake#extra"))
+                    target(&p)
                 })
             })
             .collect();
