@@ -37,6 +37,10 @@ pub enum Command {
     Status(StatusArgs),
     /// Re-read the lower databases and apply what changed to the merged database.
     Sync(SyncArgs),
+    /// Serve the /nixfs/flake tree over an existing store (`mount` does this itself).
+    Flakefs(FlakeFsArgs),
+    /// Print the store path a flake reference resolves to, as /nixfs/flake does.
+    Resolve(ResolveArgs),
 }
 
 #[derive(Debug, Args)]
@@ -70,8 +74,43 @@ pub struct MountArgs {
     /// Do not serve the /nixfs/flake tree.
     #[arg(long)]
     pub no_flake_fs: bool,
+    /// Where the flake tree is mounted (created if missing) [default: /nixfs].
+    #[arg(long, value_name = "DIR", conflicts_with = "no_flake_fs")]
+    pub flake_mount: Option<PathBuf>,
+    /// Serve the flake tree from this process instead of a background one
+    /// (for service managers); `umount` stops it.
+    #[arg(long, conflicts_with = "no_flake_fs")]
+    pub foreground: bool,
     #[command(flatten)]
     pub config: ConfigArg,
+}
+
+#[derive(Debug, Args)]
+pub struct FlakeFsArgs {
+    /// Where the tree is mounted (created if missing) [default: /nixfs].
+    #[arg(long, value_name = "DIR")]
+    pub mountpoint: Option<PathBuf>,
+    /// The store the tree resolves into (its TARGET/var/nix/db) [default: /nix].
+    #[arg(long, value_name = "DIR")]
+    pub target: Option<PathBuf>,
+    /// Stay in the foreground (else: return once the tree is mounted; stop
+    /// it by unmounting the mount point).
+    #[arg(long)]
+    pub foreground: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(Debug, Args)]
+pub struct ResolveArgs {
+    /// A flake reference, as under /nixfs/flake/str (e.g. nixpkgs#hello^dev).
+    #[arg(value_name = "FLAKEREF")]
+    pub reference: String,
+    /// Print a JSON object: ref, path, how (lower-hit, upper-hit, built, cached), locked.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 #[derive(Debug, Args)]

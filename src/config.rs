@@ -9,6 +9,15 @@
 //! [flakefs]
 //! enable = true
 //! mountpoint = "/nixfs"
+//! allow = ["nixpkgs#*", "github:myorg/*"]
+//! deny = ["git+ssh:*"]
+//! build-users = ["spark"]
+//! build-groups = ["wheel"]
+//! max-parallel-builds = 2
+//! build-timeout = 3600      # seconds
+//! ttl = 300                 # seconds, unlocked references
+//! failure-ttl = 10          # seconds
+//! builds-per-minute = 30    # per uid
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -50,6 +59,33 @@ pub struct FlakeFsConfig {
     pub enable: Option<bool>,
     /// Where the tree is mounted (default `/nixfs`).
     pub mountpoint: Option<PathBuf>,
+    /// Glob patterns a reference must match one of (default: any), e.g.
+    /// `"nixpkgs#*"`, `"github:myorg/*"`. `*` also matches `/`.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Glob patterns of references refused even if allowed.
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// Users (names or uids) whose accesses may start a build; others only
+    /// get what a layer already has. Default: root only.
+    #[serde(default)]
+    pub build_users: Vec<String>,
+    /// Groups (names or gids) whose members may start a build.
+    #[serde(default)]
+    pub build_groups: Vec<String>,
+    /// Builds of distinct references run at once (default 2).
+    pub max_parallel_builds: Option<usize>,
+    /// Seconds a build may take before it is stopped (default 3600).
+    pub build_timeout: Option<u64>,
+    /// Seconds an evaluation may take before it is stopped (default 300).
+    pub eval_timeout: Option<u64>,
+    /// Seconds an unlocked reference's result is kept before it is
+    /// evaluated again (default 300). Locked ones are kept for good.
+    pub ttl: Option<u64>,
+    /// Seconds a failure is kept before the reference is tried again (default 10).
+    pub failure_ttl: Option<u64>,
+    /// Builds one uid may start per minute (default 30; 0 = no limit).
+    pub builds_per_minute: Option<u32>,
 }
 
 impl Config {
@@ -70,6 +106,7 @@ impl Config {
             .iter()
             .chain(&config.upper)
             .chain(&config.target)
+            .chain(&config.flakefs.mountpoint)
         {
             if !p.is_absolute() {
                 return Err(ConfigError::Parse {
@@ -114,6 +151,16 @@ target = "/nix"
 [flakefs]
 enable = false
 mountpoint = "/nixfs"
+allow = ["nixpkgs#*"]
+deny = ["git+ssh:*"]
+build-users = ["root", "1000"]
+build-groups = ["wheel"]
+max-parallel-builds = 3
+build-timeout = 600
+eval-timeout = 60
+ttl = 30
+failure-ttl = 5
+builds-per-minute = 10
 "#,
             Path::new("x.toml"),
         )
@@ -121,6 +168,10 @@ mountpoint = "/nixfs"
         assert_eq!(c.lowers, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
         assert_eq!(c.upper.as_deref(), Some(Path::new("/u")));
         assert_eq!(c.flakefs.enable, Some(false));
+        assert_eq!(c.flakefs.build_users, vec!["root", "1000"]);
+        assert_eq!(c.flakefs.max_parallel_builds, Some(3));
+        assert_eq!(c.flakefs.ttl, Some(30));
+        assert_eq!(c.flakefs.builds_per_minute, Some(10));
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! (the sysexits.h convention; 2 stays clap's for malformed arguments).
 
 use crate::config::ConfigError;
+use crate::flakefs::daemon::FlakeFsError;
+use crate::flakefs::names::NameError;
+use crate::flakefs::Failure;
 use crate::layer::LayerError;
 use crate::overlay::MountError;
 use crate::pathdb::DbError;
@@ -30,6 +33,12 @@ pub enum Error {
     Mount(#[from] MountError),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    FlakeFs(#[from] FlakeFsError),
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("{}", .0.message)]
+    Resolve(Failure),
     #[error("{0}")]
     Usage(String),
     #[error("{path}: {source}")]
@@ -45,6 +54,22 @@ impl Error {
             Error::Config(_) => EX_CONFIG,
             Error::Usage(_) => EX_USAGE,
             Error::Io { .. } => EX_IOERR,
+            Error::Name(_) => EX_DATAERR,
+            Error::Resolve(f) => match f.errno {
+                libc::ENOENT => EX_NOINPUT,
+                libc::EACCES => EX_NOPERM,
+                libc::EINVAL | libc::ENAMETOOLONG => EX_DATAERR,
+                libc::ETIMEDOUT | libc::EAGAIN => EX_TEMPFAIL,
+                _ => EX_IOERR,
+            },
+            Error::FlakeFs(e) => match e {
+                FlakeFsError::Policy(_) => EX_CONFIG,
+                FlakeFsError::Mountpoint { .. } => EX_CANTCREAT,
+                FlakeFsError::AlreadyMounted(_) | FlakeFsError::DidNotStop(_) => EX_TEMPFAIL,
+                FlakeFsError::Mount { .. }
+                | FlakeFsError::Spawn(_)
+                | FlakeFsError::NotReady { .. } => EX_OSERR,
+            },
             Error::Layer(e) => match e {
                 LayerError::LowerMissing(_) | LayerError::UpperNotInitialised(_) => EX_NOINPUT,
                 LayerError::LowerNoStore(_)

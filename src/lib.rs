@@ -3,15 +3,18 @@
 //!
 //! Data flows one way: `cli`/`config` → `layer` (what the user named) →
 //! `pathdb` (merge the lowers' databases into the upper's) → `overlay`
-//! (mount). `cmd` holds one module per subcommand.
+//! (mount). `cmd` holds one module per subcommand. `flakefs` serves the
+//! `/nixfs/flake` tree on top, running Nix through `nixcli`.
 
 pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod error;
+pub mod flakefs;
 pub mod gcroots;
 pub mod layer;
 pub mod nar;
+pub mod nixcli;
 pub mod overlay;
 pub mod pathdb;
 pub mod storepath;

@@ -29,6 +29,8 @@ fn main() -> ExitCode {
         Command::Umount(a) => cmd::umount::run(a),
         Command::Status(a) => cmd::status::run(a),
         Command::Sync(a) => cmd::sync::run(a, cli.quiet),
+        Command::Flakefs(a) => cmd::flakefs::run(a),
+        Command::Resolve(a) => cmd::resolve::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,8 +1,10 @@
 //! One module per subcommand, plus what they share: the target, finding
 //! what is mounted there, and the upper's lock.
 
+pub mod flakefs;
 pub mod init;
 pub mod mount;
+pub mod resolve;
 pub mod status;
 pub mod sync;
 pub mod umount;
@@ -45,6 +47,16 @@ pub fn resolve_target(flag: Option<&Path>, config: &Config) -> Result<PathBuf> {
 pub struct MountRecord {
     pub target: PathBuf,
     pub lowers: Vec<PathBuf>,
+    /// The /nixfs/flake tree served with this mount, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flakefs: Option<FlakeFsRecord>,
+}
+
+/// The flake tree's server, for `umount` to stop.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FlakeFsRecord {
+    pub pid: u32,
+    pub mountpoint: PathBuf,
 }
 
 /// A stack found mounted at a target.

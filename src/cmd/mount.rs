@@ -2,18 +2,23 @@
 //!
 //! Order matters for "no half-made mounts": everything is checked and the
 //! merged database is brought up to date before the first mount call, and a
-//! failure after it unmounts what was already mounted.
+//! failure after it unmounts what was already mounted. The flake tree comes
+//! last: `mount` returns once its server has it mounted (or, with
+//! `--foreground`, serves it itself).
 
 use std::path::{Path, PathBuf};
 
 use crate::cli::MountArgs;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::flakefs::daemon::{self, ServeOptions};
+use crate::flakefs::log_file;
 use crate::layer::Stack;
 use crate::overlay::{self, MountError};
 use crate::pathdb::merge::{self, Needed, SyncOptions};
 
-use super::{lock_upper, resolve_target, MountRecord, Progress};
+use super::flakefs;
+use super::{lock_upper, resolve_target, FlakeFsRecord, MountRecord, Progress};
 
 pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     let config = Config::load(args.config.config.as_deref())?;
@@ -69,29 +74,74 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     overlay::bind(&stack.upper.var(), &var)?;
     guard.0.push(var.clone());
 
-    let record = MountRecord {
+    let mut record = MountRecord {
         target: target.clone(),
         lowers: stack.lowers.iter().map(|l| l.dir().to_owned()).collect(),
+        flakefs: None,
     };
     let rec_path = stack.upper.mount_record();
-    let json = serde_json::to_vec_pretty(&record).expect("mount record serialises");
-    std::fs::write(&rec_path, json).map_err(|source| Error::Io {
-        path: rec_path.clone(),
-        source,
-    })?;
-    guard.0.clear();
-    if !args.no_flake_fs && config.flakefs.enable.unwrap_or(true) {
-        tracing::debug!("the /nixfs/flake tree is not served by this build");
+    write_record(&rec_path, &record)?;
+    let flake = !args.no_flake_fs && config.flakefs.enable.unwrap_or(true);
+    let mountpoint = flakefs::mountpoint(args.flake_mount.as_deref(), &config);
+    let mut serve_here = None;
+    if flake && args.foreground {
+        record.flakefs = Some(FlakeFsRecord {
+            pid: std::process::id(),
+            mountpoint: mountpoint.clone(),
+        });
+        serve_here = Some(ServeOptions {
+            mountpoint: mountpoint.clone(),
+            target: target.clone(),
+            config: config.flakefs.clone(),
+        });
+    } else if flake {
+        let spawned = daemon::spawn(
+            &flakefs::serve_args(&mountpoint, &target, args.config.config.as_deref()),
+            &mountpoint,
+            &log_file(&target),
+        );
+        match spawned {
+            Ok(pid) => {
+                record.flakefs = Some(FlakeFsRecord {
+                    pid,
+                    mountpoint: mountpoint.clone(),
+                })
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&rec_path);
+                return Err(e.into());
+            }
+        }
     }
+    write_record(&rec_path, &record)?;
+    guard.0.clear();
     if !quiet {
         eprintln!(
-            "mounted {} lower(s) and upper {} at {} ({summary})",
+            "mounted {} lower(s) and upper {} at {} ({summary}){}",
             stack.lowers.len(),
             stack.upper.dir().display(),
-            target.display()
+            target.display(),
+            if flake {
+                format!("; flake tree at {}", mountpoint.display())
+            } else {
+                String::new()
+            }
         );
     }
+    if let Some(opts) = serve_here {
+        // `umount` takes the upper's lock: let go of it while serving.
+        drop(_lock);
+        daemon::serve(&opts)?;
+    }
     Ok(())
+}
+
+fn write_record(rec_path: &Path, record: &MountRecord) -> Result<()> {
+    let json = serde_json::to_vec_pretty(record).expect("mount record serialises");
+    std::fs::write(rec_path, json).map_err(|source| Error::Io {
+        path: rec_path.to_owned(),
+        source,
+    })
 }
 
 /// Refuses a target that already has something mounted where we would mount,

@@ -3,7 +3,11 @@
 use crate::cli::TargetArgs;
 use crate::config::Config;
 use crate::error::Result;
-use crate::overlay;
+use crate::flakefs::daemon;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::overlay::{self, MountError};
 
 use super::{lock_upper, require_mounted, resolve_target};
 
@@ -13,14 +17,18 @@ pub fn run(args: &TargetArgs) -> Result<()> {
     overlay::check_privileges("umount")?;
     let mounted = require_mounted(&target)?;
     let _lock = lock_upper(&mounted.upper)?;
+    // First the flake tree: its server keeps the store's database open.
+    if let Some(f) = &mounted.record.flakefs {
+        daemon::stop(Some(f.pid), &f.mountpoint)?;
+    }
     let var = target.join("var");
     let store = mounted.store();
     let mounts = overlay::mounts()?;
     let var_is_ours = overlay::mount_at(&mounts, &var).is_some();
     if var_is_ours {
-        overlay::unmount(&var)?;
+        unmount_settling(&var)?;
     }
-    if let Err(e) = overlay::unmount(&store) {
+    if let Err(e) = unmount_settling(&store) {
         // Leave things as they were: put the state back.
         if var_is_ours {
             overlay::bind(&mounted.upper.var(), &var)?;
@@ -30,4 +38,18 @@ pub fn run(args: &TargetArgs) -> Result<()> {
     let _ = std::fs::remove_file(mounted.upper.mount_record());
     eprintln!("unmounted {}", target.display());
     Ok(())
+}
+
+/// Unmounts `target`, retrying EBUSY for a moment: processes that just
+/// exited (the flake tree's server) can hold it briefly after they are gone.
+fn unmount_settling(target: &Path) -> Result<(), MountError> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match overlay::unmount(target) {
+            Err(MountError::Busy(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            r => return r,
+        }
+    }
 }

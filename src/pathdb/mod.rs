@@ -2,6 +2,7 @@
 //! merging them, and the provenance of every valid path.
 
 pub mod adopt;
+pub mod lookup;
 pub mod merge;
 pub mod pin;
 pub mod realisations;

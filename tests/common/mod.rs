@@ -12,6 +12,8 @@ use sha2::{Digest, Sha256};
 
 const IN_NS: &str = "NIXFS_LAYER_TEST_IN_NS";
 pub const DEFAULT_CONFIG_DIR: &str = "/etc/nixfs-layer";
+/// Where `mount` puts the flake tree by default.
+pub const FLAKE_MOUNT: &str = "/nixfs";
 
 /// Declares a test whose body runs in its own mount namespace: the test
 /// process re-runs itself under `unshare -m --propagation private` (a
@@ -39,8 +41,19 @@ pub fn in_private_ns(name: &str, body: impl FnOnce()) {
     );
     std::fs::create_dir_all("/nix").expect("create /nix as a mount point");
     let exe = std::env::current_exe().unwrap();
+    // A PID namespace too: servers a test starts (the flake tree's) end
+    // with the test.
     let status = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "--"])
+        .args([
+            "-m",
+            "--propagation",
+            "private",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
+            "--",
+        ])
         .arg(exe)
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env(IN_NS, "1")
@@ -58,6 +71,8 @@ pub struct World {
     pub tmp: tempfile::TempDir,
     /// Extra Nix experimental features (e.g. "ca-derivations").
     pub features: std::cell::RefCell<String>,
+    /// Extra nix.conf lines (e.g. "flake-registry = …").
+    pub nix_conf: std::cell::RefCell<String>,
 }
 
 impl World {
@@ -76,9 +91,12 @@ impl World {
             "mount -t tmpfs nixfs-layer-test {DEFAULT_CONFIG_DIR}"
         ));
         std::fs::create_dir_all(tmp.path().join("home")).unwrap();
+        // The default mount point of the flake tree, like /nix above.
+        std::fs::create_dir_all(FLAKE_MOUNT).unwrap();
         World {
             tmp,
             features: Default::default(),
+            nix_conf: Default::default(),
         }
     }
 
@@ -90,18 +108,25 @@ impl World {
     /// users, no substituters, caches under the test's home.
     pub fn nix(&self, program: &str) -> Command {
         let mut c = Command::new(program);
+        self.nix_env(&mut c);
+        c
+    }
+
+    /// The environment of [`World::nix`] on any command (the tool under
+    /// test runs Nix in the flake tree's server).
+    pub fn nix_env(&self, c: &mut Command) {
         c.env("NIX_REMOTE", "local")
             .env(
                 "NIX_CONFIG",
                 format!(
-                    "build-users-group =\nsubstituters =\nsandbox = false\nexperimental-features = nix-command flakes {}\n",
-                    self.features.borrow()
+                    "build-users-group =\nsubstituters =\nsandbox = false\nexperimental-features = nix-command flakes {}\n{}",
+                    self.features.borrow(),
+                    self.nix_conf.borrow()
                 ),
             )
             .env("HOME", self.path("home"))
             .env("XDG_CACHE_HOME", self.path("home/.cache"))
             .env_remove("NIX_PATH");
-        c
     }
 
     /// Runs a Nix command and returns its stdout; panics with stderr on failure.
@@ -156,11 +181,18 @@ impl World {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        Command::new(env!("CARGO_BIN_EXE_nixfs-layer"))
+        self.tool_command()
             .args(args)
             .stdin(Stdio::null())
             .output()
             .unwrap()
+    }
+
+    /// The binary under test with the Nix environment of [`World::nix`].
+    pub fn tool_command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_nixfs-layer"));
+        self.nix_env(&mut c);
+        c
     }
 
     /// Runs the binary and asserts success; returns stdout.

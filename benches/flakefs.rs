@@ -1,0 +1,220 @@
+//! Warm lookup+readlink latency of /nixfs/flake against a native symlink,
+//! and the server's memory with 10,000 cached entries.
+//!
+//!     sudo cargo bench --bench flakefs
+//!
+//! Needs root, Nix, FUSE and overlayfs, like the integration tests; runs
+//! in a private mount and PID namespace with a tmpfs on /nix (nothing is
+//! left mounted on the host).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const IN_NS: &str = "NIXFS_LAYER_BENCH_IN_NS";
+const ENTRIES: usize = 10_000;
+const ROUNDS: usize = 200_000;
+
+fn sh(script: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`{script}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` asks for a list
+    }
+    if std::env::var_os(IN_NS).is_none() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the benchmark mounts: run it as root"
+        );
+        std::fs::create_dir_all("/nix").unwrap();
+        std::fs::create_dir_all("/nixfs").unwrap();
+        let status = Command::new("unshare")
+            .args([
+                "-m",
+                "--propagation",
+                "private",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--mount-proc",
+                "--",
+            ])
+            .arg(std::env::current_exe().unwrap())
+            .env(IN_NS, "1")
+            .status()
+            .unwrap();
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench");
+    std::fs::create_dir_all(&base).unwrap();
+    let tmp = tempfile::tempdir_in(&base).unwrap();
+    let dir = tmp.path();
+    sh("mount -t tmpfs bench /nix");
+    std::fs::create_dir_all("/run/nixfs-layer-test").unwrap();
+    sh("mount -t tmpfs bench /run/nixfs-layer-test");
+
+    let flake = dir.join("flake");
+    std::fs::create_dir_all(&flake).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flake/flake.nix"),
+        flake.join("flake.nix"),
+    )
+    .unwrap();
+    let registry = dir.join("registry.json");
+    std::fs::write(
+        &registry,
+        format!(
+            r#"{{"version":2,"flakes":[{{"from":{{"type":"indirect","id":"myflake"}},"to":{{"type":"path","path":"{}"}}}}]}}"#,
+            flake.display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("home")).unwrap();
+    let env = [
+        ("NIX_REMOTE", "local".to_owned()),
+        (
+            "NIX_CONFIG",
+            format!(
+                "build-users-group =\nsubstituters =\nsandbox = false\nexperimental-features = nix-command flakes\nflake-registry = {}\n",
+                registry.display()
+            ),
+        ),
+        ("HOME", dir.join("home").display().to_string()),
+    ];
+    let run = |prog: &str, args: &[&str]| {
+        let out = Command::new(prog)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{prog} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let tool = env!("CARGO_BIN_EXE_nixfs-layer");
+
+    let lower = dir.join("lower");
+    std::fs::create_dir_all(&lower).unwrap();
+    sh(&format!("mount --bind {} /nix", lower.display()));
+    run(
+        "nix",
+        &[
+            "build",
+            "--no-link",
+            &format!("path:{}#hello", flake.display()),
+        ],
+    );
+    sh("umount /nix");
+    let upper = dir.join("upper");
+    run(tool, &["init", "--upper", upper.to_str().unwrap()]);
+    let hello = run(
+        "nix",
+        &[
+            "eval",
+            "--read-only",
+            "--raw",
+            &format!("path:{}#hello.outPath", flake.display()),
+        ],
+    );
+
+    // 10,000 pinned references the server finds in its cache when it starts.
+    let cache = upper.join("var/nixfs-layer/flake-cache.jsonl");
+    std::fs::create_dir_all(cache.parent().unwrap()).unwrap();
+    let refs: Vec<String> = (0..ENTRIES)
+        .map(|i| format!("github:bench/pkgs/{i:040x}#pkg"))
+        .collect();
+    let lines: String = refs
+        .iter()
+        .map(|r| format!("{{\"ref\":\"{r}\",\"path\":\"{hello}\"}}\n"))
+        .collect();
+    std::fs::write(&cache, lines).unwrap();
+
+    run(
+        tool,
+        &[
+            "mount",
+            "--lower",
+            lower.to_str().unwrap(),
+            "--upper",
+            upper.to_str().unwrap(),
+        ],
+    );
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(upper.join("nixfs-layer/mount.json")).unwrap())
+            .unwrap();
+    let pid = record["flakefs"]["pid"].as_u64().unwrap();
+    let rss = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().to_owned()))
+            .unwrap()
+    };
+
+    let entry = PathBuf::from("/nixfs/flake/str/myflake#hello");
+    assert_eq!(std::fs::read_link(&entry).unwrap(), Path::new(&hello));
+    let native = PathBuf::from("/run/nixfs-layer-test/native");
+    std::os::unix::fs::symlink(&hello, &native).unwrap();
+    std::fs::set_permissions(&native, std::fs::Permissions::from_mode(0o777)).ok();
+
+    let time = |f: &dyn Fn()| {
+        for _ in 0..1000 {
+            f();
+        }
+        let t = Instant::now();
+        for _ in 0..ROUNDS {
+            f();
+        }
+        t.elapsed().as_nanos() as f64 / ROUNDS as f64
+    };
+    let fuse_readlink = time(&|| {
+        std::fs::read_link(&entry).unwrap();
+    });
+    let native_readlink = time(&|| {
+        std::fs::read_link(&native).unwrap();
+    });
+    let fuse_stat = time(&|| {
+        std::fs::metadata(entry.join("bin/hello")).unwrap();
+    });
+    let native_stat = time(&|| {
+        std::fs::metadata(native.join("bin/hello")).unwrap();
+    });
+
+    let rss_loaded = rss();
+    let t = Instant::now();
+    for r in &refs {
+        // `/` cannot be in a str name: go through urlenc.
+        let p = Path::new("/nixfs/flake/urlenc").join(
+            percent_encoding::utf8_percent_encode(r, percent_encoding::NON_ALPHANUMERIC)
+                .to_string(),
+        );
+        assert_eq!(std::fs::read_link(&p).unwrap(), Path::new(&hello));
+    }
+    let first_access = t.elapsed();
+    let rss_all = rss();
+
+    println!("nixfs-layer flake tree benchmark ({ROUNDS} rounds each, warm)");
+    println!("  readlink  /nixfs/flake/str/myflake#hello         {fuse_readlink:8.0} ns/op");
+    println!("  readlink  native symlink on tmpfs                {native_readlink:8.0} ns/op   ratio {:.2}x", fuse_readlink / native_readlink);
+    println!("  stat      /nixfs/flake/str/myflake#hello/bin/hello {fuse_stat:6.0} ns/op");
+    println!(
+        "  stat      native symlink/bin/hello               {native_stat:8.0} ns/op   ratio {:.2}x",
+        fuse_stat / native_stat
+    );
+    println!("server RSS: {rss_loaded} with {ENTRIES} locked results loaded from its cache file,");
+    println!("            {rss_all} after looking up all {ENTRIES} (first lookups took {:.1} ms in all, {:.0} us each)",
+        first_access.as_secs_f64() * 1e3, first_access.as_secs_f64() * 1e6 / ENTRIES as f64);
+    run(tool, &["umount"]);
+}

@@ -1,0 +1,297 @@
+//! Running the tree: mounting it and serving it in the foreground, starting
+//! that in the background and waiting until it is mounted, and stopping it.
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fuser::{MountOption, Session, SessionACL};
+use nix::mount::{umount2, MntFlags};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::unistd::Pid;
+
+use super::cache::CacheFile;
+use super::fs::FlakeFs;
+use super::policy::{Policy, PolicyError};
+use super::resolver::Resolver;
+use super::{cache_file, Settings};
+use crate::config::FlakeFsConfig;
+use crate::nixcli::{self, Nix};
+use crate::overlay;
+use crate::pathdb::lookup::Lookup;
+
+/// How long `mount`/`flakefs` wait for the tree to appear.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The FUSE file system type (`fuse.<subtype>` in mountinfo).
+pub const FS_SUBTYPE: &str = "nixfs-flake";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlakeFsError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("flake tree mount point {path}: {source}")]
+    Mountpoint {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is already a mount point; unmount it or pick another --flake-mount")]
+    AlreadyMounted(PathBuf),
+    #[error(
+        "mounting the flake tree on {path} failed: {source}; is /dev/fuse present (modprobe fuse)?"
+    )]
+    Mount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("could not start the flake tree server: {0}")]
+    Spawn(std::io::Error),
+    #[error(
+        "the flake tree server did not come up on {mountpoint} ({why}); its log {log}: {tail}"
+    )]
+    NotReady {
+        mountpoint: PathBuf,
+        why: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("the flake tree server (pid {0}) did not stop")]
+    DidNotStop(u32),
+}
+
+/// What serving the tree needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub mountpoint: PathBuf,
+    /// The store whose database is asked (TARGET/var/nix/db).
+    pub target: PathBuf,
+    pub config: FlakeFsConfig,
+}
+
+/// A resolver for the store at `target`, as `serve` and `resolve` use it.
+pub fn resolver(target: &Path, config: &FlakeFsConfig) -> Result<Resolver, FlakeFsError> {
+    Ok(Resolver::new(
+        Nix::default(),
+        Lookup::for_target(target),
+        Policy::from_config(config)?,
+        Settings::from_config(config),
+        Some(CacheFile::new(&cache_file(target))),
+    ))
+}
+
+/// Whether something of ours is mounted at `mountpoint`.
+pub fn is_mounted(mountpoint: &Path) -> bool {
+    overlay::mounts()
+        .map(|m| overlay::mount_at(&m, mountpoint).is_some_and(|m| m.fs_type.starts_with("fuse")))
+        .unwrap_or(false)
+}
+
+/// Mounts the tree and serves it until it is unmounted or a signal
+/// (TERM, INT, HUP) arrives; then unmounts it and stops running builds.
+pub fn serve(opts: &ServeOptions) -> Result<(), FlakeFsError> {
+    // Before any thread exists, so that every thread inherits the mask and
+    // only the waiter below receives these signals.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals
+        .thread_block()
+        .map_err(|e| FlakeFsError::Spawn(e.into()))?;
+
+    std::fs::create_dir_all(&opts.mountpoint).map_err(|source| FlakeFsError::Mountpoint {
+        path: opts.mountpoint.clone(),
+        source,
+    })?;
+    let mountpoint =
+        std::fs::canonicalize(&opts.mountpoint).map_err(|source| FlakeFsError::Mountpoint {
+            path: opts.mountpoint.clone(),
+            source,
+        })?;
+    if overlay::mounts()
+        .ok()
+        .is_some_and(|m| overlay::mount_at(&m, &mountpoint).is_some())
+    {
+        return Err(FlakeFsError::AlreadyMounted(mountpoint));
+    }
+    let resolver = Arc::new(resolver(&opts.target, &opts.config)?);
+    let fs = FlakeFs::new(Arc::clone(&resolver));
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("nixfs-layer".into()),
+        MountOption::Subtype(FS_SUBTYPE.into()),
+        MountOption::RO,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+    ];
+    config.acl = SessionACL::All;
+    let session = Session::new(fs, &mountpoint, &config).map_err(|source| FlakeFsError::Mount {
+        path: mountpoint.clone(),
+        source,
+    })?;
+    // Nothing below needs the caller's directory.
+    let _ = std::env::set_current_dir("/");
+    tracing::info!(mountpoint = %mountpoint.display(), target = %opts.target.display(), pid = std::process::id(), "flake tree mounted");
+
+    let mp = mountpoint.clone();
+    std::thread::Builder::new()
+        .name("flakefs-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                tracing::info!(?sig, "stopping the flake tree");
+                // The loop ends when the mount goes (the kernel answers ENODEV).
+                let _ = umount2(&mp, MntFlags::MNT_DETACH);
+            }
+        })
+        .map_err(FlakeFsError::Spawn)?;
+
+    let result = session.run();
+    nixcli::terminate_all();
+    // After an external unmount the mount is gone already; otherwise undo it.
+    if is_mounted(&mountpoint) {
+        let _ = umount2(&mountpoint, MntFlags::MNT_DETACH);
+    }
+    tracing::info!(
+        evaluations = resolver
+            .counters
+            .evaluations
+            .load(std::sync::atomic::Ordering::SeqCst),
+        builds = resolver
+            .counters
+            .builds
+            .load(std::sync::atomic::Ordering::SeqCst),
+        "flake tree stopped"
+    );
+    result.map_err(|source| FlakeFsError::Mount {
+        path: mountpoint,
+        source,
+    })
+}
+
+/// Starts `nixfs-layer <args> --foreground` detached, with its output in
+/// `log`, and returns its pid once the tree is mounted at `mountpoint`.
+pub fn spawn(args: &[OsString], mountpoint: &Path, log: &Path) -> Result<u32, FlakeFsError> {
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).map_err(FlakeFsError::Spawn)?;
+    }
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(FlakeFsError::Spawn)?;
+    let err = out.try_clone().map_err(FlakeFsError::Spawn)?;
+    let log_start = out.metadata().map(|m| m.len()).unwrap_or(0);
+    let exe = std::env::current_exe().map_err(FlakeFsError::Spawn)?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .arg("--foreground")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(FlakeFsError::Spawn)?;
+    let mountpoint = std::fs::canonicalize(mountpoint).unwrap_or(mountpoint.to_owned());
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let not_ready = |why: String| {
+        let text = std::fs::read(log).unwrap_or_default();
+        let new = String::from_utf8_lossy(&text[(log_start as usize).min(text.len())..])
+            .trim()
+            .to_owned();
+        FlakeFsError::NotReady {
+            mountpoint: mountpoint.clone(),
+            why,
+            log: log.to_owned(),
+            tail: new
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join(" | "),
+        }
+    };
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(not_ready(format!("it exited with {status}")));
+        }
+        if is_mounted(&mountpoint) {
+            return Ok(child.id());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(not_ready(format!(
+                "not mounted after {}s",
+                READY_TIMEOUT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Unmounts the tree and waits for its server to exit (TERM, then KILL).
+pub fn stop(pid: Option<u32>, mountpoint: &Path) -> Result<(), FlakeFsError> {
+    if is_mounted(mountpoint) {
+        // Detach: a process with its cwd in the tree must not keep it alive.
+        umount2(mountpoint, MntFlags::MNT_DETACH).map_err(|e| FlakeFsError::Mount {
+            path: mountpoint.to_owned(),
+            source: e.into(),
+        })?;
+    }
+    let Some(pid) = pid else { return Ok(()) };
+    let p = Pid::from_raw(pid as i32);
+    let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains("nixfs-layer"))
+        .unwrap_or(false);
+    if !ours {
+        return Ok(());
+    }
+    // Running until it is gone, or a zombie with no open file left: only
+    // then is the store database closed. (Its command line reads empty
+    // earlier, and its main thread turns zombie while other threads may
+    // still be exiting.)
+    let running = || {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+        let zombie = state.starts_with('Z') || state.starts_with('X');
+        let open_files = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count() > 0)
+            .unwrap_or(false);
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        !zombie || open_files || threads > 1
+    };
+    for (signal, wait) in [
+        (None, Duration::from_secs(5)),
+        (Some(Signal::SIGTERM), Duration::from_secs(5)),
+        (Some(Signal::SIGKILL), Duration::from_secs(5)),
+    ] {
+        if !running() {
+            return Ok(());
+        }
+        if let Some(s) = signal {
+            let _ = kill(p, s);
+        }
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if !running() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Err(FlakeFsError::DidNotStop(pid))
+}

@@ -1,0 +1,100 @@
+//! The `/nixfs/flake` tree: FUSE symlinks named after flake references that
+//! resolve to store paths, answered from a layer that has the path or built
+//! into the upper when none does.
+//!
+//! ```text
+//! MOUNTPOINT/flake/str/<ref>       the reference as typed (no '/')
+//! MOUNTPOINT/flake/b64/<base64>    URL-safe or standard alphabet, padded or not
+//! MOUNTPOINT/flake/urlenc/<%-enc>  percent-encoded
+//! ```
+//!
+//! `names` decodes and checks names, `policy` decides who may do what,
+//! `resolver` evaluates/looks up/builds with a cache and single flight,
+//! `cache` keeps locked results across restarts, `fs` is the FUSE side and
+//! `daemon` mounts it and runs it in the background.
+
+pub mod cache;
+pub mod daemon;
+pub mod fs;
+pub mod names;
+pub mod policy;
+pub mod resolver;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config::FlakeFsConfig;
+
+/// Where the tree is mounted unless configured otherwise.
+pub const DEFAULT_MOUNTPOINT: &str = "/nixfs";
+
+/// Why a reference gave no store path: the errno a lookup answers and the
+/// message in the entry's `user.nixfs.error` attribute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub errno: i32,
+    pub message: String,
+    /// The same reference fails the same way for everyone for a while.
+    pub cacheable: bool,
+    /// How long the kernel may keep the failed entry.
+    pub valid_for: Duration,
+}
+
+impl Failure {
+    pub fn new(errno: i32, message: String) -> Failure {
+        Failure {
+            errno,
+            message,
+            cacheable: true,
+            valid_for: Duration::ZERO,
+        }
+    }
+    /// A failure that depends on who asked: never cached.
+    pub fn uncached(mut self) -> Failure {
+        self.cacheable = false;
+        self.valid_for = Duration::ZERO;
+        self
+    }
+    pub fn valid_for(mut self, d: Duration) -> Failure {
+        if self.cacheable {
+            self.valid_for = d;
+        }
+        self
+    }
+}
+
+/// The tunables of `[flakefs]`, with their defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub ttl: Duration,
+    pub failure_ttl: Duration,
+    pub build_timeout: Duration,
+    pub eval_timeout: Duration,
+    pub max_parallel_builds: usize,
+    pub max_parallel_evals: usize,
+}
+
+impl Settings {
+    pub fn from_config(c: &FlakeFsConfig) -> Settings {
+        let builds = c.max_parallel_builds.unwrap_or(2).max(1);
+        Settings {
+            ttl: Duration::from_secs(c.ttl.unwrap_or(300)),
+            failure_ttl: Duration::from_secs(c.failure_ttl.unwrap_or(10)),
+            build_timeout: Duration::from_secs(c.build_timeout.unwrap_or(3600)),
+            eval_timeout: Duration::from_secs(c.eval_timeout.unwrap_or(300)),
+            max_parallel_builds: builds,
+            max_parallel_evals: builds.max(4),
+        }
+    }
+}
+
+/// Where the daemon keeps locked results for the store at `target`: in its
+/// state (`TARGET/var`, the upper's `var/` when stacked).
+pub fn cache_file(target: &Path) -> PathBuf {
+    target.join("var/nixfs-layer/flake-cache.jsonl")
+}
+
+/// The daemon's log when it runs in the background.
+pub fn log_file(target: &Path) -> PathBuf {
+    target.join("var/log/nixfs-layer/flakefs.log")
+}

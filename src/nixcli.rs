@@ -1,0 +1,324 @@
+//! Running `nix`: evaluating a flake attribute to its outputs and building
+//! one, with JSON output (Nix 2.8 has no `--print-out-paths`), a timeout,
+//! and never anything from a user-supplied name as an option: the
+//! installable always comes after `--`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use serde::Deserialize;
+use wait_timeout::ChildExt;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NixError {
+    #[error("could not run {program}: {message}; is Nix installed and on PATH?")]
+    Spawn { program: String, message: String },
+    #[error("`nix {command}` on '{installable}' took longer than {}s and was stopped", timeout.as_secs())]
+    Timeout {
+        command: &'static str,
+        installable: String,
+        timeout: Duration,
+    },
+    #[error("{0}")]
+    MissingAttr(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    EvalFailed(String),
+    #[error("{0}")]
+    BuildFailed(String),
+    #[error("`nix {command}` printed output this tool cannot read ({message}): {output}")]
+    BadOutput {
+        command: &'static str,
+        message: String,
+        output: String,
+    },
+}
+
+impl NixError {
+    /// The errno a lookup answers for this failure.
+    pub fn errno(&self) -> i32 {
+        match self {
+            NixError::MissingAttr(_) | NixError::NotFound(_) => libc::ENOENT,
+            NixError::Timeout { .. } => libc::ETIMEDOUT,
+            NixError::EvalFailed(_) => libc::EINVAL,
+            NixError::Spawn { .. } | NixError::BuildFailed(_) | NixError::BadOutput { .. } => {
+                libc::EIO
+            }
+        }
+    }
+}
+
+/// What evaluating a flake attribute gives: its derivation and output paths.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Evaluated {
+    #[serde(rename = "drvPath")]
+    pub drv_path: PathBuf,
+    /// The output a plain reference means (`outputName` of the attribute).
+    pub default: String,
+    pub outputs: BTreeMap<String, PathBuf>,
+}
+
+/// Run on the evaluated attribute: fails unless it is a derivation, and
+/// returns its outputs. A fixed expression: nothing of the name is in it.
+const APPLY: &str = r#"d:
+  if (d.type or null) != "derivation"
+  then throw "not a derivation (a package): it is a ${builtins.typeOf d}${if builtins.isAttrs d then " with attributes " + builtins.concatStringsSep ", " (builtins.attrNames d) else ""}"
+  else {
+    drvPath = d.drvPath;
+    default = d.outputName or "out";
+    outputs = builtins.listToAttrs (map (o: { name = o; value = d.${o}.outPath; }) (d.outputs or [ "out" ]));
+  }"#;
+
+/// Children still running, so a stopping daemon can stop them.
+fn running() -> &'static Mutex<HashSet<u32>> {
+    static RUNNING: OnceLock<Mutex<HashSet<u32>>> = OnceLock::new();
+    RUNNING.get_or_init(Default::default)
+}
+
+/// Asks every running `nix` child to stop (they stop their builders).
+pub fn terminate_all() {
+    for pid in running().lock().unwrap().iter() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Nix {
+    program: PathBuf,
+}
+
+/// Names the `nix` program to run (default: `nix` from PATH).
+pub const NIX_PROGRAM_ENV: &str = "NIXFS_LAYER_NIX";
+
+impl Default for Nix {
+    fn default() -> Self {
+        Nix {
+            program: std::env::var_os(NIX_PROGRAM_ENV)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("nix")),
+        }
+    }
+}
+
+impl Nix {
+    pub fn new(program: &Path) -> Nix {
+        Nix {
+            program: program.to_owned(),
+        }
+    }
+
+    /// `nix --version`, e.g. "2.8.0".
+    pub fn version(&self) -> Result<String, NixError> {
+        let out = self.run("--version", &["--version"], None, Duration::from_secs(30))?;
+        Ok(out.split_whitespace().last().unwrap_or_default().to_owned())
+    }
+
+    /// Evaluates `installable` read-only (no .drv is written; IFD is off)
+    /// and pure, to its derivation and output paths.
+    #[tracing::instrument(skip(self), level = "debug")]
+    pub fn eval(&self, installable: &str, timeout: Duration) -> Result<Evaluated, NixError> {
+        let out = self.run(
+            "eval",
+            &[
+                "eval",
+                "--read-only",
+                "--json",
+                "--no-write-lock-file",
+                "--option",
+                "allow-import-from-derivation",
+                "false",
+                "--apply",
+                APPLY,
+                "--",
+                installable,
+            ],
+            Some(installable),
+            timeout,
+        )?;
+        serde_json::from_str(&out).map_err(|e| NixError::BadOutput {
+            command: "eval",
+            message: e.to_string(),
+            output: out,
+        })
+    }
+
+    /// Builds `installable` (one output's attribute) and returns its output path.
+    #[tracing::instrument(skip(self), level = "debug")]
+    pub fn build(&self, installable: &str, timeout: Duration) -> Result<PathBuf, NixError> {
+        let out = self.run(
+            "build",
+            &[
+                "build",
+                "--json",
+                "--no-link",
+                "--no-write-lock-file",
+                "--option",
+                "allow-import-from-derivation",
+                "false",
+                "--",
+                installable,
+            ],
+            Some(installable),
+            timeout,
+        )?;
+        #[derive(Deserialize)]
+        struct Built {
+            outputs: BTreeMap<String, PathBuf>,
+        }
+        let bad = |message: String| NixError::BadOutput {
+            command: "build",
+            message,
+            output: out.clone(),
+        };
+        let built: Vec<Built> = serde_json::from_str(&out).map_err(|e| bad(e.to_string()))?;
+        let mut paths = built.into_iter().flat_map(|b| b.outputs.into_values());
+        match (paths.next(), paths.next()) {
+            (Some(p), None) => Ok(p),
+            _ => Err(bad("expected exactly one output path".into())),
+        }
+    }
+
+    fn run(
+        &self,
+        command: &'static str,
+        args: &[&str],
+        installable: Option<&str>,
+        timeout: Duration,
+    ) -> Result<String, NixError> {
+        let mut child = Command::new(&self.program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| NixError::Spawn {
+                program: self.program.display().to_string(),
+                message: e.to_string(),
+            })?;
+        let pid = child.id();
+        running().lock().unwrap().insert(pid);
+        let result = wait_output(&mut child, timeout);
+        running().lock().unwrap().remove(&pid);
+        let (status, stdout, stderr) = match result {
+            Some(r) => r,
+            None => {
+                return Err(NixError::Timeout {
+                    command,
+                    installable: installable.unwrap_or_default().to_owned(),
+                    timeout,
+                })
+            }
+        };
+        if status.success() {
+            return Ok(stdout);
+        }
+        let message = error_message(&stderr, status);
+        tracing::debug!(command, ?installable, %message, "nix failed");
+        Err(classify_failure(command, message))
+    }
+}
+
+/// Waits for the child, collecting its output; on timeout stops it (SIGTERM
+/// so Nix stops its builder, then SIGKILL) and returns None.
+fn wait_output(
+    child: &mut Child,
+    timeout: Duration,
+) -> Option<(std::process::ExitStatus, String, String)> {
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = match child.wait_timeout(timeout) {
+        Ok(Some(s)) => Some(s),
+        _ => {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            if !matches!(child.wait_timeout(Duration::from_secs(5)), Ok(Some(_))) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            None
+        }
+    };
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    status.map(|s| (s, stdout, stderr))
+}
+
+/// The lines of Nix's stderr that say what went wrong.
+fn error_message(stderr: &str, status: std::process::ExitStatus) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("(use '--show-trace'"))
+        .filter(|l| !l.starts_with("warning:"))
+        .collect();
+    if lines.is_empty() {
+        return format!("nix exited with {status} and no message");
+    }
+    // Keep it to one line for the xattr and the log.
+    let joined = lines.join(" ");
+    joined.chars().take(2000).collect()
+}
+
+fn classify_failure(command: &'static str, message: String) -> NixError {
+    if message.contains("does not provide attribute") {
+        NixError::MissingAttr(message)
+    } else if message.contains("No such file or directory")
+        || message.contains("cannot find flake")
+        || message.contains("does not exist")
+    {
+        NixError::NotFound(message)
+    } else if command == "build" {
+        NixError::BuildFailed(message)
+    } else {
+        NixError::EvalFailed(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_map_to_errnos() {
+        let e = classify_failure(
+            "eval",
+            "error: flake 'flake:x' does not provide attribute 'packages.x86_64-linux.nope'".into(),
+        );
+        assert_eq!(e.errno(), libc::ENOENT);
+        let e = classify_failure(
+            "build",
+            "error: builder for '/nix/store/x.drv' failed with exit code 1".into(),
+        );
+        assert_eq!(e.errno(), libc::EIO);
+        let e = classify_failure("eval", "error: syntax error, unexpected '}'".into());
+        assert_eq!(e.errno(), libc::EINVAL);
+    }
+
+    #[test]
+    fn error_message_drops_noise() {
+        use std::os::unix::process::ExitStatusExt;
+        let m = error_message(
+            "warning: Git tree is dirty\nerror: boom\n(use '--show-trace' to show detailed location information)\n",
+            std::process::ExitStatus::from_raw(256),
+        );
+        assert_eq!(m, "error: boom");
+    }
+}

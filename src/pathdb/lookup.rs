@@ -1,0 +1,119 @@
+//! Read-only questions to the merged database: is a store path valid, and
+//! which layer provides it. Used by the `/nixfs/flake` resolver to answer
+//! without building when a layer already has a path.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension};
+use serde::Serialize;
+
+use super::{open_read_only, sql_err, DbError};
+
+/// Where a valid path comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layer {
+    /// Registered through the merged store (a build or an add).
+    Upper,
+    /// Provided by a lower (`NixfsLayerLower.id`).
+    Lower(i64),
+    /// Valid in a plain Nix store that is not a nixfs-layer stack.
+    Store,
+}
+
+/// The database of the store at `TARGET`, opened per question so that a
+/// long-lived daemon never holds a read transaction open.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    db: PathBuf,
+}
+
+impl Lookup {
+    /// The database Nix uses for the store at `target` (`TARGET/var/nix/db/db.sqlite`).
+    pub fn for_target(target: &Path) -> Lookup {
+        Lookup {
+            db: target.join("var/nix/db/db.sqlite"),
+        }
+    }
+
+    pub fn db(&self) -> &Path {
+        &self.db
+    }
+
+    /// Which layer has `path` valid, or None when it is not valid.
+    pub fn layer(&self, path: &Path) -> Result<Option<Layer>, DbError> {
+        let conn = open_read_only(&self.db)?;
+        layer_of(&conn, &self.db, path)
+    }
+}
+
+fn layer_of(conn: &Connection, db: &Path, path: &Path) -> Result<Option<Layer>, DbError> {
+    let err = sql_err(db);
+    let path = path.to_string_lossy();
+    let has_origin: bool = conn
+        .query_row(
+            "select count(*) from sqlite_master where type = 'table' and name = 'NixfsLayerOrigin'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(&err)?
+        > 0;
+    if !has_origin {
+        let valid = conn
+            .query_row("select 1 from ValidPaths where path = ?1", [&path], |_| {
+                Ok(())
+            })
+            .optional()
+            .map_err(&err)?;
+        return Ok(valid.map(|()| Layer::Store));
+    }
+    let row: Option<Option<i64>> = conn
+        .query_row(
+            "select o.layer from ValidPaths v left join NixfsLayerOrigin o on o.path = v.path
+             where v.path = ?1",
+            [&path],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(&err)?;
+    Ok(row.map(|layer| match layer {
+        Some(0) | None => Layer::Upper,
+        Some(id) => Layer::Lower(id),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_by_layer() {
+        let t = tempfile::tempdir().unwrap();
+        let db = t.path().join("var/nix/db/db.sqlite");
+        std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+        crate::pathdb::create(&db).unwrap();
+        let c = crate::pathdb::open(&db).unwrap();
+        for p in ["/nix/store/aaaa-up", "/nix/store/bbbb-low"] {
+            c.execute(
+                "insert into ValidPaths (path, hash, registrationTime, narSize) values (?1, 'sha256:x', 1, 1)",
+                [p],
+            )
+            .unwrap();
+        }
+        c.execute(
+            "update NixfsLayerOrigin set layer = 3 where path = '/nix/store/bbbb-low'",
+            [],
+        )
+        .unwrap();
+        let l = Lookup::for_target(t.path());
+        assert_eq!(
+            l.layer(Path::new("/nix/store/aaaa-up")).unwrap(),
+            Some(Layer::Upper)
+        );
+        assert_eq!(
+            l.layer(Path::new("/nix/store/bbbb-low")).unwrap(),
+            Some(Layer::Lower(3))
+        );
+        assert_eq!(l.layer(Path::new("/nix/store/cccc-none")).unwrap(), None);
+    }
+}
