@@ -29,6 +29,8 @@ fn main() -> ExitCode {
         Command::Umount(a) => cmd::umount::run(a),
         Command::Status(a) => cmd::status::run(a),
         Command::Sync(a) => cmd::sync::run(a, cli.quiet),
+        Command::Verify(a) => cmd::verify::run(a),
+        Command::Gc(a) => cmd::gc::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,11 +1,13 @@
 //! One module per subcommand, plus what they share: the target, finding
 //! what is mounted there, and the upper's lock.
 
+pub mod gc;
 pub mod init;
 pub mod mount;
 pub mod status;
 pub mod sync;
 pub mod umount;
+pub mod verify;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
