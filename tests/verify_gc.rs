@@ -442,3 +442,27 @@ ns_test! {
         s.assert_lower_paths_valid();
     }
 }
+
+ns_test! {
+    fn repair_brings_back_a_lower_path_hidden_before_the_first_sync() {
+        let s = stack();
+        let tool = s.lower_path("tool");
+        // The whiteout predates the first mount: the sync never registered tool.
+        sh(&format!("mknod {}/store/{} c 0 0", s.upper.display(), base(&tool)));
+        s.mount();
+        assert!(!s.valid(&tool) && !Path::new(&tool).exists());
+        let (code, doc) = s.verify(&[]);
+        assert_eq!(code, 1, "{doc}");
+        assert_eq!(paths_of(&doc, "hidden"), vec![tool.clone()], "{doc}");
+        assert_eq!(doc["categories"]["hidden"][0]["valid"], false);
+        assert_eq!(doc["categories"]["missing_content"], serde_json::json!([]), "not valid, so not missing: {doc}");
+
+        let (code, doc) = s.verify(&["--repair"]);
+        assert_eq!(code, 0, "{doc}");
+        assert_eq!(doc["repaired"]["resynced"], true);
+        assert!(s.valid(&tool), "registered again");
+        assert_eq!(sh(&format!("{tool}/bin/tool")), "hello from tool\n");
+        s.assert_lower_intact();
+        verify_contents(&s.w);
+    }
+}
