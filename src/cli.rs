@@ -41,6 +41,10 @@ pub enum Command {
     Flakefs(FlakeFsArgs),
     /// Print the store path a flake reference resolves to, as /nixfs/flake does.
     Resolve(ResolveArgs),
+    /// Check the merged database against every layer's store; optionally repair.
+    Verify(VerifyArgs),
+    /// Free the upper's unreachable paths with Nix's own collector (never a lower path).
+    Gc(GcArgs),
 }
 
 #[derive(Debug, Args)]
@@ -141,4 +145,35 @@ pub struct SyncArgs {
     /// Re-read every lower, even those whose database has not changed.
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// The upper to verify when nothing is mounted at the target.
+    #[arg(long, value_name = "DIR")]
+    pub upper: Option<PathBuf>,
+    /// Also hash every valid path and compare with its recorded narHash.
+    #[arg(long)]
+    pub check_contents: bool,
+    /// Fix what needs no network: whiteouts over lower paths, upper
+    /// duplicates of lower paths, unregistered upper paths.
+    #[arg(long)]
+    pub repair: bool,
+    /// Machine-readable output (see docs/verify-json.md).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// List the unreachable upper paths; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Stop after freeing this many bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub max_freed: Option<u64>,
 }

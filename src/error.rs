@@ -5,9 +5,11 @@ use crate::config::ConfigError;
 use crate::flakefs::daemon::FlakeFsError;
 use crate::flakefs::names::NameError;
 use crate::flakefs::Failure;
+use crate::gc::GcError;
 use crate::layer::LayerError;
 use crate::overlay::MountError;
 use crate::pathdb::DbError;
+use crate::verify::VerifyError;
 
 pub const EX_USAGE: u8 = 64;
 pub const EX_DATAERR: u8 = 65;
@@ -22,6 +24,8 @@ pub const EX_NOPERM: u8 = 77;
 pub const EX_CONFIG: u8 = 78;
 /// `umount`/`sync` on a target where nothing of ours is mounted.
 pub const EXIT_NOT_MOUNTED: u8 = 1;
+/// `verify`: problems found (or left after `--repair`).
+pub const EXIT_PROBLEMS: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -33,6 +37,10 @@ pub enum Error {
     Mount(#[from] MountError),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error(transparent)]
+    Gc(#[from] GcError),
     #[error(transparent)]
     FlakeFs(#[from] FlakeFsError),
     #[error(transparent)]
@@ -51,9 +59,21 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Config(_) => EX_CONFIG,
-            Error::Usage(_) => EX_USAGE,
-            Error::Io { .. } => EX_IOERR,
+            Error::Verify(e) => match e {
+                VerifyError::ProblemsRemain { .. } => EXIT_PROBLEMS,
+                VerifyError::Db(e) => Error::db_code(e),
+                VerifyError::Mount(e) => Error::mount_code(e),
+                VerifyError::Layer(e) => Error::layer_code(e),
+                VerifyError::Io { .. } => EX_IOERR,
+            },
+            Error::Gc(e) => match e {
+                GcError::TargetNotNix(_) => EX_USAGE,
+                GcError::Spawn { .. } => EX_UNAVAILABLE,
+                GcError::Nix { .. } => EX_SOFTWARE,
+                GcError::LowerEntriesInvalid { .. } | GcError::LowerPathsDead { .. } => EX_DATAERR,
+                GcError::Db(e) => Error::db_code(e),
+                GcError::Io { .. } => EX_IOERR,
+            },
             Error::Name(_) => EX_DATAERR,
             Error::Resolve(f) => match f.errno {
                 libc::ENOENT => EX_NOINPUT,
@@ -70,38 +90,53 @@ impl Error {
                 | FlakeFsError::Spawn(_)
                 | FlakeFsError::NotReady { .. } => EX_OSERR,
             },
-            Error::Layer(e) => match e {
-                LayerError::LowerMissing(_) | LayerError::UpperNotInitialised(_) => EX_NOINPUT,
-                LayerError::LowerNoStore(_)
-                | LayerError::LowerNoDb { .. }
-                | LayerError::LowerSchema { .. } => EX_DATAERR,
-                LayerError::UpperForeign(_) => EX_CANTCREAT,
-                LayerError::Io { .. } => EX_IOERR,
-                LayerError::SameDir(_)
-                | LayerError::Overlap { .. }
-                | LayerError::DuplicateLower(_)
-                | LayerError::UnmountablePath(_)
-                | LayerError::TooManyLowers { .. }
-                | LayerError::NoLower => EX_USAGE,
-            },
-            Error::Mount(e) => match e {
-                MountError::NotPermitted(_) => EX_NOPERM,
-                MountError::OverlayUnavailable => EX_UNAVAILABLE,
-                MountError::AlreadyMounted(..)
-                | MountError::UpperInUse { .. }
-                | MountError::Busy(_) => EX_TEMPFAIL,
-                MountError::NotMounted(_) => EXIT_NOT_MOUNTED,
-                MountError::Mount { .. } | MountError::Umount { .. } => EX_OSERR,
-                MountError::Io { .. } => EX_IOERR,
-            },
-            Error::Db(e) => match e {
-                DbError::NotNixDb { .. }
-                | DbError::ForeignStoreDir { .. }
-                | DbError::ClosureBroken(_) => EX_DATAERR,
-                DbError::Unstable { .. } => EX_TEMPFAIL,
-                DbError::Io { .. } => EX_IOERR,
-                DbError::Sqlite { .. } => EX_SOFTWARE,
-            },
+            Error::Config(_) => EX_CONFIG,
+            Error::Usage(_) => EX_USAGE,
+            Error::Io { .. } => EX_IOERR,
+            Error::Layer(e) => Error::layer_code(e),
+            Error::Mount(e) => Error::mount_code(e),
+            Error::Db(e) => Error::db_code(e),
+        }
+    }
+
+    fn layer_code(e: &LayerError) -> u8 {
+        match e {
+            LayerError::LowerMissing(_) | LayerError::UpperNotInitialised(_) => EX_NOINPUT,
+            LayerError::LowerNoStore(_)
+            | LayerError::LowerNoDb { .. }
+            | LayerError::LowerSchema { .. } => EX_DATAERR,
+            LayerError::UpperForeign(_) => EX_CANTCREAT,
+            LayerError::Io { .. } => EX_IOERR,
+            LayerError::SameDir(_)
+            | LayerError::Overlap { .. }
+            | LayerError::DuplicateLower(_)
+            | LayerError::UnmountablePath(_)
+            | LayerError::TooManyLowers { .. }
+            | LayerError::NoLower => EX_USAGE,
+        }
+    }
+
+    fn mount_code(e: &MountError) -> u8 {
+        match e {
+            MountError::NotPermitted(_) => EX_NOPERM,
+            MountError::OverlayUnavailable => EX_UNAVAILABLE,
+            MountError::AlreadyMounted(..)
+            | MountError::UpperInUse { .. }
+            | MountError::Busy(_) => EX_TEMPFAIL,
+            MountError::NotMounted(_) => EXIT_NOT_MOUNTED,
+            MountError::Mount { .. } | MountError::Umount { .. } => EX_OSERR,
+            MountError::Io { .. } => EX_IOERR,
+        }
+    }
+
+    fn db_code(e: &DbError) -> u8 {
+        match e {
+            DbError::NotNixDb { .. }
+            | DbError::ForeignStoreDir { .. }
+            | DbError::ClosureBroken(_) => EX_DATAERR,
+            DbError::Unstable { .. } => EX_TEMPFAIL,
+            DbError::Io { .. } => EX_IOERR,
+            DbError::Sqlite { .. } => EX_SOFTWARE,
         }
     }
 }

@@ -31,6 +31,8 @@ fn main() -> ExitCode {
         Command::Sync(a) => cmd::sync::run(a, cli.quiet),
         Command::Flakefs(a) => cmd::flakefs::run(a),
         Command::Resolve(a) => cmd::resolve::run(a),
+        Command::Verify(a) => cmd::verify::run(a),
+        Command::Gc(a) => cmd::gc::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

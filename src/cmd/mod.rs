@@ -2,12 +2,14 @@
 //! what is mounted there, and the upper's lock.
 
 pub mod flakefs;
+pub mod gc;
 pub mod init;
 pub mod mount;
 pub mod resolve;
 pub mod status;
 pub mod sync;
 pub mod umount;
+pub mod verify;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

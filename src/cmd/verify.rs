@@ -1,0 +1,210 @@
+//! `nixfs-layer verify [--target DIR] [--upper DIR] [--check-contents] [--repair] [--json]`
+//!
+//! The JSON shape is documented in docs/verify-json.md.
+
+use serde::Serialize;
+
+use crate::cli::VerifyArgs;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::layer::Upper;
+use crate::overlay;
+use crate::pathdb;
+use crate::verify::repair::{self, Repairs};
+use crate::verify::{self, Layers, Problems, VerifyError};
+
+use super::{find_mounted, lock_upper, resolve_target};
+
+/// Version of the JSON document; bumped only for incompatible changes.
+pub const VERIFY_FORMAT: u32 = 1;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub format: u32,
+    pub target: String,
+    pub mounted: bool,
+    pub upper: String,
+    pub checked_contents: bool,
+    /// No problem left (after repairing, with `--repair`).
+    pub clean: bool,
+    pub problems: usize,
+    pub categories: Problems,
+    /// What `--repair` did; null without it.
+    pub repaired: Option<Repairs>,
+}
+
+pub fn run(args: &VerifyArgs) -> Result<()> {
+    let config = Config::load(args.target.config.config.as_deref())?;
+    let target = resolve_target(args.target.target.as_deref(), &config)?;
+    let mounted = find_mounted(&target)?;
+    let named = args.upper.clone().or(config.upper.clone());
+    let (upper, mounted_store) = match (&mounted, named) {
+        (Some(m), None) => (m.upper.clone(), Some(m.store())),
+        (Some(m), Some(dir)) if Upper::open(&dir)? == m.upper => (m.upper.clone(), Some(m.store())),
+        (_, Some(dir)) => (Upper::open(&dir)?, None),
+        (None, None) => {
+            return Err(Error::Usage(format!(
+            "nothing of nixfs-layer is mounted at {}; name the upper to verify with --upper DIR",
+            target.display()
+        )))
+        }
+    };
+    let _lock = if args.repair {
+        if mounted_store.is_some() {
+            overlay::check_privileges("verify --repair")?;
+        }
+        Some(lock_upper(&upper)?)
+    } else {
+        None
+    };
+    let db = upper.db();
+    let mut conn = if args.repair {
+        pathdb::open(&db)?
+    } else {
+        pathdb::open_read_only(&db)?
+    };
+    let layers = Layers::read(&conn, &upper, mounted_store.as_deref())?;
+    let found = verify::check(&conn, &layers, args.check_contents)?;
+    let (problems, repaired) = if args.repair {
+        let done = repair::repair(&mut conn, &layers, &found)?;
+        let after = if done.changed() || done.resynced {
+            verify::check(&conn, &layers, args.check_contents)?
+        } else {
+            found
+        };
+        (after, Some(done))
+    } else {
+        (found, None)
+    };
+    let report = Report {
+        format: VERIFY_FORMAT,
+        target: target.display().to_string(),
+        mounted: mounted_store.is_some(),
+        upper: upper.dir().display().to_string(),
+        checked_contents: args.check_contents,
+        clean: problems.count() == 0,
+        problems: problems.count(),
+        repaired,
+        categories: problems,
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("verify report serialises")
+        );
+    } else {
+        print_text(&report);
+    }
+    if report.clean {
+        return Ok(());
+    }
+    let repairable = report.categories.repairable();
+    Err(VerifyError::ProblemsRemain {
+        count: report.problems,
+        state: if args.repair { "remain after repairing" } else { "found" },
+        hint: if repairable > 0 && !args.repair {
+            "`nixfs-layer verify --repair` fixes whiteouts, upper duplicates and unregistered upper paths"
+        } else {
+            "missing lower content and hash mismatches need the lower's content back (or a rebuild of the upper path)"
+        },
+    }
+    .into())
+}
+
+/// How many paths a category line names before "…".
+const SHOWN: usize = 3;
+
+fn line(name: &str, paths: &[&str], extra: &str) {
+    let mut s = format!("{name}: {}{extra}", paths.len());
+    if !paths.is_empty() {
+        s += "  ";
+        s += &paths[..paths.len().min(SHOWN)].join(" ");
+        if paths.len() > SHOWN {
+            s += &format!(" … (+{} more)", paths.len() - SHOWN);
+        }
+    }
+    println!("{s}");
+}
+
+fn print_text(r: &Report) {
+    println!(
+        "verify {} ({}, upper {})",
+        r.target,
+        if r.mounted { "mounted" } else { "not mounted" },
+        r.upper
+    );
+    if let Some(rep) = &r.repaired {
+        println!(
+            "repaired: removed {} whiteout(s), removed {} upper duplicate(s) ({} bytes), registered {} path(s){}",
+            rep.whiteouts_removed.len(),
+            rep.duplicates_removed.len(),
+            rep.bytes_freed,
+            rep.registered.len(),
+            if rep.skipped.is_empty() {
+                String::new()
+            } else {
+                format!("; left {} alone", rep.skipped.len())
+            }
+        );
+        for s in &rep.skipped {
+            println!("  left {}: {}", s.path, s.reason);
+        }
+    }
+    let c = &r.categories;
+    line(
+        "missing content",
+        &(c.missing_content
+            .iter()
+            .map(|m| m.path.as_str())
+            .collect::<Vec<_>>()),
+        "",
+    );
+    line(
+        "unregistered",
+        &(c.unregistered
+            .iter()
+            .map(|m| m.path.as_str())
+            .collect::<Vec<_>>()),
+        "",
+    );
+    line(
+        "hidden by whiteouts",
+        &(c.hidden.iter().map(|m| m.path.as_str()).collect::<Vec<_>>()),
+        "",
+    );
+    let dup_bytes: u64 = c.duplicates.iter().map(|d| d.bytes).sum();
+    line(
+        "duplicates of lower paths",
+        &(c.duplicates
+            .iter()
+            .map(|m| m.path.as_str())
+            .collect::<Vec<_>>()),
+        &format!(" ({dup_bytes} bytes)"),
+    );
+    let dangling: Vec<String> = c
+        .dangling_references
+        .iter()
+        .map(|d| format!("{}->{}", d.referrer, d.reference))
+        .collect();
+    line(
+        "dangling references",
+        &dangling.iter().map(String::as_str).collect::<Vec<_>>(),
+        "",
+    );
+    match &c.hash_mismatches {
+        Some(h) => line(
+            "hash mismatches",
+            &h.iter().map(|m| m.path.as_str()).collect::<Vec<_>>(),
+            "",
+        ),
+        None => println!("hash mismatches: not checked (--check-contents)"),
+    }
+    println!(
+        "{}",
+        if r.clean {
+            "clean".to_owned()
+        } else {
+            format!("{} problem(s)", r.problems)
+        }
+    );
+}

@@ -1,0 +1,658 @@
+//! `verify`: one consistency check across every layer of a stack — the
+//! merged database against the upper's store and the lowers' stores.
+//!
+//! Each category of problem has its own check function; [`check`] runs them
+//! all. Everything here reads; [`repair`] changes what can be fixed without
+//! a network. Store entries are looked at in the layers' own directories
+//! (never through overlayfs, whose dentry cache may be stale); content is
+//! hashed through the merged `TARGET/store` when mounted (what Nix sees),
+//! else in the layer it comes from.
+
+pub mod repair;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rusqlite::{Connection, OptionalExtension};
+use serde::Serialize;
+
+use crate::layer::{LayerError, Upper};
+use crate::nar::{self, NarHash};
+use crate::overlay::MountError;
+use crate::pathdb::{sql_err, DbError};
+use crate::storepath::{nixbase32_encode, StorePath, STORE_DIR};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("verify: {count} problem(s) {state}; {hint}")]
+    ProblemsRemain {
+        count: usize,
+        state: &'static str,
+        hint: &'static str,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> VerifyError + '_ {
+    move |source| VerifyError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A lower of the current stack, as the merged database records it.
+#[derive(Debug, Clone)]
+pub struct LowerLayer {
+    /// NixfsLayerLower.id: the provenance value of the paths it provides.
+    pub id: i64,
+    pub dir: PathBuf,
+}
+
+impl LowerLayer {
+    pub fn store(&self) -> PathBuf {
+        self.dir.join("store")
+    }
+    fn has(&self, name: &str) -> bool {
+        fs::symlink_metadata(self.store().join(name)).is_ok()
+    }
+}
+
+/// The stack being verified.
+#[derive(Debug, Clone)]
+pub struct Layers {
+    pub upper: Upper,
+    /// In stack order, first on top.
+    pub lowers: Vec<LowerLayer>,
+    /// `TARGET/store` when the stack is mounted.
+    pub mounted_store: Option<PathBuf>,
+}
+
+impl Layers {
+    /// The stack the upper's merged database records (its lowers need not
+    /// exist any more: then their paths are reported missing).
+    pub fn read(
+        conn: &Connection,
+        upper: &Upper,
+        mounted_store: Option<&Path>,
+    ) -> Result<Layers, VerifyError> {
+        let db = upper.db();
+        let lowers = conn
+            .prepare(
+                "select id, dir from NixfsLayerLower where priority is not null order by priority",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    Ok(LowerLayer {
+                        id: r.get(0)?,
+                        dir: PathBuf::from(r.get::<_, String>(1)?),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(sql_err(&db))?;
+        Ok(Layers {
+            upper: upper.clone(),
+            lowers,
+            mounted_store: mounted_store.map(Path::to_owned),
+        })
+    }
+
+    fn lower(&self, id: i64) -> Option<&LowerLayer> {
+        self.lowers.iter().find(|l| l.id == id)
+    }
+
+    /// Name of the layer a provenance value stands for.
+    fn label(&self, layer: i64) -> String {
+        if layer <= 0 {
+            "upper".into()
+        } else {
+            self.lower(layer).map_or_else(
+                || format!("lower #{layer} (no longer in the stack)"),
+                |l| l.dir.display().to_string(),
+            )
+        }
+    }
+}
+
+/// What an entry of the upper's store directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Entry {
+    /// An overlayfs whiteout (a 0/0 character device): hides a lower entry.
+    Whiteout,
+    Real,
+}
+
+pub(crate) type UpperStore = HashMap<String, Entry>;
+
+fn scan_upper(store: &Path) -> Result<UpperStore, VerifyError> {
+    let mut out = HashMap::new();
+    for e in fs::read_dir(store).map_err(io_err(store))? {
+        let e = e.map_err(io_err(store))?;
+        let Ok(name) = e.file_name().into_string() else {
+            tracing::warn!(entry = ?e.path(), "upper store entry with a non-UTF-8 name; ignored");
+            continue;
+        };
+        let ft = e.file_type().map_err(io_err(&e.path()))?;
+        let kind = if ft.is_char_device() && e.metadata().map_err(io_err(&e.path()))?.rdev() == 0 {
+            Entry::Whiteout
+        } else {
+            Entry::Real
+        };
+        out.insert(name, kind);
+    }
+    Ok(out)
+}
+
+/// Entries of a store directory that are Nix's own bookkeeping, not store
+/// paths: `.links`, temporary and lock files (`.*`, `*.lock`), and entries
+/// a running build holds the lock of (`<name>.lock` next to them).
+fn is_bookkeeping(name: &str, upper: &UpperStore) -> bool {
+    name.starts_with('.') || name.ends_with(".lock") || upper.contains_key(&format!("{name}.lock"))
+}
+
+/// One valid path of the merged database.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    pub path: StorePath,
+    pub hash: String,
+    /// Provenance: 0 upper, > 0 a lower's id, -1 the pin.
+    pub layer: i64,
+}
+
+fn valid_rows(conn: &Connection, db: &Path) -> Result<Vec<Row>, VerifyError> {
+    let raw: Vec<(String, String, i64)> = conn
+        .prepare(
+            "select v.path, v.hash, coalesce(o.layer, 0) from ValidPaths v
+             left join NixfsLayerOrigin o on o.path = v.path order by v.path",
+        )
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(sql_err(db))?;
+    Ok(raw
+        .into_iter()
+        .filter_map(|(path, hash, layer)| match StorePath::parse(&path) {
+            Ok(path) => Some(Row { path, hash, layer }),
+            Err(e) => {
+                tracing::warn!(error = %e, "valid path outside /nix/store; not checked");
+                None
+            }
+        })
+        .collect())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingReason {
+    /// No store entry in the layer (nor, for an upper path, in any lower).
+    Absent,
+    /// A whiteout in the upper hides it.
+    Whiteout,
+}
+
+/// A valid path whose content is not there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MissingContent {
+    pub path: String,
+    /// "upper", or the lower directory the path comes from.
+    pub layer: String,
+    pub reason: MissingReason,
+}
+
+/// A store entry in the upper that is not a valid path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Unregistered {
+    pub path: String,
+    /// Apparent size of its files.
+    pub bytes: u64,
+    /// Whether its name is a store path name (only then can it be registered).
+    pub registrable: bool,
+}
+
+/// A whiteout in the upper over a path a lower has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Hidden {
+    pub path: String,
+    pub lower: String,
+    /// Whether the merged database lists the path as valid.
+    pub valid: bool,
+}
+
+/// A real upper entry for a path a lower has too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Duplicate {
+    pub path: String,
+    pub lower: String,
+    /// Apparent size of the upper copy: the space a repair frees.
+    pub bytes: u64,
+}
+
+/// A Refs row whose referrer or reference is not a valid path.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct DanglingReference {
+    /// The path, or `#<id>` when no valid path has that id.
+    pub referrer: String,
+    pub reference: String,
+}
+
+/// A path whose content does not hash to the recorded narHash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HashMismatch {
+    pub path: String,
+    pub layer: String,
+    /// The database's `hash` column.
+    pub expected: String,
+    /// `sha256:<hex>` of the content, or why it could not be read.
+    pub actual: String,
+}
+
+/// Every problem found, by category (see docs/verify-json.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Problems {
+    pub missing_content: Vec<MissingContent>,
+    pub unregistered: Vec<Unregistered>,
+    pub hidden: Vec<Hidden>,
+    pub duplicates: Vec<Duplicate>,
+    pub dangling_references: Vec<DanglingReference>,
+    /// `None` when contents were not checked.
+    pub hash_mismatches: Option<Vec<HashMismatch>>,
+}
+
+impl Problems {
+    pub fn count(&self) -> usize {
+        self.missing_content.len()
+            + self.unregistered.len()
+            + self.hidden.len()
+            + self.duplicates.len()
+            + self.dangling_references.len()
+            + self.hash_mismatches.as_ref().map_or(0, Vec::len)
+    }
+
+    /// Problems `--repair` may fix.
+    pub fn repairable(&self) -> usize {
+        self.unregistered.iter().filter(|u| u.registrable).count()
+            + self.hidden.len()
+            + self.duplicates.len()
+    }
+}
+
+/// Runs every check.
+pub fn check(
+    conn: &Connection,
+    layers: &Layers,
+    check_contents: bool,
+) -> Result<Problems, VerifyError> {
+    let db = layers.upper.db();
+    let upper = scan_upper(&layers.upper.store())?;
+    let rows = valid_rows(conn, &db)?;
+    let missing = missing_content(layers, &upper, &rows);
+    let hash_mismatches = if check_contents {
+        let skip: HashSet<&str> = missing.iter().map(|m| m.path.as_str()).collect();
+        let todo: Vec<&Row> = rows
+            .iter()
+            .filter(|r| !skip.contains(r.path.to_absolute().as_str()))
+            .collect();
+        Some(hash_mismatches(layers, &upper, &todo))
+    } else {
+        None
+    };
+    Ok(Problems {
+        unregistered: unregistered(layers, &upper, &rows),
+        hidden: hidden(conn, layers, &upper, &rows)?,
+        duplicates: duplicates(layers, &upper),
+        dangling_references: dangling_references(conn, &db)?,
+        missing_content: missing,
+        hash_mismatches,
+    })
+}
+
+/// Whether some lower has `name` and no whiteout in the upper hides it.
+fn visible_in_a_lower(layers: &Layers, upper: &UpperStore, name: &str) -> bool {
+    upper.get(name) != Some(&Entry::Whiteout) && layers.lowers.iter().any(|l| l.has(name))
+}
+
+/// Valid paths whose content is missing in their layer: a lower path whose
+/// lower lacks the entry or whose name the upper whites out; an upper path
+/// with no entry in the upper and none visible in any lower.
+pub(crate) fn missing_content(
+    layers: &Layers,
+    upper: &UpperStore,
+    rows: &[Row],
+) -> Vec<MissingContent> {
+    let mut out = Vec::new();
+    for row in rows {
+        let name = row.path.base_name();
+        let reason = if row.layer > 0 {
+            match (upper.get(name), layers.lower(row.layer)) {
+                (Some(Entry::Whiteout), _) => Some(MissingReason::Whiteout),
+                (_, Some(l)) if l.has(name) => None,
+                _ => Some(MissingReason::Absent),
+            }
+        } else if upper.get(name) == Some(&Entry::Real) || visible_in_a_lower(layers, upper, name) {
+            None
+        } else if upper.get(name) == Some(&Entry::Whiteout) {
+            Some(MissingReason::Whiteout)
+        } else {
+            Some(MissingReason::Absent)
+        };
+        if let Some(reason) = reason {
+            out.push(MissingContent {
+                path: row.path.to_absolute(),
+                layer: layers.label(row.layer),
+                reason,
+            });
+        }
+    }
+    out
+}
+
+/// Apparent size of the files under `path` (not following symlinks).
+pub(crate) fn apparent_size(path: &Path) -> u64 {
+    walkdir::WalkDir::new(path)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| !m.is_dir())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Entries of the upper store that are not valid paths (Nix's bookkeeping
+/// and whiteouts aside).
+pub(crate) fn unregistered(layers: &Layers, upper: &UpperStore, rows: &[Row]) -> Vec<Unregistered> {
+    let valid: HashSet<&str> = rows.iter().map(|r| r.path.base_name()).collect();
+    let mut out: Vec<Unregistered> = upper
+        .iter()
+        .filter(|(name, kind)| {
+            **kind == Entry::Real && !is_bookkeeping(name, upper) && !valid.contains(name.as_str())
+        })
+        .map(|(name, _)| Unregistered {
+            path: format!("{STORE_DIR}/{name}"),
+            bytes: apparent_size(&layers.upper.store().join(name)),
+            registrable: StorePath::from_base_name(name).is_ok(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
+/// Whiteouts in the upper over paths a lower of the stack has (as its
+/// database listed them at the last sync).
+pub(crate) fn hidden(
+    conn: &Connection,
+    layers: &Layers,
+    upper: &UpperStore,
+    rows: &[Row],
+) -> Result<Vec<Hidden>, VerifyError> {
+    let db = layers.upper.db();
+    let valid: HashSet<&str> = rows.iter().map(|r| r.path.base_name()).collect();
+    let mut stmt = conn
+        .prepare(
+            "select l.dir from NixfsLayerLowerPath lp join NixfsLayerLower l on l.id = lp.lower
+             where lp.path = ?1 and l.priority is not null order by l.priority limit 1",
+        )
+        .map_err(sql_err(&db))?;
+    let mut out = Vec::new();
+    for (name, kind) in upper {
+        if *kind != Entry::Whiteout {
+            continue;
+        }
+        let path = format!("{STORE_DIR}/{name}");
+        let lower: Option<String> = stmt
+            .query_row([&path], |r| r.get(0))
+            .optional()
+            .map_err(sql_err(&db))?;
+        if let Some(lower) = lower {
+            out.push(Hidden {
+                valid: valid.contains(name.as_str()),
+                path,
+                lower,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// Real upper entries for paths a lower's store has too.
+pub(crate) fn duplicates(layers: &Layers, upper: &UpperStore) -> Vec<Duplicate> {
+    let mut out: Vec<Duplicate> = upper
+        .iter()
+        .filter(|(name, kind)| **kind == Entry::Real && !is_bookkeeping(name, upper))
+        .filter_map(|(name, _)| {
+            let lower = layers.lowers.iter().find(|l| l.has(name))?;
+            Some(Duplicate {
+                path: format!("{STORE_DIR}/{name}"),
+                lower: lower.dir.display().to_string(),
+                bytes: apparent_size(&layers.upper.store().join(name)),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
+/// References whose referrer or reference is not a valid path: SQLite's
+/// foreign key check on Refs, and (the same, for a database whose foreign
+/// key definitions were lost) Refs rows with no ValidPaths row at either end.
+pub fn dangling_references(
+    conn: &Connection,
+    db: &Path,
+) -> Result<Vec<DanglingReference>, VerifyError> {
+    let err = sql_err(db);
+    let mut pairs: BTreeSet<(i64, i64)> = BTreeSet::new();
+    let rowids: Vec<i64> = conn
+        .prepare("pragma foreign_key_check(Refs)")
+        .and_then(|mut s| {
+            s.query_map([], |r| r.get::<_, i64>(1))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(&err)?;
+    for rowid in rowids {
+        let pair = conn
+            .query_row(
+                "select referrer, reference from Refs where rowid = ?1",
+                [rowid],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(&err)?;
+        pairs.insert(pair);
+    }
+    conn.prepare(
+        "select r.referrer, r.reference from Refs r
+         where not exists (select 1 from ValidPaths v where v.id = r.reference)
+            or not exists (select 1 from ValidPaths v where v.id = r.referrer)",
+    )
+    .and_then(|mut s| {
+        for p in s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
+            pairs.insert(p?);
+        }
+        Ok(())
+    })
+    .map_err(&err)?;
+    let name = |id: i64| -> Result<String, VerifyError> {
+        Ok(conn
+            .query_row("select path from ValidPaths where id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(&err)?
+            .unwrap_or_else(|| format!("#{id}")))
+    };
+    pairs
+        .into_iter()
+        .map(|(a, b)| {
+            Ok(DanglingReference {
+                referrer: name(a)?,
+                reference: name(b)?,
+            })
+        })
+        .collect()
+}
+
+/// Where a valid path's content is read from for hashing: the merged view
+/// when mounted, else the layer it comes from.
+fn content_location(layers: &Layers, upper: &UpperStore, row: &Row) -> Option<PathBuf> {
+    let name = row.path.base_name();
+    if let Some(m) = &layers.mounted_store {
+        return Some(m.join(name));
+    }
+    if upper.get(name) == Some(&Entry::Real) {
+        return Some(layers.upper.store().join(name));
+    }
+    let preferred = layers.lower(row.layer).filter(|l| l.has(name));
+    preferred
+        .or_else(|| layers.lowers.iter().find(|l| l.has(name)))
+        .map(|l| l.store().join(name))
+}
+
+/// Whether a database `hash` column (`sha256:` + base16 or nixbase32)
+/// names this hash.
+pub(crate) fn hash_matches(db: &str, h: &NarHash) -> bool {
+    let Some(rest) = db.strip_prefix("sha256:") else {
+        return false;
+    };
+    match rest.len() {
+        64 => rest.eq_ignore_ascii_case(&h.to_db_string()["sha256:".len()..]),
+        52 => rest == nixbase32_encode(&h.sha256),
+        _ => false,
+    }
+}
+
+/// NAR-hashes `paths` on every core; results in input order.
+pub(crate) fn hash_parallel(paths: &[PathBuf]) -> Vec<io::Result<NarHash>> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(paths.len())
+        .max(1);
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<(usize, io::Result<NarHash>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(p) = paths.get(i) else { break };
+                        mine.push((i, nar::hash_path(p)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("hashing thread panicked"))
+            .collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Valid paths whose content does not hash to their recorded narHash.
+fn hash_mismatches(layers: &Layers, upper: &UpperStore, rows: &[&Row]) -> Vec<HashMismatch> {
+    let located: Vec<(&Row, PathBuf)> = rows
+        .iter()
+        .filter_map(|r| content_location(layers, upper, r).map(|p| (*r, p)))
+        .collect();
+    let paths: Vec<PathBuf> = located.iter().map(|(_, p)| p.clone()).collect();
+    tracing::info!(paths = paths.len(), "hashing contents");
+    let hashes = hash_parallel(&paths);
+    located
+        .into_iter()
+        .zip(hashes)
+        .filter_map(|((row, _), h)| {
+            let actual = match h {
+                Ok(h) if hash_matches(&row.hash, &h) => return None,
+                Ok(h) => h.to_db_string(),
+                Err(e) => format!("unreadable: {e}"),
+            };
+            Some(HashMismatch {
+                path: row.path.to_absolute(),
+                layer: layers.label(row.layer),
+                expected: row.hash.clone(),
+                actual,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_column_forms_both_match() {
+        let h = NarHash {
+            sha256: [7; 32],
+            size: 1,
+        };
+        assert!(hash_matches(&h.to_db_string(), &h));
+        assert!(hash_matches(
+            &h.to_db_string().to_uppercase().replace("SHA256", "sha256"),
+            &h
+        ));
+        assert!(hash_matches(
+            &format!("sha256:{}", nixbase32_encode(&h.sha256)),
+            &h
+        ));
+        let other = NarHash {
+            sha256: [8; 32],
+            size: 1,
+        };
+        assert!(!hash_matches(&other.to_db_string(), &h));
+        assert!(!hash_matches("md5:abc", &h));
+    }
+
+    #[test]
+    fn bookkeeping_entries_are_not_store_content() {
+        let mut upper = UpperStore::new();
+        upper.insert(
+            "3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5-building".into(),
+            Entry::Real,
+        );
+        upper.insert(
+            "3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5-building.lock".into(),
+            Entry::Real,
+        );
+        assert!(is_bookkeeping(".links", &upper));
+        assert!(is_bookkeeping("x.lock", &upper));
+        assert!(is_bookkeeping(
+            "3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5-building",
+            &upper
+        ));
+        assert!(!is_bookkeeping(
+            "3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5-done",
+            &upper
+        ));
+    }
+
+    #[test]
+    fn hashes_in_parallel_in_input_order() {
+        let t = tempfile::tempdir().unwrap();
+        let paths: Vec<PathBuf> = (0..9)
+            .map(|i| {
+                let p = t.path().join(format!("f{i}"));
+                fs::write(&p, "x".repeat(i * 1000)).unwrap();
+                p
+            })
+            .collect();
+        let got = hash_parallel(&paths);
+        for (p, h) in paths.iter().zip(got) {
+            assert_eq!(h.unwrap(), nar::hash_path(p).unwrap());
+        }
+        assert!(hash_parallel(&[t.path().join("missing")])[0].is_err());
+    }
+}

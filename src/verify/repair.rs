@@ -1,0 +1,249 @@
+//! `verify --repair`: fixes what needs no network.
+//!
+//! * whiteouts over lower paths are removed (the lower path shows again);
+//! * upper copies of lower paths are removed when they hash the same as the
+//!   lower's copy (an upper copy that differs is left and stays reported);
+//! * upper entries that are not valid paths are registered: narHash and
+//!   narSize from their content, `ultimate`, references found by scanning
+//!   the content for the hash parts of valid store paths, as Nix does.
+//!
+//! Entries are changed in the upper's own directory; when the stack is
+//! mounted the overlay is then remounted so that it forgets what it cached.
+//! Missing lower content and hash mismatches cannot be fixed here.
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, TransactionBehavior};
+use serde::Serialize;
+
+use super::{apparent_size, hash_parallel, valid_rows, Layers, Problems, VerifyError};
+use crate::layer::Lower;
+use crate::overlay;
+use crate::pathdb::merge::{self, Needed, SyncOptions};
+use crate::pathdb::sql_err;
+use crate::refscan;
+use crate::storepath::StorePath;
+
+/// A problem `--repair` looked at and left alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    pub path: String,
+    pub reason: String,
+}
+
+/// What a repair did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Repairs {
+    /// Paths whose whiteout was removed.
+    pub whiteouts_removed: Vec<String>,
+    /// Paths whose upper copy was removed.
+    pub duplicates_removed: Vec<String>,
+    /// Apparent size of the removed upper copies.
+    pub bytes_freed: u64,
+    /// Upper entries registered as valid paths.
+    pub registered: Vec<String>,
+    pub skipped: Vec<Skipped>,
+    /// Whether the lowers were re-read (paths that were hidden at the last
+    /// sync were not registered then).
+    pub resynced: bool,
+    /// Whether the overlay was remounted.
+    pub remounted: bool,
+}
+
+impl Repairs {
+    pub fn changed(&self) -> bool {
+        !(self.whiteouts_removed.is_empty()
+            && self.duplicates_removed.is_empty()
+            && self.registered.is_empty())
+    }
+}
+
+/// Repairs what [`super::check`] found. The caller holds the upper's lock.
+pub fn repair(
+    conn: &mut Connection,
+    layers: &Layers,
+    found: &Problems,
+) -> Result<Repairs, VerifyError> {
+    let mut out = Repairs::default();
+    let store = layers.upper.store();
+    let mut resync = false;
+    for h in &found.hidden {
+        let entry = store.join(base_name(&h.path));
+        let is_whiteout = fs::symlink_metadata(&entry)
+            .map(|m| m.file_type().is_char_device() && m.rdev() == 0)
+            .unwrap_or(false);
+        if !is_whiteout {
+            continue;
+        }
+        fs::remove_file(&entry).map_err(super::io_err(&entry))?;
+        tracing::info!(path = %h.path, "removed the whiteout hiding a lower path");
+        resync |= !h.valid;
+        out.whiteouts_removed.push(h.path.clone());
+    }
+    remove_duplicates(layers, found, &mut out)?;
+    if let Some(m) = &layers.mounted_store {
+        if !out.whiteouts_removed.is_empty() || !out.duplicates_removed.is_empty() {
+            overlay::refresh(m)?;
+            out.remounted = true;
+        }
+    }
+    if resync {
+        let lowers = layers
+            .lowers
+            .iter()
+            .map(|l| Lower::open(&l.dir))
+            .collect::<Result<Vec<_>, _>>()?;
+        let summary = merge::sync(
+            &layers.upper,
+            &lowers,
+            &SyncOptions {
+                needed: Needed::KeepBroken,
+                force: true,
+                mounted_store: layers.mounted_store.as_deref(),
+                ..Default::default()
+            },
+        )?;
+        tracing::info!(%summary, "re-read the lowers after removing whiteouts");
+        if let (true, Some(m)) = (summary.changed(), &layers.mounted_store) {
+            overlay::refresh(m)?;
+        }
+        out.resynced = true;
+    }
+    register(conn, layers, found, &mut out)?;
+    Ok(out)
+}
+
+fn base_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+fn remove_duplicates(
+    layers: &Layers,
+    found: &Problems,
+    out: &mut Repairs,
+) -> Result<(), VerifyError> {
+    if found.duplicates.is_empty() {
+        return Ok(());
+    }
+    let store = layers.upper.store();
+    let mut pairs: Vec<PathBuf> = Vec::new();
+    for d in &found.duplicates {
+        let name = base_name(&d.path);
+        pairs.push(store.join(name));
+        pairs.push(Path::new(&d.lower).join("store").join(name));
+    }
+    let hashes = hash_parallel(&pairs);
+    for (d, pair) in found.duplicates.iter().zip(hashes.chunks(2)) {
+        match (&pair[0], &pair[1]) {
+            (Ok(up), Ok(low)) if up == low => {
+                let entry = store.join(base_name(&d.path));
+                let bytes = apparent_size(&entry);
+                remove_tree(&entry)?;
+                tracing::info!(path = %d.path, bytes, "removed the upper copy of a lower path");
+                out.bytes_freed += bytes;
+                out.duplicates_removed.push(d.path.clone());
+            }
+            (Ok(_), Ok(_)) => out.skipped.push(Skipped {
+                path: d.path.clone(),
+                reason: "the upper copy differs from the lower's".into(),
+            }),
+            (Err(e), _) | (_, Err(e)) => out.skipped.push(Skipped {
+                path: d.path.clone(),
+                reason: format!("could not be read: {e}"),
+            }),
+        }
+    }
+    Ok(())
+}
+
+/// Removes a store entry; store directories are read-only, so they are
+/// made writable first.
+fn remove_tree(path: &Path) -> Result<(), VerifyError> {
+    let meta = fs::symlink_metadata(path).map_err(super::io_err(path))?;
+    if !meta.is_dir() {
+        return fs::remove_file(path).map_err(super::io_err(path));
+    }
+    for e in walkdir::WalkDir::new(path).into_iter().flatten() {
+        if e.file_type().is_dir() {
+            let _ = fs::set_permissions(e.path(), fs::Permissions::from_mode(0o755));
+        }
+    }
+    fs::remove_dir_all(path).map_err(super::io_err(path))
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Registers the upper entries that are not valid paths, in one transaction.
+fn register(
+    conn: &mut Connection,
+    layers: &Layers,
+    found: &Problems,
+    out: &mut Repairs,
+) -> Result<(), VerifyError> {
+    let db = layers.upper.db();
+    let orphans: Vec<StorePath> = found
+        .unregistered
+        .iter()
+        .filter_map(|u| StorePath::parse(&u.path).ok())
+        .collect();
+    for u in found.unregistered.iter().filter(|u| !u.registrable) {
+        out.skipped.push(Skipped {
+            path: u.path.clone(),
+            reason: "not a store path name; remove it by hand if it is not needed".into(),
+        });
+    }
+    if orphans.is_empty() {
+        return Ok(());
+    }
+    let valid: Vec<StorePath> = valid_rows(conn, &db)?.into_iter().map(|r| r.path).collect();
+    // References may point at valid paths and at the other entries
+    // registered now.
+    let wanted = refscan::candidates(valid.iter().chain(&orphans));
+    let read_from = |p: &StorePath| match &layers.mounted_store {
+        Some(m) => m.join(p.base_name()),
+        None => layers.upper.store().join(p.base_name()),
+    };
+    let mut scanned = Vec::new();
+    for p in &orphans {
+        let at = read_from(p);
+        match refscan::hash_and_scan(&at, &wanted) {
+            Ok((h, refs)) => scanned.push((p, h, refs)),
+            Err(e) => out.skipped.push(Skipped {
+                path: p.to_absolute(),
+                reason: format!("could not be read: {e}"),
+            }),
+        }
+    }
+    let err = sql_err(&db);
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(&err)?;
+    for (p, h, _) in &scanned {
+        tx.execute(
+            "insert into ValidPaths (path, hash, registrationTime, narSize, ultimate) values (?1, ?2, ?3, ?4, 1)",
+            params![p.to_absolute(), h.to_db_string(), now(), h.size as i64],
+        )
+        .map_err(&err)?;
+    }
+    for (p, _, refs) in &scanned {
+        for r in refs {
+            tx.execute(
+                "insert or ignore into Refs (referrer, reference)
+                 select a.id, b.id from ValidPaths a, ValidPaths b where a.path = ?1 and b.path = ?2",
+                params![p.to_absolute(), r],
+            )
+            .map_err(&err)?;
+        }
+        tracing::info!(path = %p, references = refs.len(), "registered an upper entry");
+    }
+    tx.commit().map_err(&err)?;
+    out.registered = scanned.iter().map(|(p, _, _)| p.to_absolute()).collect();
+    Ok(())
+}
