@@ -145,6 +145,14 @@ pub struct SyncArgs {
     /// Re-read every lower, even those whose database has not changed.
     #[arg(long)]
     pub force: bool,
+    /// Switch to these lowers (a new generation; repeat for several, first
+    /// on top): the stack is remounted with them.
+    #[arg(long = "lower", value_name = "DIR")]
+    pub lowers: Vec<std::path::PathBuf>,
+    /// With --lower: first copy into the upper the paths its own paths and
+    /// GC roots need that the new lowers lack (else the switch is refused).
+    #[arg(long, requires = "lowers")]
+    pub keep_needed: bool,
 }
 
 #[derive(Debug, Args)]

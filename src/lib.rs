@@ -19,6 +19,7 @@ pub mod nixcli;
 pub mod overlay;
 pub mod pathdb;
 pub mod refscan;
+pub mod storecopy;
 pub mod storepath;
 pub mod synth;
 pub mod verify;

@@ -246,7 +246,7 @@ ns_test! {
 
         // The lower loses an unreferenced path.
         let tool = s.built.iter().find(|p| p.ends_with("-tool")).unwrap().clone();
-        s.w.with_nix_at(&s.lower, || s.w.nix_ok("nix-store", ["--delete", &tool]));
+        s.w.with_nix_at(&s.lower, || prune_from_lower(&s.w, &tool));
         assert!(!s.lower.join("store").join(&tool[11..]).exists());
         let out = s.w.tool_ok(["sync"]);
         assert!(out.starts_with("sync: added 0, removed 1"), "{out}");
@@ -264,7 +264,7 @@ ns_test! {
         let tool = s.built.iter().find(|p| p.ends_with("-tool")).unwrap().clone();
         let db = s.upper.join("var/nix/db/db.sqlite");
         let db_before = std::fs::read(&db).unwrap();
-        s.w.with_nix_at(&s.lower, || s.w.nix_ok("nix-store", ["--delete", &tool]));
+        s.w.with_nix_at(&s.lower, || prune_from_lower(&s.w, &tool));
 
         let out = s.w.tool(["sync"]);
         assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
@@ -582,5 +582,168 @@ ns_test! {
             .query_row("select (select count(*) from ValidPaths), (select count(*) from NixfsLayerOrigin)", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .unwrap();
         assert_eq!(paths, origins, "one provenance row per valid path");
+    }
+}
+
+/// The lower's publisher deletes a path from the lower with its own Nix.
+/// (`--ignore-liveness`: under a loaded machine Nix 2.8 sometimes counts a
+/// path as alive through runtime-root scanning of unrelated processes; the
+/// path has no referrer in the lower either way.)
+fn prune_from_lower(w: &World, path: &str) {
+    w.nix_ok("nix-store", ["--delete", "--ignore-liveness", path]);
+}
+
+/// Store path base names (`<hash>-<name>`).
+fn base(p: &str) -> String {
+    p.trim_start_matches("/nix/store/").to_owned()
+}
+
+ns_test! {
+    fn switching_to_a_new_lower_keeps_exactly_what_the_upper_needs() {
+        let s = setup();
+        s.mount();
+        let on_top = s.w.build(&["onTop"]).remove(0);
+        let on_top_drv = s.w.nix_ok("nix-store", ["-q", "--deriver", &on_top]).trim().to_owned();
+        let refs_before = s.w.nix_ok("nix-store", ["-q", "--references", &on_top]);
+        let closure: std::collections::BTreeSet<String> = s
+            .w
+            .nix_ok("nix-store", ["-qR", &on_top, &on_top_drv])
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let lower_before = tree_digest(&s.lower);
+
+        // The next generation of the lower: app (same paths) and extra, no tool.
+        let new_lower = s.w.path("lower-v2");
+        let new_paths: std::collections::BTreeSet<String> = s.w.with_nix_at(&new_lower, || {
+            s.w.build(&["app", "extra"]);
+            s.all_paths().into_iter().collect()
+        });
+        let expected_kept: std::collections::BTreeSet<String> = closure
+            .iter()
+            .filter(|p| !new_paths.contains(*p) && **p != on_top && **p != on_top_drv)
+            .map(|p| base(p))
+            .collect();
+        assert!(expected_kept.iter().any(|p| p.ends_with("-tool")), "{expected_kept:?}");
+
+        // Without --keep-needed: refused, nothing changes.
+        let nl = new_lower.to_str().unwrap();
+        let out = s.w.tool(["sync", "--lower", nl]);
+        assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+        assert!(stderr(&out).contains("-tool (needed by") && stderr(&out).contains("--keep-needed"), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_str(&s.w.tool_ok(["status", "--json"])).unwrap();
+        assert_eq!(v["lowers"][0]["dir"], s.lower.to_str().unwrap(), "still on the old lower");
+
+        s.w.tool_ok(["sync", "--lower", nl, "--keep-needed"]);
+        let v: serde_json::Value = serde_json::from_str(&s.w.tool_ok(["status", "--json"])).unwrap();
+        assert_eq!(v["mounted"], true);
+        assert_eq!(v["lowers"][0]["dir"], nl);
+        assert_eq!(v["lowers"].as_array().unwrap().len(), 1);
+        let mut want: std::collections::BTreeSet<String> = expected_kept.clone();
+        want.insert(base(&on_top));
+        want.insert(base(&on_top_drv));
+        let got: std::collections::BTreeSet<String> = s.upper_store().into_iter().collect();
+        assert_eq!(got, want, "the upper holds its own paths plus exactly what the new lower lacks");
+
+        assert!(s.valid(&on_top));
+        assert_eq!(s.w.nix_ok("nix-store", ["-q", "--references", &on_top]), refs_before);
+        assert_eq!(sh(&format!("{on_top}/bin/on-top")), "hello from on-top\n");
+        assert!(!s.valid(&s.added_file), "what nothing needed went with the old lower");
+        let extra = new_paths.iter().find(|p| p.ends_with("-extra")).unwrap();
+        assert!(s.valid(extra), "the new lower's paths are valid");
+        verify_contents(&s.w);
+        assert_eq!(tree_digest(&s.lower), lower_before, "the old lower was only read");
+        let out = s.w.tool(["verify"]);
+        assert!(out.status.success(), "verify: {}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    }
+}
+
+ns_test! {
+    fn mount_reports_what_a_lower_lost_while_unmounted() {
+        let s = setup();
+        s.mount();
+        let on_top = s.w.build(&["onTop"]).remove(0);
+        s.w.tool_ok(["umount"]);
+        // The template drops tool while the AppVM is off.
+        let tool = s.built.iter().find(|p| p.ends_with("-tool")).unwrap().clone();
+        s.w.with_nix_at(&s.lower, || prune_from_lower(&s.w, &tool));
+
+        let out = s.w.tool([
+            "mount", "--lower", s.lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap(), "--no-flake-fs",
+        ]);
+        assert!(out.status.success(), "mount goes ahead: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("warning: {tool} left the lowers but upper paths need it")),
+            "names what broke: {}",
+            stderr(&out)
+        );
+        assert!(s.valid(&on_top));
+        let out = s.w.tool(["verify", "--json"]);
+        assert_eq!(out.status.code(), Some(1));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let missing = v["categories"]["missing_content"].as_array().unwrap();
+        assert!(missing.iter().any(|m| m["path"] == tool.as_str()), "verify lists it missing: {v}");
+        // Everything else of the lower is still there and fine.
+        let app = s.built.iter().find(|p| p.ends_with("-app")).unwrap();
+        assert_eq!(sh(&format!("{app}/bin/app")), "hello from app\n");
+    }
+}
+
+ns_test! {
+    fn two_lowers_first_wins_and_order_changes_move_paths() {
+        let s = setup();
+        // A second lower sharing app's closure with the first, plus extra.
+        let second = s.w.path("lower-b");
+        let b_paths: Vec<String> = s.w.with_nix_at(&second, || {
+            s.w.build(&["app", "extra"]);
+            s.all_paths()
+        });
+        let a_paths = s.w.with_nix_at(&s.lower, || s.all_paths());
+        let (a, b, u) = (s.lower.to_str().unwrap(), second.to_str().unwrap(), s.upper.to_str().unwrap());
+        s.w.tool_ok(["mount", "--lower", a, "--lower", b, "--upper", u, "--no-flake-fs"]);
+        let status = || -> serde_json::Value { serde_json::from_str(&s.w.tool_ok(["status", "--json"])).unwrap() };
+        let only_b = b_paths.iter().filter(|p| !a_paths.contains(p)).count();
+        let v = status();
+        assert_eq!(v["lowers"][0]["provided_paths"], a_paths.len(), "{v}");
+        assert_eq!(v["lowers"][1]["provided_paths"], only_b, "{v}");
+        assert_eq!(v["lowers"][1]["paths"], b_paths.len());
+        let mut all = s.all_paths();
+        all.sort();
+        let mut union: Vec<String> = a_paths.iter().chain(&b_paths).cloned().collect();
+        union.sort();
+        union.dedup();
+        assert_eq!(all, union, "every path of either lower is valid");
+        let extra = b_paths.iter().find(|p| p.ends_with("-extra")).unwrap();
+        assert_eq!(sh(&format!("cat {extra}/share/name")), "extra\n");
+        verify_contents(&s.w);
+        s.w.tool_ok(["umount"]);
+
+        // The other way round: the shared paths now come from b.
+        let out = s.w.tool(["mount", "--lower", b, "--lower", a, "--upper", u, "--no-flake-fs"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stderr(&out).contains("now from another lower"), "{}", stderr(&out));
+        let v = status();
+        assert_eq!(v["lowers"][0]["provided_paths"], b_paths.len(), "{v}");
+        let only_a = a_paths.iter().filter(|p| !b_paths.contains(p)).count();
+        assert_eq!(v["lowers"][1]["provided_paths"], only_a, "{v}");
+        verify_contents(&s.w);
+    }
+}
+
+ns_test! {
+    fn a_lower_row_without_content_is_skipped_on_the_first_merge() {
+        let s = setup();
+        let tool = s.built.iter().find(|p| p.ends_with("-tool")).unwrap().clone();
+        // Content pruned behind the lower's Nix: its database still lists it.
+        sh(&format!("chmod -R u+w {0} && rm -rf {0}", s.lower.join("store").join(base(&tool)).display()));
+        let out = s.w.tool([
+            "mount", "--lower", s.lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap(), "--no-flake-fs",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stderr(&out).contains("skipped 1 lower path(s) whose store entry is missing"), "{}", stderr(&out));
+        assert!(!s.valid(&tool));
+        let app = s.built.iter().find(|p| p.ends_with("-app")).unwrap();
+        assert!(s.valid(app));
+        verify_contents(&s.w);
     }
 }

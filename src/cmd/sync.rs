@@ -1,12 +1,20 @@
-//! `nixfs-layer sync [--target DIR]`
+//! `nixfs-layer sync [--target DIR] [--force]`, and switching to a new
+//! lower generation: `sync --lower NEWDIR… [--keep-needed]`.
 
-use crate::cli::SyncArgs;
+use std::path::PathBuf;
+
+use crate::cli::{ConfigArg, MountArgs, SyncArgs, TargetArgs};
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::layer::Stack;
+use crate::nar;
 use crate::overlay;
 use crate::pathdb::merge::{self, SyncOptions};
+use crate::pathdb::{self, keep, ClosureBroken, DbError};
+use crate::storecopy;
+use crate::storepath::STORE_DIR;
 
-use super::{lock_upper, require_mounted, resolve_target, Progress};
+use super::{lock_upper, require_mounted, resolve_target, Mounted, Progress};
 
 pub fn run(args: &SyncArgs, quiet: bool) -> Result<()> {
     let args_target = &args.target;
@@ -14,6 +22,9 @@ pub fn run(args: &SyncArgs, quiet: bool) -> Result<()> {
     let target = resolve_target(args_target.target.as_deref(), &config)?;
     overlay::check_privileges("sync")?;
     let mounted = require_mounted(&target)?;
+    if !args.lowers.is_empty() {
+        return switch_lowers(args, &mounted, quiet);
+    }
     let _lock = lock_upper(&mounted.upper)?;
     let lowers = mounted.lowers()?;
     let progress = Progress::new(quiet, "syncing lower databases");
@@ -35,6 +46,112 @@ pub fn run(args: &SyncArgs, quiet: bool) -> Result<()> {
     }
     if !quiet {
         println!("sync: {summary}");
+    }
+    Ok(())
+}
+
+/// Moves the mounted stack to new lowers. While the old lowers are still
+/// mounted, the paths the upper needs (closures of its own paths and of the
+/// GC roots) that the new lowers lack are copied into a staging directory
+/// and checked against their NAR hashes; then the stack is unmounted, the
+/// copies become upper paths, and it is mounted again with the new lowers.
+/// Nothing else is copied. Without `--keep-needed`, such paths make the
+/// switch fail before anything changes.
+fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> {
+    let upper = &mounted.upper;
+    let lock = lock_upper(upper)?;
+    let new = Stack::open(&args.lowers, upper.dir())?;
+    let conn = pathdb::open(&upper.db())?;
+    let needed = keep::needed(&conn, upper)?;
+    let missing = keep::missing_from(&new.lowers, &upper.tmp_dir(), &needed)?;
+    drop(conn);
+    if !missing.is_empty() && !args.keep_needed {
+        return Err(DbError::ClosureBroken(ClosureBroken {
+            total: missing.len(),
+            needed: missing
+                .iter()
+                .take(10)
+                .map(|n| (n.path.clone(), n.needed_by.clone()))
+                .collect(),
+        })
+        .into());
+    }
+
+    // Copy what is missing, through the merged view, and check it.
+    let staging = upper.tool_dir().join("staging");
+    let _ = storecopy::remove_tree(&staging);
+    let io = |path: PathBuf| move |source| Error::Io { path, source };
+    std::fs::create_dir_all(&staging).map_err(io(staging.clone()))?;
+    for n in &missing {
+        let base = &n.path[STORE_DIR.len() + 1..];
+        let (src, dst) = (mounted.store().join(base), staging.join(base));
+        storecopy::copy_tree(&src, &dst).map_err(io(src.clone()))?;
+        let got = nar::hash_path(&dst).map_err(io(dst.clone()))?;
+        if got.to_db_string() != n.nar_hash {
+            let _ = storecopy::remove_tree(&staging);
+            return Err(Error::Io {
+                path: src,
+                source: std::io::Error::other(format!(
+                    "its contents do not match its recorded hash {} (got {}); nothing was switched, run `nixfs-layer verify --check-contents`",
+                    n.nar_hash,
+                    got.to_db_string()
+                )),
+            });
+        }
+    }
+
+    // Unmount, make the copies the upper's, mount with the new lowers.
+    let flake_mount = mounted
+        .record
+        .flakefs
+        .as_ref()
+        .map(|f| f.mountpoint.clone());
+    let old_lowers = mounted.record.lowers.clone();
+    drop(lock);
+    let target_args = TargetArgs {
+        target: Some(mounted.target.clone()),
+        config: ConfigArg {
+            config: args.target.config.config.clone(),
+        },
+    };
+    if let Err(e) = super::umount::run(&target_args) {
+        let _ = storecopy::remove_tree(&staging);
+        return Err(e);
+    }
+    let kept: Vec<String> = missing.iter().map(|n| n.path.clone()).collect();
+    for n in &missing {
+        let base = &n.path[STORE_DIR.len() + 1..];
+        let (from, to) = (staging.join(base), upper.store().join(base));
+        std::fs::rename(&from, &to).map_err(io(to.clone()))?;
+    }
+    let _ = storecopy::remove_tree(&staging);
+    let mut conn = pathdb::open(&upper.db())?;
+    keep::adopt_into_upper(&mut conn, upper, &kept)?;
+    drop(conn);
+    if !quiet && !kept.is_empty() {
+        eprintln!(
+            "kept {} path(s) the upper needs and the new lowers lack: {}",
+            kept.len(),
+            kept.join(", ")
+        );
+    }
+    let mount_args = |lowers: Vec<PathBuf>| MountArgs {
+        lowers,
+        upper: Some(upper.dir().to_owned()),
+        target: Some(mounted.target.clone()),
+        no_flake_fs: flake_mount.is_none(),
+        flake_mount: flake_mount.clone(),
+        foreground: false,
+        config: ConfigArg {
+            config: args.target.config.config.clone(),
+        },
+    };
+    if let Err(e) = super::mount::run(&mount_args(args.lowers.clone()), quiet) {
+        // Put the old stack back rather than leave nothing mounted.
+        if let Err(back) = super::mount::run(&mount_args(old_lowers), true) {
+            tracing::error!(error = %back, "could not mount the old lowers again either");
+        }
+        return Err(e);
     }
     Ok(())
 }

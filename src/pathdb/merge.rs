@@ -184,7 +184,8 @@ pub fn sync(
         path: pin_store.clone(),
         source,
     };
-    let stale = stack_changed(&conn, &states).map_err(&err)?;
+    let mut reordered = HashSet::new();
+    let stale = stack_changed(&conn, &states, &mut reordered).map_err(&err)?;
     let changed: Vec<usize> = (0..states.len())
         .filter(|&i| opts.force || stale.contains(&i))
         .collect();
@@ -265,8 +266,9 @@ pub fn sync(
         ..Default::default()
     };
     phase("comparing lower databases with the last sync");
-    for s in states.iter().filter(|s| s.alias.is_some()) {
-        summary.missing_content += diff_lower(&tx, s, &whiteouts, opts.force)?;
+    for (i, s) in states.iter().enumerate().filter(|(_, s)| s.alias.is_some()) {
+        let full = opts.force || reordered.contains(&i);
+        summary.missing_content += diff_lower(&tx, s, &whiteouts, full)?;
     }
     forget_departed_lowers(&tx).map_err(&err)?;
 
@@ -379,7 +381,11 @@ fn attach(
 
 /// Indices of lowers whose fingerprint differs from the recorded one, or
 /// that were not at this place in the stack.
-fn stack_changed(conn: &Connection, states: &[LowerState]) -> rusqlite::Result<HashSet<usize>> {
+fn stack_changed(
+    conn: &Connection,
+    states: &[LowerState],
+    reordered: &mut HashSet<usize>,
+) -> rusqlite::Result<HashSet<usize>> {
     let mut out = HashSet::new();
     for (i, s) in states.iter().enumerate() {
         let rec: Option<(Option<i64>, Option<String>)> = conn
@@ -391,8 +397,14 @@ fn stack_changed(conn: &Connection, states: &[LowerState]) -> rusqlite::Result<H
             .optional()?;
         match rec {
             Some((Some(p), Some(f))) if p == i as i64 && f == s.fingerprint => {}
-            _ => {
+            Some((Some(p), _)) if p == i as i64 => {
                 out.insert(i);
+            }
+            _ => {
+                // New to the stack or at another place in it: which lower
+                // provides each of its paths must be worked out again.
+                out.insert(i);
+                reordered.insert(i);
             }
         }
     }

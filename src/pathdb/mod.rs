@@ -2,6 +2,7 @@
 //! merging them, and the provenance of every valid path.
 
 pub mod adopt;
+pub mod keep;
 pub mod lookup;
 pub mod merge;
 pub mod pin;
@@ -67,7 +68,7 @@ impl std::fmt::Display for ClosureBroken {
             .collect();
         write!(
             f,
-            "sync refused, the merged database is unchanged: {} path(s) left the lowers but upper paths still need them: {}{}; put them back in a lower, or delete the upper paths that need them (nix-store --delete) and sync again",
+            "sync refused, the merged database is unchanged: {} path(s) left the lowers but upper paths still need them: {}{}; put them back in a lower, delete the upper paths that need them (nix-store --delete), or switch with `nixfs-layer sync --lower NEWDIR --keep-needed` while the old lower is still mounted",
             self.total,
             shown.join(", "),
             if self.total > shown.len() { ", …" } else { "" }

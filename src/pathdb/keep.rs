@@ -1,0 +1,143 @@
+//! What the upper needs from the lowers: the lower-provided paths in the
+//! closures of the upper's own paths and of the merged store's GC roots.
+//! Used when switching to a new lower generation, to copy exactly those a
+//! new lower lacks into the upper before the old lower goes away.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use rusqlite::{params, Connection};
+
+use super::{pin, snapshot, sql_err, DbError};
+use crate::gcroots;
+use crate::layer::{Lower, Upper};
+
+/// A lower-provided path the upper needs, with its recorded NAR hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Needed {
+    pub path: String,
+    pub nar_hash: String,
+    /// An upper path or GC root that needs it (for messages).
+    pub needed_by: String,
+}
+
+/// The lower-provided paths reachable from upper paths and GC roots.
+pub fn needed(conn: &Connection, upper: &Upper) -> Result<Vec<Needed>, DbError> {
+    let db = upper.db();
+    let err = sql_err(&db);
+    conn.execute_batch(
+        "create temp table if not exists keep_start (id integer primary key, why text not null);
+         delete from temp.keep_start;",
+    )
+    .map_err(&err)?;
+    conn.execute(
+        "insert or ignore into temp.keep_start (id, why)
+         select v.id, v.path from ValidPaths v join NixfsLayerOrigin o on o.path = v.path where o.layer = 0",
+        [],
+    )
+    .map_err(&err)?;
+    for (root, target) in gcroots::user_roots(upper) {
+        conn.execute(
+            "insert or ignore into temp.keep_start (id, why) select id, ?2 from ValidPaths where path = ?1",
+            params![target, format!("GC root {}", root.display())],
+        )
+        .map_err(&err)?;
+    }
+    let mut stmt = conn
+        .prepare(
+            "with recursive closure(id, why) as (
+               select id, why from temp.keep_start
+               union
+               select r.reference, c.why from Refs r join closure c on r.referrer = c.id
+             )
+             select v.path, v.hash, min(c.why) from closure c
+             join ValidPaths v on v.id = c.id
+             join NixfsLayerOrigin o on o.path = v.path
+             where o.layer > 0
+             group by v.path order by v.path",
+        )
+        .map_err(&err)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(Needed {
+                path: r.get(0)?,
+                nar_hash: r.get(1)?,
+                needed_by: r.get(2)?,
+            })
+        })
+        .map_err(&err)?;
+    rows.collect::<Result<_, _>>().map_err(&err)
+}
+
+/// Of `paths`, those none of `lowers` has (in its database with its store
+/// entry present).
+pub fn missing_from(
+    lowers: &[Lower],
+    scratch: &Path,
+    paths: &[Needed],
+) -> Result<Vec<Needed>, DbError> {
+    let mut have: HashSet<String> = HashSet::new();
+    for lower in lowers {
+        let snap = snapshot::take(lower, scratch)?;
+        let err = sql_err(snap.db());
+        let conn = Connection::open(snap.db()).map_err(|e| DbError::NotNixDb {
+            path: lower.db(),
+            detail: e.to_string(),
+        })?;
+        let mut q = conn
+            .prepare("select 1 from ValidPaths where path = ?1")
+            .map_err(&err)?;
+        for p in paths {
+            let base = &p.path[crate::storepath::STORE_DIR.len() + 1..];
+            if q.exists([&p.path]).map_err(&err)? && lower.store().join(base).exists() {
+                have.insert(p.path.clone());
+            }
+        }
+    }
+    Ok(paths
+        .iter()
+        .filter(|p| !have.contains(&p.path))
+        .cloned()
+        .collect())
+}
+
+/// Records that `paths` (now copied into the upper's store) are the upper's
+/// own, and keeps the pin's invariant: what they refer to that is still
+/// lower-provided and no other lower-provided path refers to gets pinned.
+pub fn adopt_into_upper(
+    conn: &mut Connection,
+    upper: &Upper,
+    paths: &[String],
+) -> Result<(), DbError> {
+    let db = upper.db();
+    let err = sql_err(&db);
+    let tx = conn.transaction().map_err(&err)?;
+    let pin_id = pin::ensure(&tx, upper, &upper.store()).map_err(|source| DbError::Io {
+        path: upper.store(),
+        source,
+    })?;
+    tx.execute_batch(
+        "create temp table if not exists kept (path text primary key) without rowid; delete from temp.kept;
+         create temp table if not exists kept_refs (path text primary key) without rowid; delete from temp.kept_refs;",
+    )
+    .map_err(&err)?;
+    for p in paths {
+        tx.execute("insert or ignore into temp.kept (path) values (?1)", [p])
+            .map_err(&err)?;
+    }
+    tx.execute_batch(
+        "update NixfsLayerOrigin set layer = 0 where path in (select path from temp.kept);
+         insert or ignore into temp.kept_refs (path)
+           select d.path from temp.kept k join ValidPaths v on v.path = k.path
+           join Refs r on r.referrer = v.id join ValidPaths d on d.id = r.reference;",
+    )
+    .map_err(&err)?;
+    tx.execute(
+        "delete from Refs where referrer = ?1 and reference in
+           (select v.id from temp.kept k join ValidPaths v on v.path = k.path)",
+        [pin_id],
+    )
+    .map_err(&err)?;
+    pin::pin_tops(&tx, pin_id, "kept_refs").map_err(&err)?;
+    tx.commit().map_err(&err)
+}
