@@ -336,12 +336,14 @@ pub fn sync(
     tx.execute_batch(DROP_TEMP_SQL).map_err(&err)?;
     phase("committing");
     tx.commit().map_err(&err)?;
+    phase("cleaning up");
     for s in &states {
         if let Some(alias) = &s.alias {
             conn.execute("detach database ?1", [alias]).map_err(&err)?;
         }
     }
     drop(snapshots);
+    phase("done");
     tracing::info!(elapsed = ?started.elapsed(), %summary, "sync done");
     Ok(summary)
 }
