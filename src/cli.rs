@@ -45,6 +45,9 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Free the upper's unreachable paths with Nix's own collector (never a lower path).
     Gc(GcArgs),
+    /// Write the man pages or a shell's completions (for packaging).
+    #[command(subcommand)]
+    Generate(GenerateCommand),
 }
 
 #[derive(Debug, Args)]
@@ -184,4 +187,19 @@ pub struct GcArgs {
     /// Stop after freeing this many bytes.
     #[arg(long, value_name = "BYTES")]
     pub max_freed: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GenerateCommand {
+    /// Man pages: nixfs-layer.1 and one nixfs-layer-<command>.1 per subcommand.
+    Man {
+        /// Directory to write them to (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Completions for a shell, on stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }

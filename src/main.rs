@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         Command::Resolve(a) => cmd::resolve::run(a),
         Command::Verify(a) => cmd::verify::run(a),
         Command::Gc(a) => cmd::gc::run(a),
+        Command::Generate(g) => cmd::generate::run(g),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 
 pub mod flakefs;
 pub mod gc;
+pub mod generate;
 pub mod init;
 pub mod mount;
 pub mod resolve;
