@@ -33,6 +33,10 @@ fn main() -> ExitCode {
         Command::Resolve(a) => cmd::resolve::run(a),
         Command::Verify(a) => cmd::verify::run(a),
         Command::Gc(a) => cmd::gc::run(a),
+        Command::Diff(a) => cmd::diff::run(a),
+        Command::Export(a) => cmd::export::run(a),
+        Command::Import(a) => cmd::import::run(a),
+        Command::Optimise(a) => cmd::optimise::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
