@@ -48,6 +48,14 @@ pub enum Command {
     /// Write the man pages or a shell's completions (for packaging).
     #[command(subcommand)]
     Generate(GenerateCommand),
+    /// List the paths only the upper has, with the GC roots that hold them.
+    Diff(DiffArgs),
+    /// Write closures of upper paths in the format `nix-store --import` reads.
+    Export(ExportArgs),
+    /// Import a `nixfs-layer export` or `nix-store --export` file into the mounted stack.
+    Import(ImportArgs),
+    /// Drop the upper's copies of paths a lower has with the same contents.
+    Optimise(OptimiseArgs),
 }
 
 #[derive(Debug, Args)]
@@ -202,4 +210,51 @@ pub enum GenerateCommand {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Machine-readable output (see docs/diff-json.md).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Store paths (or links to them) whose closures to export [default:
+    /// the closures of every GC root of the upper].
+    #[arg(value_name = "PATH")]
+    pub paths: Vec<String>,
+    /// The file to write ("-" for stdout); written under a temporary name
+    /// and renamed when complete.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: std::path::PathBuf,
+    /// Compress through the `zstd` or `xz` program.
+    #[arg(long, value_enum, default_value = "none")]
+    pub compress: crate::export::Compression,
+    /// Also export the paths the lowers have (for a machine without them).
+    #[arg(long)]
+    pub full: bool,
+    #[command(flatten)]
+    pub target: TargetArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// An export file, plain or compressed with zstd or xz.
+    #[arg(value_name = "FILE")]
+    pub file: std::path::PathBuf,
+    #[command(flatten)]
+    pub target: TargetArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct OptimiseArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Machine-readable output: the dropped and kept paths, bytes freed.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -2,11 +2,13 @@
 //! (the sysexits.h convention; 2 stays clap's for malformed arguments).
 
 use crate::config::ConfigError;
+use crate::export::{ExportError, FormatError};
 use crate::flakefs::daemon::FlakeFsError;
 use crate::flakefs::names::NameError;
 use crate::flakefs::Failure;
 use crate::gc::GcError;
 use crate::layer::LayerError;
+use crate::optimise::OptimiseError;
 use crate::overlay::MountError;
 use crate::pathdb::DbError;
 use crate::verify::VerifyError;
@@ -42,6 +44,10 @@ pub enum Error {
     #[error(transparent)]
     Gc(#[from] GcError),
     #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error(transparent)]
+    Optimise(#[from] OptimiseError),
+    #[error(transparent)]
     FlakeFs(#[from] FlakeFsError),
     #[error(transparent)]
     Name(#[from] NameError),
@@ -73,6 +79,29 @@ impl Error {
                 GcError::LowerEntriesInvalid { .. } | GcError::LowerPathsDead { .. } => EX_DATAERR,
                 GcError::Db(e) => Error::db_code(e),
                 GcError::Io { .. } => EX_IOERR,
+            },
+            Error::Export(e) => match e {
+                ExportError::Format {
+                    source: FormatError::Io(_),
+                    ..
+                }
+                | ExportError::Io { .. }
+                | ExportError::Compress { .. } => EX_IOERR,
+                ExportError::Format { .. }
+                | ExportError::Decompress { .. }
+                | ExportError::HashChanged { .. }
+                | ExportError::MissingReference { .. }
+                | ExportError::Conflict { .. } => EX_DATAERR,
+                ExportError::NotValid { .. } => EX_NOINPUT,
+                ExportError::TargetNotNix { .. } => EX_USAGE,
+                ExportError::Spawn { .. } => EX_UNAVAILABLE,
+                ExportError::Nix { .. } => EX_SOFTWARE,
+                ExportError::Db(e) => Error::db_code(e),
+            },
+            Error::Optimise(e) => match e {
+                OptimiseError::Db(e) => Error::db_code(e),
+                OptimiseError::Mount(e) => Error::mount_code(e),
+                OptimiseError::Remove { .. } | OptimiseError::Pin { .. } => EX_IOERR,
             },
             Error::Name(_) => EX_DATAERR,
             Error::Resolve(f) => match f.errno {

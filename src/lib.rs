@@ -7,15 +7,18 @@
 //! `/nixfs/flake` tree on top, running Nix through `nixcli`.
 
 pub mod cli;
+pub mod closure;
 pub mod cmd;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod flakefs;
 pub mod gc;
 pub mod gcroots;
 pub mod layer;
 pub mod nar;
 pub mod nixcli;
+pub mod optimise;
 pub mod overlay;
 pub mod pathdb;
 pub mod refscan;

@@ -34,6 +34,10 @@ fn main() -> ExitCode {
         Command::Verify(a) => cmd::verify::run(a),
         Command::Gc(a) => cmd::gc::run(a),
         Command::Generate(g) => cmd::generate::run(g),
+        Command::Diff(a) => cmd::diff::run(a),
+        Command::Export(a) => cmd::export::run(a),
+        Command::Import(a) => cmd::import::run(a),
+        Command::Optimise(a) => cmd::optimise::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,11 +1,15 @@
 //! One module per subcommand, plus what they share: the target, finding
 //! what is mounted there, and the upper's lock.
 
+pub mod diff;
+pub mod export;
 pub mod flakefs;
 pub mod gc;
 pub mod generate;
+pub mod import;
 pub mod init;
 pub mod mount;
+pub mod optimise;
 pub mod resolve;
 pub mod status;
 pub mod sync;

@@ -161,7 +161,7 @@ fn remove_duplicates(
 
 /// Removes a store entry; store directories are read-only, so they are
 /// made writable first.
-fn remove_tree(path: &Path) -> Result<(), VerifyError> {
+pub(crate) fn remove_tree(path: &Path) -> Result<(), VerifyError> {
     let meta = fs::symlink_metadata(path).map_err(super::io_err(path))?;
     if !meta.is_dir() {
         return fs::remove_file(path).map_err(super::io_err(path));

@@ -1,0 +1,41 @@
+//! `nixfs-layer optimise [--target DIR] [--json]`: drops the upper's copies
+//! of paths a lower has with the same contents (see `crate::optimise`).
+
+use crate::cli::OptimiseArgs;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::optimise;
+use crate::overlay;
+use crate::pathdb;
+use crate::verify::Layers;
+
+use super::{lock_upper, require_mounted, resolve_target};
+
+pub fn run(args: &OptimiseArgs) -> Result<()> {
+    let config = Config::load(args.target.config.config.as_deref())?;
+    let target = resolve_target(args.target.target.as_deref(), &config)?;
+    overlay::check_privileges("optimise")?;
+    let mounted = require_mounted(&target)?;
+    let _lock = lock_upper(&mounted.upper)?;
+    let mut conn = pathdb::open(&mounted.upper.db())?;
+    let layers = Layers::read(&conn, &mounted.upper, Some(&mounted.store()))?;
+    let r = optimise::optimise(&mut conn, &mounted.upper, &layers.lowers, &mounted.store())?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&r)
+            .map_err(|e| Error::Usage(format!("cannot serialise the report: {e}")))?;
+        println!("{text}");
+        return Ok(());
+    }
+    println!(
+        "dropped {} upper cop(y/ies), freed {} bytes",
+        r.dropped.len(),
+        r.bytes_freed
+    );
+    for d in &r.dropped {
+        println!("{}\t{}\t{}", d.path, d.bytes, d.lower);
+    }
+    for k in &r.kept {
+        println!("kept {}: {}", k.path, k.reason);
+    }
+    Ok(())
+}

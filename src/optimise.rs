@@ -1,0 +1,177 @@
+//! `optimise`: drops the upper's copies of paths a lower has too.
+//!
+//! A path built (or imported) through the merged store lands in the upper;
+//! when a lower later gains the same path (the template built it too), the
+//! upper copy shadows an identical lower copy. Where the upper copy, the
+//! top lower's copy and the recorded narHash all agree, the path becomes
+//! lower-provided in one database transaction (provenance moves to that
+//! lower, and the pin refers to it so Nix's collector keeps it, see
+//! `pathdb::pin`), then the upper copy is deleted and the overlay is
+//! remounted so that it forgets the removed entries.
+
+use std::path::PathBuf;
+
+use rusqlite::{params, Connection, TransactionBehavior};
+use serde::Serialize;
+
+use crate::layer::Upper;
+use crate::overlay::{self, MountError};
+use crate::pathdb::{pin, sql_err, DbError};
+use crate::verify::{apparent_size, hash_parallel, repair::remove_tree, LowerLayer, VerifyError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OptimiseError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("{path}: {source}; the path is lower-provided now, `nixfs-layer verify --repair` removes the rest of the copy")]
+    Remove { path: PathBuf, source: VerifyError },
+    #[error("could not write the pin in {store}: {source}")]
+    Pin {
+        store: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// An upper copy that was removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Dropped {
+    pub path: String,
+    /// The lower that provides it now.
+    pub lower: String,
+    /// Apparent size of the removed copy.
+    pub bytes: u64,
+}
+
+/// A path both have that was left alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Kept {
+    pub path: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Optimised {
+    pub dropped: Vec<Dropped>,
+    pub kept: Vec<Kept>,
+    pub bytes_freed: u64,
+    pub remounted: bool,
+}
+
+fn base_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Optimises the stack mounted with `store` as its `TARGET/store`. The
+/// caller holds the upper's lock.
+pub fn optimise(
+    conn: &mut Connection,
+    upper: &Upper,
+    lowers: &[LowerLayer],
+    store: &std::path::Path,
+) -> Result<Optimised, OptimiseError> {
+    let db = upper.db();
+    let err = sql_err(&db);
+    // Upper-registered paths with an upper entry that a current lower has.
+    let rows: Vec<(String, String)> = conn
+        .prepare("select o.path, v.hash from NixfsLayerOrigin o join ValidPaths v on v.path = o.path where o.layer = 0 order by o.path")
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(&err)?;
+    let mut candidates: Vec<(String, String, &LowerLayer)> = Vec::new();
+    for (path, hash) in rows {
+        let name = base_name(&path);
+        if std::fs::symlink_metadata(upper.store().join(name)).is_err() {
+            continue;
+        }
+        // The overlay shows the first lower that has the entry.
+        if let Some(l) = lowers
+            .iter()
+            .find(|l| std::fs::symlink_metadata(l.store().join(name)).is_ok())
+        {
+            candidates.push((path, hash, l));
+        }
+    }
+    let mut out = Optimised::default();
+    if candidates.is_empty() {
+        return Ok(out);
+    }
+    let pairs: Vec<PathBuf> = candidates
+        .iter()
+        .flat_map(|(p, _, l)| {
+            let name = base_name(p);
+            [upper.store().join(name), l.store().join(name)]
+        })
+        .collect();
+    let hashes = hash_parallel(&pairs);
+    let mut moving: Vec<(&str, &LowerLayer, PathBuf)> = Vec::new();
+    for ((path, recorded, lower), pair) in candidates.iter().zip(hashes.chunks(2)) {
+        let reason = match (&pair[0], &pair[1]) {
+            (Ok(up), Ok(low)) if up == low && up.to_db_string() == *recorded => {
+                moving.push((path, lower, upper.store().join(base_name(path))));
+                continue;
+            }
+            (Ok(up), Ok(low)) if up == low => format!(
+                "both copies hash to {}, the database records {recorded}; run `nixfs-layer verify --check-contents`",
+                up.to_db_string()
+            ),
+            (Ok(_), Ok(_)) => format!("the copy in {} differs from the upper's", lower.dir.display()),
+            (Err(e), _) | (_, Err(e)) => format!("could not be read: {e}"),
+        };
+        out.kept.push(Kept {
+            path: path.clone(),
+            reason,
+        });
+    }
+    if moving.is_empty() {
+        return Ok(out);
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(&err)?;
+    let pin_id = pin::ensure(&tx, upper, store).map_err(|source| OptimiseError::Pin {
+        store: store.to_owned(),
+        source,
+    })?;
+    tx.execute_batch(
+        "create temp table if not exists optimised (path text primary key not null); delete from temp.optimised;",
+    )
+    .map_err(&err)?;
+    for (path, lower, _) in &moving {
+        tx.execute(
+            "update NixfsLayerOrigin set layer = ?2 where path = ?1 and layer = 0",
+            params![path, lower.id],
+        )
+        .map_err(&err)?;
+        tx.execute(
+            "insert or ignore into temp.optimised (path) values (?1)",
+            [path],
+        )
+        .map_err(&err)?;
+    }
+    pin::pin_tops(&tx, pin_id, "optimised").map_err(&err)?;
+    tx.execute_batch("drop table temp.optimised")
+        .map_err(&err)?;
+    tx.commit().map_err(&err)?;
+
+    for (path, lower, entry) in moving {
+        let bytes = apparent_size(&entry);
+        remove_tree(&entry).map_err(|source| OptimiseError::Remove {
+            path: entry.clone(),
+            source,
+        })?;
+        tracing::info!(%path, bytes, "removed the upper copy of a path a lower has");
+        out.bytes_freed += bytes;
+        out.dropped.push(Dropped {
+            path: path.to_owned(),
+            lower: lower.dir.display().to_string(),
+            bytes,
+        });
+    }
+    overlay::refresh(store)?;
+    out.remounted = true;
+    Ok(out)
+}
