@@ -8,6 +8,8 @@ command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v unshare >/dev/null && command -v setpriv >/dev/null || need+=(util-linux)
 command -v sqlite3 >/dev/null || need+=(sqlite3)
 command -v man >/dev/null || need+=(man-db)
+command -v zstd >/dev/null || need+=(zstd)
+command -v xz >/dev/null || need+=(xz-utils)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${need[*]}; run as root so they can be installed with apt-get" >&2
