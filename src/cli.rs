@@ -56,6 +56,8 @@ pub enum Command {
     Import(ImportArgs),
     /// Drop the upper's copies of paths a lower has with the same contents.
     Optimise(OptimiseArgs),
+    /// Copy closures of upper paths into a lower you own and register them there.
+    Promote(PromoteArgs),
 }
 
 #[derive(Debug, Args)]
@@ -257,4 +259,17 @@ pub struct OptimiseArgs {
     /// Machine-readable output: the dropped and kept paths, bytes freed.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    /// Store paths (or links to them) whose closures to promote.
+    #[arg(value_name = "PATH", required = true)]
+    pub paths: Vec<String>,
+    /// The lower (a Nix root holding store/ and var/nix/db/) to copy them
+    /// into; you must own it (the template, the NFS publisher).
+    #[arg(long, value_name = "LOWERDIR")]
+    pub into: PathBuf,
+    #[command(flatten)]
+    pub target: TargetArgs,
 }

@@ -11,6 +11,7 @@ use crate::layer::LayerError;
 use crate::optimise::OptimiseError;
 use crate::overlay::MountError;
 use crate::pathdb::DbError;
+use crate::promote::PromoteError;
 use crate::verify::VerifyError;
 
 pub const EX_USAGE: u8 = 64;
@@ -47,6 +48,8 @@ pub enum Error {
     Export(#[from] ExportError),
     #[error(transparent)]
     Optimise(#[from] OptimiseError),
+    #[error(transparent)]
+    Promote(#[from] PromoteError),
     #[error(transparent)]
     FlakeFs(#[from] FlakeFsError),
     #[error(transparent)]
@@ -102,6 +105,12 @@ impl Error {
                 OptimiseError::Db(e) => Error::db_code(e),
                 OptimiseError::Mount(e) => Error::mount_code(e),
                 OptimiseError::Remove { .. } | OptimiseError::Pin { .. } => EX_IOERR,
+            },
+            Error::Promote(e) => match e {
+                PromoteError::NotValid(_) => EX_NOINPUT,
+                PromoteError::HashMismatch { .. } => EX_DATAERR,
+                PromoteError::Sqlite { .. } => EX_SOFTWARE,
+                PromoteError::Io { .. } => EX_IOERR,
             },
             Error::Name(_) => EX_DATAERR,
             Error::Resolve(f) => match f.errno {

@@ -21,6 +21,7 @@ pub mod nixcli;
 pub mod optimise;
 pub mod overlay;
 pub mod pathdb;
+pub mod promote;
 pub mod refscan;
 pub mod storecopy;
 pub mod storepath;

@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         Command::Export(a) => cmd::export::run(a),
         Command::Import(a) => cmd::import::run(a),
         Command::Optimise(a) => cmd::optimise::run(a),
+        Command::Promote(a) => cmd::promote::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

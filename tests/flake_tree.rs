@@ -59,8 +59,7 @@ fn setup(flakefs_config: &str) -> Setup {
     )
     .unwrap();
     // No network: the global registry is a local file.
-    w.nix_conf
-        .replace(format!("flake-registry = {}\n", registry.display()));
+    *w.nix_conf.lock().unwrap() = format!("flake-registry = {}\n", registry.display());
 
     let lower = w.path("lower");
     let out = w.with_nix_at(&lower, || {

@@ -469,7 +469,7 @@ ns_test! {
 ns_test! {
     fn realisations_of_ca_derivations_come_along() {
         let w = World::new();
-        w.features.replace("ca-derivations".into());
+        *w.features.lock().unwrap() = "ca-derivations".into();
         let lower = w.path("lower");
         let (built, lower_rows) = w.with_nix_at(&lower, || {
             let built = w.build_from("ca.nix", &["b"]);

@@ -20,7 +20,7 @@ use super::{require_mounted, resolve_target};
 
 /// The store path `arg` names: a store path (or a path inside one), or a
 /// link leading to one (`./result`).
-fn store_path_of(arg: &str, store: &Path) -> Option<String> {
+pub(crate) fn store_path_of(arg: &str, store: &Path) -> Option<String> {
     let resolved = if arg.starts_with(STORE_DIR) {
         arg.to_owned()
     } else {

@@ -10,6 +10,7 @@ pub mod import;
 pub mod init;
 pub mod mount;
 pub mod optimise;
+pub mod promote;
 pub mod resolve;
 pub mod status;
 pub mod sync;

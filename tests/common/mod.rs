@@ -70,9 +70,9 @@ pub fn in_private_ns(name: &str, body: impl FnOnce()) {
 pub struct World {
     pub tmp: tempfile::TempDir,
     /// Extra Nix experimental features (e.g. "ca-derivations").
-    pub features: std::cell::RefCell<String>,
+    pub features: std::sync::Mutex<String>,
     /// Extra nix.conf lines (e.g. "flake-registry = …").
-    pub nix_conf: std::cell::RefCell<String>,
+    pub nix_conf: std::sync::Mutex<String>,
 }
 
 impl World {
@@ -120,8 +120,8 @@ impl World {
                 "NIX_CONFIG",
                 format!(
                     "build-users-group =\nsubstituters =\nsandbox = false\nexperimental-features = nix-command flakes {}\n{}",
-                    self.features.borrow(),
-                    self.nix_conf.borrow()
+                    self.features.lock().unwrap(),
+                    self.nix_conf.lock().unwrap()
                 ),
             )
             .env("HOME", self.path("home"))

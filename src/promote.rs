@@ -1,0 +1,224 @@
+//! Promoting upper paths into a lower: for whoever owns a lower (a
+//! template VM, an NFS publisher). The closure of the given paths, minus
+//! what the lower has, is copied into its `store/` and registered in its
+//! database, published so that a reader never sees a half-written or
+//! uncheckpointed state:
+//!
+//! 1. take Nix's big lock of the lower exclusively (no Nix process of the
+//!    lower runs meanwhile) and checkpoint its database (WAL emptied);
+//! 2. copy each path's contents under a temporary name, check its NAR hash,
+//!    rename it into place (entries without a database row are not valid,
+//!    so readers ignore them until step 3);
+//! 3. write the new rows into a copy of the database, in rollback-journal
+//!    mode (one self-contained file), fsync it, and rename it over
+//!    `db.sqlite`: a reader copies either the old file or the new one
+//!    (its copy is retried if the file changed meanwhile).
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::closure::Graph;
+use crate::layer::Lower;
+use crate::nar;
+use crate::storecopy;
+use crate::storepath::STORE_DIR;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PromoteError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("{path}: its contents hash to {actual}, the database says {expected}; nothing of it was promoted (run `nixfs-layer verify --check-contents`)")]
+    HashMismatch {
+        path: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{0} is not a valid path of the mounted store")]
+    NotValid(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PromoteError + '_ {
+    move |source| PromoteError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What was promoted.
+#[derive(Debug, Default)]
+pub struct Promoted {
+    pub paths: Vec<String>,
+    pub already: usize,
+}
+
+/// Copies the closure of `roots` (indexes into `graph`) that `lower` lacks
+/// from the merged store at `store` into `lower`, and registers it there.
+/// `merged_db` is the merged database (for rows' full metadata).
+pub fn promote(
+    graph: &Graph,
+    roots: &[usize],
+    store: &Path,
+    merged: &Connection,
+    lower: &Lower,
+) -> Result<Promoted, PromoteError> {
+    let db = lower.db();
+    let sql = |path: &Path| {
+        let path = path.to_owned();
+        move |source| PromoteError::Sqlite { path, source }
+    };
+    // 1. Exclusive use of the lower's database.
+    let lock_path = lower.db_dir().join("big-lock");
+    let lock_file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(&lock_path))?;
+    let _lock =
+        Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| PromoteError::Io {
+            path: lock_path.clone(),
+            source: e.into(),
+        })?;
+    {
+        let c = Connection::open(&db).map_err(sql(&db))?;
+        c.busy_timeout(std::time::Duration::from_secs(60))
+            .map_err(sql(&db))?;
+        c.query_row("pragma wal_checkpoint(truncate)", [], |_| Ok(()))
+            .map_err(sql(&db))?;
+    }
+
+    let items: BTreeSet<usize> = graph
+        .closure(roots.iter().copied())
+        .into_iter()
+        .filter(|&i| !graph.nodes[i].is_pin())
+        .collect();
+    let order = graph.export_order(&items);
+    let tmp_db = lower.db_dir().join("db.sqlite.promote-tmp");
+    let _ = fs::remove_file(&tmp_db);
+    fs::copy(&db, &tmp_db).map_err(io(&db))?;
+    let mut conn = Connection::open(&tmp_db).map_err(sql(&tmp_db))?;
+    conn.pragma_update(None, "journal_mode", "delete")
+        .map_err(sql(&tmp_db))?;
+    let mut out = Promoted::default();
+    let mut todo = Vec::new();
+    for &i in &order {
+        let n = &graph.nodes[i];
+        let have: Option<i64> = conn
+            .query_row("select 1 from ValidPaths where path = ?1", [&n.path], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql(&tmp_db))?;
+        if have.is_some() {
+            out.already += 1;
+        } else {
+            todo.push(i);
+        }
+    }
+
+    // 2. Contents, each checked against its recorded hash.
+    for &i in &todo {
+        let n = &graph.nodes[i];
+        let base = &n.path[STORE_DIR.len() + 1..];
+        let (src, dst) = (store.join(base), lower.store().join(base));
+        if dst.exists() {
+            storecopy::remove_tree(&dst).map_err(io(&dst))?;
+        }
+        let tmp = lower.store().join(format!(".{base}.promote-tmp"));
+        let _ = storecopy::remove_tree(&tmp);
+        storecopy::copy_tree(&src, &tmp).map_err(io(&src))?;
+        let got = nar::hash_path(&tmp).map_err(io(&tmp))?.to_db_string();
+        if got != n.hash {
+            let _ = storecopy::remove_tree(&tmp);
+            let _ = fs::remove_file(&tmp_db);
+            return Err(PromoteError::HashMismatch {
+                path: n.path.clone(),
+                expected: n.hash.clone(),
+                actual: got,
+            });
+        }
+        fs::rename(&tmp, &dst).map_err(io(&dst))?;
+    }
+
+    // 3. Rows, then publish the database in one rename.
+    let tx = conn.transaction().map_err(sql(&tmp_db))?;
+    for &i in &todo {
+        let n = &graph.nodes[i];
+        let row = merged
+            .query_row(
+                "select hash, registrationTime, deriver, narSize, ultimate, sigs, ca from ValidPaths where path = ?1",
+                [&n.path],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                        r.get::<_, Option<i64>>(4)?,
+                        r.get::<_, Option<String>>(5)?,
+                        r.get::<_, Option<String>>(6)?,
+                    ))
+                },
+            )
+            .map_err(|_| PromoteError::NotValid(n.path.clone()))?;
+        tx.execute(
+            "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca)
+             values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![n.path, row.0, row.1, row.2, row.3, row.4, row.5, row.6],
+        )
+        .map_err(sql(&tmp_db))?;
+    }
+    for &i in &todo {
+        let n = &graph.nodes[i];
+        for &r in &n.refs {
+            tx.execute(
+                "insert or ignore into Refs (referrer, reference)
+                 select a.id, b.id from ValidPaths a, ValidPaths b where a.path = ?1 and b.path = ?2",
+                params![n.path, graph.nodes[r].path],
+            )
+            .map_err(sql(&tmp_db))?;
+        }
+        let outputs: Vec<(String, String)> = merged
+            .prepare(
+                "select o.id, o.path from DerivationOutputs o join ValidPaths v on v.id = o.drv where v.path = ?1",
+            )
+            .and_then(|mut s| s.query_map([&n.path], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+            .map_err(sql(&tmp_db))?;
+        for (id, path) in outputs {
+            tx.execute(
+                "insert or ignore into DerivationOutputs (drv, id, path)
+                 select id, ?2, ?3 from ValidPaths where path = ?1",
+                params![n.path, id, path],
+            )
+            .map_err(sql(&tmp_db))?;
+        }
+        out.paths.push(n.path.clone());
+    }
+    tx.commit().map_err(sql(&tmp_db))?;
+    drop(conn);
+    File::open(&tmp_db)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&tmp_db))?;
+    fs::rename(&tmp_db, &db).map_err(io(&db))?;
+    for suffix in ["-wal", "-shm"] {
+        let mut side = db.as_os_str().to_owned();
+        side.push(suffix);
+        let _ = fs::remove_file(PathBuf::from(side));
+    }
+    File::open(lower.db_dir())
+        .and_then(|d| d.sync_all())
+        .map_err(io(&lower.db_dir()))?;
+    Ok(out)
+}
