@@ -8,10 +8,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use common::{entries, sh, stderr, World};
+use common::{base_name, sh, stderr, upper_entries, verify_contents, World};
 use nixfs_layer::export;
-
-const PIN_SUFFIX: &str = "-nixfs-layer-lowers";
 
 struct Stack {
     w: World,
@@ -84,37 +82,11 @@ impl Stack {
             .status
             .success()
     }
-    fn upper_entries(&self, upper: &Path) -> Vec<String> {
-        entries(&upper.join("store"))
-            .into_iter()
-            .filter(|e| !e.ends_with(PIN_SUFFIX))
-            .collect()
-    }
     fn valid_count(&self, upper: &Path) -> i64 {
         rusqlite::Connection::open(upper.join("var/nix/db/db.sqlite"))
             .unwrap()
             .query_row("select count(*) from ValidPaths", [], |r| r.get(0))
             .unwrap()
-    }
-}
-
-fn base(path: &str) -> &str {
-    path.rsplit('/').next().unwrap()
-}
-
-fn verify_contents(w: &World) {
-    let out = w
-        .nix("nix-store")
-        .args(["--verify", "--check-contents"])
-        .output()
-        .unwrap();
-    let err = stderr(&out);
-    assert!(out.status.success(), "nix-store --verify failed: {err}");
-    for bad in ["error", "corrupt", "disappeared", "modified", "warning"] {
-        assert!(
-            !err.to_lowercase().contains(bad),
-            "nix-store --verify complains: {err}"
-        );
     }
 }
 
@@ -277,7 +249,7 @@ ns_test! {
         s.mount_upper(&upper2);
         assert!(!s.valid(&on_top));
         let rows = s.valid_count(&upper2);
-        let entries_before = s.upper_entries(&upper2);
+        let entries_before = upper_entries(&upper2);
 
         let bytes = std::fs::read(&plain).unwrap();
         let damaged = |name: &str, data: &[u8]| -> PathBuf {
@@ -303,14 +275,14 @@ ns_test! {
             assert!(err.contains(says), "{says}: {err}");
             assert!(!s.valid(&on_top), "nothing registered after {}", file.display());
             assert_eq!(s.valid_count(&upper2), rows, "no row added by {}", file.display());
-            assert_eq!(s.upper_entries(&upper2), entries_before, "nothing unpacked by {}", file.display());
+            assert_eq!(upper_entries(&upper2), entries_before, "nothing unpacked by {}", file.display());
         }
         assert!(stderr(&s.w.tool(["import", cases[1].0.to_str().unwrap()])).contains(&on_top), "the flip names the path");
 
         let out = s.w.tool_ok(["import", zst.to_str().unwrap()]);
         assert_eq!(out, format!("imported 1 path(s), 0 already present\n{on_top}\n"));
         assert!(s.valid(&on_top));
-        assert!(s.upper_entries(&upper2).contains(&base(&on_top).to_owned()), "landed in the upper");
+        assert!(upper_entries(&upper2).contains(&base_name(&on_top).to_owned()), "landed in the upper");
         assert_eq!(sh(&format!("{on_top}/bin/on-top")), "hello from on-top\n");
         let out = s.w.tool_ok(["import", plain.to_str().unwrap()]);
         assert_eq!(out, "imported 0 path(s), 1 already present\n");
@@ -377,7 +349,7 @@ ns_test! {
         assert_eq!(built, vec![extra.clone()]);
         s.w.tool_ok(["sync"]);
         let doubled: Vec<String> = [&extra, &extra_drv].iter().map(|p| p.to_string()).collect();
-        let bytes: u64 = doubled.iter().map(|p| apparent(&s.upper.join("store").join(base(p)))).sum();
+        let bytes: u64 = doubled.iter().map(|p| apparent(&s.upper.join("store").join(base_name(p)))).sum();
         assert!(bytes > 0);
         let diff: serde_json::Value = serde_json::from_str(&s.w.tool_ok(["diff", "--json"])).unwrap();
         assert!(diff["paths"].as_array().unwrap().iter().all(|p| p["path"] != extra.as_str()), "a lower has extra now: {diff}");
@@ -393,12 +365,12 @@ ns_test! {
         assert_eq!(doc["kept"], serde_json::json!([]));
         assert_eq!(doc["remounted"], true);
         for p in &doubled {
-            assert!(!s.upper.join("store").join(base(p)).exists(), "upper copy of {p} gone");
+            assert!(!s.upper.join("store").join(base_name(p)).exists(), "upper copy of {p} gone");
             let layer: i64 = rusqlite::Connection::open(s.upper.join("var/nix/db/db.sqlite")).unwrap()
                 .query_row("select layer from NixfsLayerOrigin where path = ?1", [p], |r| r.get(0)).unwrap();
             assert!(layer > 0, "{p} is lower-provided now");
         }
-        assert!(s.upper.join("store").join(base(&on_top)).exists(), "on-top stays");
+        assert!(s.upper.join("store").join(base_name(&on_top)).exists(), "on-top stays");
         assert_eq!(sh(&format!("{extra}/bin/extra")), "hello from extra\n", "served from the lower, no stale handle");
         verify_contents(&s.w);
         let v = s.w.tool(["verify", "--check-contents"]);

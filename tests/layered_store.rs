@@ -6,7 +6,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{entries, mount_table, sh, stderr, tree_digest, World};
+use common::{
+    base_name, entries, mount_table, sh, stderr, tree_digest, upper_entries, verify_contents,
+    World, PIN_SUFFIX,
+};
 
 /// A lower with app (→ libb → liba, liba.dev), tool, and a file added with
 /// `nix-store --add`; an initialised upper.
@@ -58,10 +61,7 @@ impl Setup {
     }
     /// The upper's store entries, but for the pin every upper holds.
     fn upper_store(&self) -> Vec<String> {
-        entries(&self.upper.join("store"))
-            .into_iter()
-            .filter(|e| !e.ends_with(PIN_SUFFIX))
-            .collect()
+        upper_entries(&self.upper)
     }
     /// All valid paths as `nix path-info --all` lists them, but for the pin.
     fn all_paths(&self) -> Vec<String> {
@@ -82,10 +82,6 @@ impl Setup {
             .success()
     }
 }
-
-/// The store path every upper holds to keep lower paths alive for Nix's GC
-/// (it refers to the tops of the lowers' closures).
-const PIN_SUFFIX: &str = "-nixfs-layer-lowers";
 
 /// What Nix answers about a set of paths, in one comparable string. The
 /// pin's own entry and its name among referrers are left out; tests check
@@ -119,22 +115,6 @@ fn nix_answers(w: &World, paths: &[String]) -> String {
         }
     }
     out
-}
-
-fn verify_contents(w: &World) {
-    let out = w
-        .nix("nix-store")
-        .args(["--verify", "--check-contents"])
-        .output()
-        .unwrap();
-    let err = stderr(&out);
-    assert!(out.status.success(), "nix-store --verify failed: {err}");
-    for bad in ["error", "corrupt", "disappeared", "modified", "warning"] {
-        assert!(
-            !err.to_lowercase().contains(bad),
-            "nix-store --verify complains: {err}"
-        );
-    }
 }
 
 ns_test! {
@@ -593,11 +573,6 @@ fn prune_from_lower(w: &World, path: &str) {
     w.nix_ok("nix-store", ["--delete", "--ignore-liveness", path]);
 }
 
-/// Store path base names (`<hash>-<name>`).
-fn base(p: &str) -> String {
-    p.trim_start_matches("/nix/store/").to_owned()
-}
-
 ns_test! {
     fn switching_to_a_new_lower_keeps_exactly_what_the_upper_needs() {
         let s = setup();
@@ -622,7 +597,7 @@ ns_test! {
         let expected_kept: std::collections::BTreeSet<String> = closure
             .iter()
             .filter(|p| !new_paths.contains(*p) && **p != on_top && **p != on_top_drv)
-            .map(|p| base(p))
+            .map(|p| base_name(p).to_owned())
             .collect();
         assert!(expected_kept.iter().any(|p| p.ends_with("-tool")), "{expected_kept:?}");
 
@@ -640,8 +615,8 @@ ns_test! {
         assert_eq!(v["lowers"][0]["dir"], nl);
         assert_eq!(v["lowers"].as_array().unwrap().len(), 1);
         let mut want: std::collections::BTreeSet<String> = expected_kept.clone();
-        want.insert(base(&on_top));
-        want.insert(base(&on_top_drv));
+        want.insert(base_name(&on_top).to_owned());
+        want.insert(base_name(&on_top_drv).to_owned());
         let got: std::collections::BTreeSet<String> = s.upper_store().into_iter().collect();
         assert_eq!(got, want, "the upper holds its own paths plus exactly what the new lower lacks");
 
@@ -735,7 +710,7 @@ ns_test! {
         let s = setup();
         let tool = s.built.iter().find(|p| p.ends_with("-tool")).unwrap().clone();
         // Content pruned behind the lower's Nix: its database still lists it.
-        sh(&format!("chmod -R u+w {0} && rm -rf {0}", s.lower.join("store").join(base(&tool)).display()));
+        sh(&format!("chmod -R u+w {0} && rm -rf {0}", s.lower.join("store").join(base_name(&tool)).display()));
         let out = s.w.tool([
             "mount", "--lower", s.lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap(), "--no-flake-fs",
         ]);

@@ -4,18 +4,7 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{entries, sh, stderr, tree_digest, World};
-
-const PIN_SUFFIX: &str = "-nixfs-layer-lowers";
-
-fn upper_entries(upper: &Path) -> Vec<String> {
-    entries(&upper.join("store"))
-        .into_iter()
-        .filter(|e| !e.ends_with(PIN_SUFFIX))
-        .collect()
-}
+use common::{sh, stderr, tree_digest, upper_entries, World};
 
 fn lower_count(w: &World) -> u64 {
     let v: serde_json::Value = serde_json::from_str(&w.tool_ok(["status", "--json"])).unwrap();

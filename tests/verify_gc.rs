@@ -9,9 +9,7 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use common::{entries, sh, stderr, tree_digest, World};
-
-const PIN_SUFFIX: &str = "-nixfs-layer-lowers";
+use common::{base_name, sh, stderr, tree_digest, upper_entries, verify_contents, World};
 
 /// A lower with app (→ libb → liba, liba.dev) and tool, built by real Nix;
 /// an initialised upper.
@@ -77,10 +75,7 @@ impl Stack {
     }
     /// Upper store entries other than the pin.
     fn upper_entries(&self) -> Vec<String> {
-        entries(&self.upper.join("store"))
-            .into_iter()
-            .filter(|e| !e.ends_with(PIN_SUFFIX))
-            .collect()
+        upper_entries(&self.upper)
     }
     /// Names the upper store whites out.
     fn whiteouts(&self) -> Vec<String> {
@@ -119,26 +114,6 @@ impl Stack {
     }
     fn db(&self) -> rusqlite::Connection {
         rusqlite::Connection::open(self.upper.join("var/nix/db/db.sqlite")).unwrap()
-    }
-}
-
-fn base(path: &str) -> &str {
-    path.rsplit('/').next().unwrap()
-}
-
-fn verify_contents(w: &World) {
-    let out = w
-        .nix("nix-store")
-        .args(["--verify", "--check-contents"])
-        .output()
-        .unwrap();
-    let err = stderr(&out);
-    assert!(out.status.success(), "nix-store --verify failed: {err}");
-    for bad in ["error", "corrupt", "disappeared", "modified", "warning"] {
-        assert!(
-            !err.to_lowercase().contains(bad),
-            "nix-store --verify complains: {err}"
-        );
     }
 }
 
@@ -220,8 +195,8 @@ ns_test! {
         let tool = s.lower_path("tool");
         let libb = s.lower_path("libb");
         s.umount();
-        sh(&format!("mknod {}/store/{} c 0 0", s.upper.display(), base(&tool)));
-        sh(&format!("cp -a {}/store/{} {}/store/", s.lower.display(), base(&libb), s.upper.display()));
+        sh(&format!("mknod {}/store/{} c 0 0", s.upper.display(), base_name(&tool)));
+        sh(&format!("cp -a {}/store/{} {}/store/", s.lower.display(), base_name(&libb), s.upper.display()));
         s.mount();
         assert!(!Path::new(&tool).exists(), "the whiteout hides {tool}");
 
@@ -263,7 +238,7 @@ ns_test! {
         // the entry is valid again with the references Nix had recorded.
         assert_eq!(sh(&format!("{tool}/bin/tool")), "hello from tool\n");
         assert!(s.whiteouts().is_empty());
-        assert!(!s.upper_entries().contains(&base(&libb).to_owned()), "{:?}", s.upper_entries());
+        assert!(!s.upper_entries().contains(&base_name(&libb).to_owned()), "{:?}", s.upper_entries());
         assert!(s.valid(&on_top));
         assert_eq!(refs_of(&on_top), on_top_refs);
         verify_contents(&s.w);
@@ -282,8 +257,8 @@ ns_test! {
         let dev = s.lower_path("liba-dev");
         // Behind the tool's back: a lower path's content disappears, a byte
         // of another changes (same size), a referenced row is deleted.
-        sh(&format!("rm -rf {}/store/{}", s.lower.display(), base(&tool)));
-        let name = s.lower.join("store").join(base(&libb)).join("share/name");
+        sh(&format!("rm -rf {}/store/{}", s.lower.display(), base_name(&tool)));
+        let name = s.lower.join("store").join(base_name(&libb)).join("share/name");
         sh(&format!("printf X | dd of={} bs=1 count=1 conv=notrunc status=none", name.display()));
         let c = s.db();
         c.pragma_update(None, "foreign_keys", "off").unwrap();
@@ -401,7 +376,7 @@ ns_test! {
         assert_eq!(head, format!("freed 3 path(s), {dead_bytes} bytes"));
         assert_eq!(listed.iter().map(|(p, _)| p.clone()).collect::<BTreeSet<_>>(), dead);
         for p in &dead {
-            assert!(!s.valid(p) && !s.upper.join("store").join(base(p)).exists(), "{p} freed");
+            assert!(!s.valid(p) && !s.upper.join("store").join(base_name(p)).exists(), "{p} freed");
         }
         for p in [&on_top, &extra] {
             assert!(s.valid(p), "rooted {p} survives");
@@ -448,7 +423,7 @@ ns_test! {
         let s = stack();
         let tool = s.lower_path("tool");
         // The whiteout predates the first mount: the sync never registered tool.
-        sh(&format!("mknod {}/store/{} c 0 0", s.upper.display(), base(&tool)));
+        sh(&format!("mknod {}/store/{} c 0 0", s.upper.display(), base_name(&tool)));
         s.mount();
         assert!(!s.valid(&tool) && !Path::new(&tool).exists());
         let (code, doc) = s.verify(&[]);

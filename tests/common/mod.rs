@@ -290,3 +290,38 @@ pub fn entries(dir: &Path) -> Vec<String> {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// The suffix of the pin every upper holds (`…-nixfs-layer-lowers`): the
+/// store path that keeps lower paths alive for Nix's GC.
+pub const PIN_SUFFIX: &str = "-nixfs-layer-lowers";
+
+/// `<hash>-<name>` of a store path.
+pub fn base_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap()
+}
+
+/// An upper's store entries, but for the pin.
+pub fn upper_entries(upper: &Path) -> Vec<String> {
+    entries(&upper.join("store"))
+        .into_iter()
+        .filter(|e| !e.ends_with(PIN_SUFFIX))
+        .collect()
+}
+
+/// Stock `nix-store --verify --check-contents` on /nix passes without a
+/// complaint.
+pub fn verify_contents(w: &World) {
+    let out = w
+        .nix("nix-store")
+        .args(["--verify", "--check-contents"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "nix-store --verify failed: {err}");
+    for bad in ["error", "corrupt", "disappeared", "modified", "warning"] {
+        assert!(
+            !err.to_lowercase().contains(bad),
+            "nix-store --verify complains: {err}"
+        );
+    }
+}
