@@ -68,12 +68,8 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
             source,
         })?;
     }
-    let mut guard = MountGuard::default();
-    overlay::mount_overlay(&stack.lowers, &stack.upper, &store)?;
-    guard.0.push(store.clone());
-    overlay::bind(&stack.upper.var(), &var)?;
-    guard.0.push(var.clone());
-
+    // The record goes first, so that whatever is mounted from here on can
+    // always be found and undone by `umount`, even if this process is killed.
     let mut record = MountRecord {
         target: target.clone(),
         lowers: stack.lowers.iter().map(|l| l.dir().to_owned()).collect(),
@@ -81,6 +77,14 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     };
     let rec_path = stack.upper.mount_record();
     write_record(&rec_path, &record)?;
+    let mut guard = MountGuard {
+        mounts: Vec::new(),
+        record: Some(rec_path.clone()),
+    };
+    overlay::mount_overlay(&stack.lowers, &stack.upper, &store)?;
+    guard.mounts.push(store.clone());
+    overlay::bind(&stack.upper.var(), &var)?;
+    guard.mounts.push(var.clone());
     let flake = !args.no_flake_fs && config.flakefs.enable.unwrap_or(true);
     let mountpoint = flakefs::mountpoint(args.flake_mount.as_deref(), &config);
     let mut serve_here = None;
@@ -107,14 +111,11 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
                     mountpoint: mountpoint.clone(),
                 })
             }
-            Err(e) => {
-                let _ = std::fs::remove_file(&rec_path);
-                return Err(e.into());
-            }
+            Err(e) => return Err(e.into()),
         }
     }
     write_record(&rec_path, &record)?;
-    guard.0.clear();
+    guard.disarm();
     if !quiet {
         eprintln!(
             "mounted {} lower(s) and upper {} at {} ({summary}){}",
@@ -170,14 +171,28 @@ fn check_target_free(target: &Path, stack: &Stack) -> Result<()> {
 
 /// Unmounts (in reverse) whatever it still lists when dropped.
 #[derive(Default)]
-struct MountGuard(Vec<PathBuf>);
+struct MountGuard {
+    mounts: Vec<PathBuf>,
+    record: Option<PathBuf>,
+}
+
+impl MountGuard {
+    /// Everything went well: keep the mounts and the record.
+    fn disarm(&mut self) {
+        self.mounts.clear();
+        self.record = None;
+    }
+}
 
 impl Drop for MountGuard {
     fn drop(&mut self) {
-        for p in self.0.iter().rev() {
+        for p in self.mounts.iter().rev() {
             if let Err(e) = overlay::unmount(p) {
                 tracing::error!(path = %p.display(), error = %e, "could not undo a mount after a failure");
             }
+        }
+        if let Some(r) = &self.record {
+            let _ = std::fs::remove_file(r);
         }
     }
 }
