@@ -64,13 +64,17 @@ in
       before = [ "nix-daemon.service" "nix-daemon.socket" ];
       after = [ "local-fs.target" "remote-fs.target" ];
       path = [ cfg.package config.nix.package pkgs.util-linux ];
+      # Ready (sd_notify) once the overlay, merged database and flake tree
+      # are up; the service serves the tree itself and unmounts everything
+      # on stop (SIGTERM).
       serviceConfig = {
-        Type = "oneshot";
-        RemainAfterExit = true;
+        Type = "notify";
+        NotifyAccess = "main";
         ExecStartPre = "${cfg.package}/bin/nixfs-layer init --config ${configFile}";
-        ExecStart = "${cfg.package}/bin/nixfs-layer mount --config ${configFile}";
+        ExecStart = "${cfg.package}/bin/nixfs-layer mount --foreground --config ${configFile}";
         ExecStartPost = "-${pkgs.systemd}/bin/systemctl try-restart nix-daemon.service";
-        ExecStop = "${cfg.package}/bin/nixfs-layer umount --config ${configFile}";
+        TimeoutStartSec = "30min";
+        KillMode = "mixed";
       };
     };
   };

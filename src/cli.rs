@@ -94,9 +94,10 @@ pub struct MountArgs {
     /// Where the flake tree is mounted (created if missing) [default: /nixfs].
     #[arg(long, value_name = "DIR", conflicts_with = "no_flake_fs")]
     pub flake_mount: Option<PathBuf>,
-    /// Serve the flake tree from this process instead of a background one
-    /// (for service managers); `umount` stops it.
-    #[arg(long, conflicts_with = "no_flake_fs")]
+    /// Stay in the foreground until SIGTERM/SIGINT or `umount`, serving the
+    /// flake tree from this process; reports readiness to systemd
+    /// (Type=notify) and unmounts everything when stopped.
+    #[arg(long)]
     pub foreground: bool,
     #[command(flatten)]
     pub config: ConfigArg,

@@ -23,6 +23,7 @@ pub mod overlay;
 pub mod pathdb;
 pub mod promote;
 pub mod refscan;
+pub mod sdnotify;
 pub mod storecopy;
 pub mod storepath;
 pub mod synth;

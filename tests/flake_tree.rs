@@ -629,3 +629,51 @@ ns_test! {
         assert!(!table.iter().any(|(p, _)| p == FLAKE_MOUNT || p == "/nix/store" || p == "/nix/var"), "{table:?}");
     }
 }
+
+ns_test! {
+    fn the_service_reports_ready_and_stops_cleanly_on_sigterm() {
+        let s = setup("enable = false");
+        s.tool_ok(&["umount"]);
+        let cfg = s.w.path("svc.toml");
+        std::fs::write(&cfg, std::fs::read_to_string(&s.config).unwrap().replace("enable = false", "")).unwrap();
+        // systemd's notification socket, as a Type=notify unit would have it.
+        let sock_path = s.w.path("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let before = common::mount_table();
+        let mut svc = s
+            .w
+            .tool_command()
+            .args(["mount", "--foreground", "--config", cfg.to_str().unwrap()])
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = sock.recv(&mut buf).expect("READY=1 within 30 s");
+        assert_eq!(&buf[..n], b"READY=1");
+        // Ready means ready: store, state and tree are all mounted now.
+        let table = common::mount_table();
+        for p in ["/nix/store", "/nix/var", FLAKE_MOUNT] {
+            assert!(table.iter().any(|(m, _)| m == p), "{p} mounted at READY=1: {table:?}");
+        }
+        assert_eq!(target(&str_("myflake#hello")), s.out["hello"]);
+
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(svc.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let t = Instant::now();
+        let status = loop {
+            if let Some(st) = svc.try_wait().unwrap() {
+                break st;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "stops within 20 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "exit status after SIGTERM: {status}");
+        let n = sock.recv(&mut buf).expect("STOPPING=1");
+        assert_eq!(&buf[..n], b"STOPPING=1");
+        assert_eq!(common::mount_table(), before, "SIGTERM leaves nothing mounted");
+        let out = s.w.tool(["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["mounted"], false);
+    }
+}

@@ -722,3 +722,52 @@ ns_test! {
         verify_contents(&s.w);
     }
 }
+
+ns_test! {
+    fn foreground_mount_without_the_tree_serves_until_stopped() {
+        use std::time::{Duration, Instant};
+        let s = setup();
+        let before = mount_table();
+        let sock_path = s.w.path("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let wait_exit = |child: &mut std::process::Child| {
+            let t = Instant::now();
+            loop {
+                if let Some(st) = child.try_wait().unwrap() {
+                    return st;
+                }
+                assert!(t.elapsed() < Duration::from_secs(20), "exits within 20 s");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let spawn = || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_nixfs-layer"))
+                .args(["mount", "--foreground", "--no-flake-fs", "--lower", s.lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap()])
+                .env("NOTIFY_SOCKET", &sock_path)
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let mut buf = [0u8; 64];
+
+        // Stopped by SIGTERM (a service manager's stop).
+        let mut svc = spawn();
+        let n = sock.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+        assert!(s.valid(&s.built[0]), "the store is usable once READY=1 is sent");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(svc.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        assert!(wait_exit(&mut svc).success());
+        let n = sock.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"STOPPING=1");
+        assert_eq!(mount_table(), before, "SIGTERM leaves nothing mounted");
+
+        // Stopped by `umount`.
+        let mut svc = spawn();
+        let n = sock.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+        s.w.tool_ok(["umount"]);
+        assert!(wait_exit(&mut svc).success());
+        assert_eq!(mount_table(), before);
+    }
+}

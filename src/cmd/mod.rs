@@ -170,6 +170,23 @@ impl Drop for Progress {
 /// Holds the upper's lock: one mount/sync/umount at a time per upper.
 pub struct UpperLock(#[allow(dead_code)] Flock<File>);
 
+/// The upper's lock if nobody holds it, else None (without waiting).
+pub fn try_lock_upper(upper: &Upper) -> Result<Option<UpperLock>> {
+    let path = upper.lock_file();
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+    Ok(Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .ok()
+        .map(UpperLock))
+}
+
 pub fn lock_upper(upper: &Upper) -> Result<UpperLock> {
     let path = upper.lock_file();
     let file = File::options()

@@ -133,6 +133,60 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
         // `umount` takes the upper's lock: let go of it while serving.
         drop(_lock);
         daemon::serve(&opts)?;
+        // Stopped by a signal (a service manager's stop) or by `umount`:
+        // either way leave nothing mounted. `umount` holds the lock while it
+        // works, so after it there is nothing left to do here.
+        crate::sdnotify::notify("STOPPING=1");
+        stop_here(&stack, &target)?;
+    } else if args.foreground {
+        // No tree to serve: wait for a stop, then unmount.
+        drop(_lock);
+        wait_for_stop(&stack, &target)?;
+    }
+    Ok(())
+}
+
+/// `mount --foreground` without the flake tree: ready now; on SIGTERM,
+/// SIGINT or SIGHUP unmount and return; if `umount` unmounted the stack
+/// meanwhile, return as well.
+fn wait_for_stop(stack: &Stack, target: &Path) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals.thread_block().map_err(|e| Error::Io {
+        path: target.to_owned(),
+        source: e.into(),
+    })?;
+    crate::sdnotify::notify("READY=1");
+    let half_second = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 500_000_000,
+    };
+    loop {
+        // SAFETY: a valid signal set and timeout; no siginfo wanted.
+        let sig =
+            unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), &half_second) };
+        if sig > 0 {
+            break;
+        }
+        if super::find_mounted(target)?.is_none() {
+            return Ok(());
+        }
+    }
+    crate::sdnotify::notify("STOPPING=1");
+    stop_here(stack, target)
+}
+
+/// After a foreground mount stopped serving: unmount what is left, unless
+/// `umount` is at work (it holds the lock and waits for this process).
+fn stop_here(stack: &Stack, target: &Path) -> Result<()> {
+    let Some(_lock) = super::try_lock_upper(&stack.upper)? else {
+        return Ok(());
+    };
+    if let Some(m) = super::find_mounted(target)? {
+        super::umount::unmount_stack(&m, false)?;
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::overlay::{self, MountError};
 
-use super::{lock_upper, require_mounted, resolve_target};
+use super::{lock_upper, require_mounted, resolve_target, Mounted};
 
 pub fn run(args: &TargetArgs) -> Result<()> {
     let config = Config::load(args.config.config.as_deref())?;
@@ -17,11 +17,20 @@ pub fn run(args: &TargetArgs) -> Result<()> {
     overlay::check_privileges("umount")?;
     let mounted = require_mounted(&target)?;
     let _lock = lock_upper(&mounted.upper)?;
-    // First the flake tree: its server keeps the store's database open.
-    if let Some(f) = &mounted.record.flakefs {
+    unmount_stack(&mounted, true)?;
+    eprintln!("unmounted {}", target.display());
+    Ok(())
+}
+
+/// Unmounts a stack (the caller holds the upper's lock): the flake tree
+/// first when `stop_tree` (its server keeps the store's database open),
+/// then the state bind and the overlay; if the overlay is busy, the state
+/// is bound again so nothing is left half-unmounted.
+pub fn unmount_stack(mounted: &Mounted, stop_tree: bool) -> Result<()> {
+    if let (true, Some(f)) = (stop_tree, &mounted.record.flakefs) {
         daemon::stop(Some(f.pid), &f.mountpoint)?;
     }
-    let var = target.join("var");
+    let var = mounted.target.join("var");
     let store = mounted.store();
     let mounts = overlay::mounts()?;
     let var_is_ours = overlay::mount_at(&mounts, &var).is_some();
@@ -36,7 +45,6 @@ pub fn run(args: &TargetArgs) -> Result<()> {
         return Err(e.into());
     }
     let _ = std::fs::remove_file(mounted.upper.mount_record());
-    eprintln!("unmounted {}", target.display());
     Ok(())
 }
 

@@ -134,6 +134,8 @@ pub fn serve(opts: &ServeOptions) -> Result<(), FlakeFsError> {
     // Nothing below needs the caller's directory.
     let _ = std::env::set_current_dir("/");
     tracing::info!(mountpoint = %mountpoint.display(), target = %opts.target.display(), pid = std::process::id(), "flake tree mounted");
+    // Everything (store, merged database, tree) is up: tell systemd.
+    crate::sdnotify::notify("READY=1");
 
     let mp = mountpoint.clone();
     std::thread::Builder::new()
