@@ -1,5 +1,8 @@
-//! The TOML configuration file. It carries the same settings as the
-//! command-line flags; a flag given on the command line wins.
+//! The TOML configuration file: the stack's settings (which also have
+//! command-line flags; a flag given on the command line wins) and the
+//! flake tree's policy and limits (file only). One file is read: `--config
+//! FILE`, else /etc/nixfs-layer/config.toml when present. docs/configuration.md
+//! lists every key; tests/config_reference.rs keeps the two in step.
 //!
 //! ```toml
 //! lowers = ["/mnt/template-nix"]   # first = on top
@@ -15,6 +18,7 @@
 //! build-groups = ["wheel"]
 //! max-parallel-builds = 2
 //! build-timeout = 3600      # seconds
+//! eval-timeout = 300        # seconds
 //! ttl = 300                 # seconds, unlocked references
 //! failure-ttl = 10          # seconds
 //! builds-per-minute = 30    # per uid
