@@ -20,6 +20,7 @@
 //! is checked structurally only. Compressed files (zstd, xz; recognised by
 //! their magic bytes) also carry the compressor's own checksums.
 
+use crate::nar::write_str;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -37,7 +38,6 @@ const TRAILER_MAGIC: &[u8] = b"nixfs-layer-export-checksums-1";
 /// Longest string other than file contents accepted when reading (names,
 /// symlink targets, paths): a bit flip in a length must not allocate gigabytes.
 const MAX_STRING: u64 = 64 * 1024;
-const PAD: [u8; 8] = [0; 8];
 
 const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
 const XZ_MAGIC: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0x00];
@@ -151,16 +151,6 @@ pub enum ExportError {
     Db(#[from] DbError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-}
-
-fn write_str<W: Write>(out: &mut W, s: &[u8]) -> io::Result<()> {
-    out.write_all(&(s.len() as u64).to_le_bytes())?;
-    out.write_all(s)?;
-    let rem = s.len() % 8;
-    if rem != 0 {
-        out.write_all(&PAD[..8 - rem])?;
-    }
-    Ok(())
 }
 
 /// The metadata of one exported path.

@@ -22,7 +22,9 @@ use sha2::{Digest, Sha256};
 
 const PAD: [u8; 8] = [0; 8];
 
-fn write_str<W: Write>(out: &mut W, s: &[u8]) -> io::Result<()> {
+/// A Nix wire string: u64 little-endian length, the bytes, zero padding to
+/// a multiple of 8 (NAR and `nix-store --export` framing alike).
+pub(crate) fn write_str<W: Write>(out: &mut W, s: &[u8]) -> io::Result<()> {
     out.write_all(&(s.len() as u64).to_le_bytes())?;
     out.write_all(s)?;
     let rem = s.len() % 8;

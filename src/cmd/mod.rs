@@ -170,8 +170,7 @@ impl Drop for Progress {
 /// Holds the upper's lock: one mount/sync/umount at a time per upper.
 pub struct UpperLock(#[allow(dead_code)] Flock<File>);
 
-/// The upper's lock if nobody holds it, else None (without waiting).
-pub fn try_lock_upper(upper: &Upper) -> Result<Option<UpperLock>> {
+fn lock_file(upper: &Upper) -> Result<(File, std::path::PathBuf)> {
     let path = upper.lock_file();
     let file = File::options()
         .create(true)
@@ -182,22 +181,19 @@ pub fn try_lock_upper(upper: &Upper) -> Result<Option<UpperLock>> {
             path: path.clone(),
             source,
         })?;
+    Ok((file, path))
+}
+
+/// The upper's lock if nobody holds it, else None (without waiting).
+pub fn try_lock_upper(upper: &Upper) -> Result<Option<UpperLock>> {
+    let (file, _) = lock_file(upper)?;
     Ok(Flock::lock(file, FlockArg::LockExclusiveNonblock)
         .ok()
         .map(UpperLock))
 }
 
 pub fn lock_upper(upper: &Upper) -> Result<UpperLock> {
-    let path = upper.lock_file();
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| Error::Io {
-            path: path.clone(),
-            source,
-        })?;
+    let (file, path) = lock_file(upper)?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(l) => Ok(UpperLock(l)),
         Err((file, _)) => {

@@ -159,13 +159,7 @@ pub fn sync(
             p(name);
         }
     };
-    let mut conn = open(&db)?;
-    conn.pragma_update(None, "temp_store", "memory")
-        .map_err(&err)?;
-    conn.pragma_update(None, "cache_size", -65536)
-        .map_err(&err)?;
-    conn.pragma_update(None, "synchronous", "normal")
-        .map_err(&err)?;
+    let mut conn = open_for_merge(&db)?;
     clean_scratch(upper);
 
     let mut states = Vec::with_capacity(lowers.len());
@@ -222,13 +216,7 @@ pub fn sync(
             &whiteouts,
             &states[0].fingerprint,
         )?;
-        conn = open(&db)?;
-        conn.pragma_update(None, "temp_store", "memory")
-            .map_err(&err)?;
-        conn.pragma_update(None, "cache_size", -65536)
-            .map_err(&err)?;
-        conn.pragma_update(None, "synchronous", "normal")
-            .map_err(&err)?;
+        conn = open_for_merge(&db)?;
         if let Some(n) = result {
             adopted = n;
             changed.remove(0);
@@ -346,6 +334,21 @@ pub fn sync(
     phase("done");
     tracing::info!(elapsed = ?started.elapsed(), %summary, "sync done");
     Ok(summary)
+}
+
+/// The merged database, set up for a bulk merge: temporary tables in
+/// memory, a 64 MiB page cache, no fsync per commit (WAL stays safe
+/// against crashes of this process).
+fn open_for_merge(db: &Path) -> Result<Connection, DbError> {
+    let err = sql_err(db);
+    let conn = open(db)?;
+    conn.pragma_update(None, "temp_store", "memory")
+        .map_err(&err)?;
+    conn.pragma_update(None, "cache_size", -65536)
+        .map_err(&err)?;
+    conn.pragma_update(None, "synchronous", "normal")
+        .map_err(&err)?;
+    Ok(conn)
 }
 
 /// Removes snapshot directories a killed sync may have left behind (the
