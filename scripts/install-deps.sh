@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need on a Debian machine, if missing:
-# Nix (Debian's nix-bin), FUSE 3, util-linux's unshare/setpriv, sqlite3.
+# Nix (Debian's nix-bin), FUSE 3, util-linux's unshare/setpriv/nsenter, sqlite3,
+# iproute2, sshfs and OpenSSH (vm-tests).
 set -euo pipefail
 need=()
 command -v nix-store >/dev/null || need+=(nix-bin)
@@ -10,6 +11,12 @@ command -v sqlite3 >/dev/null || need+=(sqlite3)
 command -v man >/dev/null || need+=(man-db)
 command -v zstd >/dev/null || need+=(zstd)
 command -v xz >/dev/null || need+=(xz-utils)
+# vm-tests: hosts in network namespaces, a Nix root served over sshfs.
+command -v ip >/dev/null || need+=(iproute2)
+command -v nsenter >/dev/null || need+=(util-linux)
+command -v sshfs >/dev/null || need+=(sshfs)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh-keygen >/dev/null || need+=(openssh-client)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${need[*]}; run as root so they can be installed with apt-get" >&2

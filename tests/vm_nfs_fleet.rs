@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::hosts::{wait_for, Host, Sshd};
+use common::hosts::{bridge, cable, wait_for, Host, Sshd};
 use common::{base_name, fixture, sh, tree_digest, upper_entries, World};
 
 fn fleet_nix() -> String {
@@ -28,15 +28,7 @@ fn start_runner(
     root: &Path,
 ) -> Host {
     let r = Host::start(w, name);
-    // A port on the publisher's bridge, the runner's end in its namespace.
-    publisher.sh(&format!(
-        "ip link add to-{name} type veth peer name eth0 netns {} && \
-         ip link set to-{name} master br0 && ip link set to-{name} up",
-        r.pid()
-    ));
-    r.sh(&format!(
-        "ip addr add {ip}/24 dev eth0 && ip link set eth0 up"
-    ));
+    cable(publisher, &r, ip);
     let lower = r.dir.join("lower");
     sshd.sshfs(&r, root, &lower);
     let upper = r.dir.join("upper");
@@ -72,9 +64,7 @@ ns_test! {
         let t0 = Instant::now();
         let w = World::new();
         let mut publisher = Host::start(&w, "publisher");
-        publisher.sh(
-            "ip link add br0 type bridge && ip addr add 10.231.0.1/24 dev br0 && ip link set br0 up",
-        );
+        bridge(&publisher, "10.231.0.1");
         let root = w.path("publisher/nixroot");
         let built = publisher.build_into(&root, &fixture("store.nix"), &["app", "tool"]);
         let app = built.iter().find(|p| p.ends_with("-app")).unwrap().clone();

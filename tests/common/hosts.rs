@@ -167,6 +167,7 @@ impl Host {
 
     /// Runs a script with `root` bound on the host's /nix.
     pub fn with_root(&self, root: &Path, script: &str) -> String {
+        std::fs::create_dir_all(root).unwrap();
         self.sh(&format!(
             "mount --bind {} /nix && trap 'umount /nix' EXIT && {script}",
             root.display()
@@ -196,17 +197,26 @@ impl Drop for Host {
     }
 }
 
-/// A veth pair between two hosts: `a_if` with `a_addr` in `a`, `b_if` with
-/// `b_addr` in `b` (addresses with prefix, e.g. "10.231.0.1/24"). Made in
-/// `a`'s namespace, its peer moved straight into `b`'s.
-pub fn link(a: &Host, a_if: &str, a_addr: &str, b: &Host, b_if: &str, b_addr: &str) {
-    a.sh(&format!(
-        "ip link add {a_if} type veth peer name {b_if} netns {} && \
-         ip addr add {a_addr} dev {a_if} && ip link set {a_if} up",
-        b.pid
+/// Makes `host` the switch of a test network: a bridge `br0` with `addr`
+/// (e.g. "10.231.0.1") on 10.231.0.0/24.
+pub fn bridge(host: &Host, addr: &str) {
+    host.sh(&format!(
+        "ip link add br0 type bridge && ip addr add {addr}/24 dev br0 && ip link set br0 up"
     ));
-    b.sh(&format!(
-        "ip addr add {b_addr} dev {b_if} && ip link set {b_if} up"
+}
+
+/// Cables `host` to the bridge of `switch`: a veth pair made in the
+/// switch's namespace, port `to-<host name>` on br0 there, `eth0` with
+/// `addr`/24 in `host`. `ip link set to-<name> down` in the switch cuts it.
+pub fn cable(switch: &Host, host: &Host, addr: &str) {
+    let name = &host.name;
+    switch.sh(&format!(
+        "ip link add to-{name} type veth peer name eth0 netns {} && \
+         ip link set to-{name} master br0 && ip link set to-{name} up",
+        host.pid
+    ));
+    host.sh(&format!(
+        "ip addr add {addr}/24 dev eth0 && ip link set eth0 up"
     ));
 }
 
