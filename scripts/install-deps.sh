@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need on a Debian machine, if missing:
-# Nix (Debian's nix-bin), FUSE 3, util-linux's unshare/setpriv, sqlite3, man,
-# zstd/xz (export compression) and /usr/bin/time (benchmarks).
+# Nix (Debian's nix-bin), FUSE 3, util-linux's unshare/setpriv/nsenter, sqlite3, man,
+# zstd/xz (export compression), /usr/bin/time (benchmarks), and iproute2, sshfs
+# and OpenSSH (vm-tests).
 set -euo pipefail
 need=()
 command -v nix-store >/dev/null || need+=(nix-bin)
@@ -12,6 +13,12 @@ command -v man >/dev/null || need+=(man-db)
 command -v zstd >/dev/null || need+=(zstd)
 command -v xz >/dev/null || need+=(xz-utils)
 [ -x /usr/bin/time ] || need+=(time)
+# vm-tests: hosts in network namespaces, a Nix root served over sshfs.
+command -v ip >/dev/null || need+=(iproute2)
+command -v nsenter >/dev/null || need+=(util-linux)
+command -v sshfs >/dev/null || need+=(sshfs)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh-keygen >/dev/null || need+=(openssh-client)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${need[*]}; run as root so they can be installed with apt-get" >&2

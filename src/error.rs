@@ -144,7 +144,7 @@ impl Error {
             | LayerError::LowerNoDb { .. }
             | LayerError::LowerSchema { .. } => EX_DATAERR,
             LayerError::UpperForeign(_) => EX_CANTCREAT,
-            LayerError::Io { .. } => EX_IOERR,
+            LayerError::Io { .. } | LayerError::LowerUnreadable { .. } => EX_IOERR,
             LayerError::SameDir(_)
             | LayerError::Overlap { .. }
             | LayerError::DuplicateLower(_)

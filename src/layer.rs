@@ -29,6 +29,8 @@ const UPPER_MARKER_TEXT: &str = "# This directory is a nixfs-layer upper layer.\
 pub enum LayerError {
     #[error("lower {0}: no such directory; pass the directory that holds the lower's store/ and var/nix/db/")]
     LowerMissing(PathBuf),
+    #[error("lower {dir}: cannot be read ({source}); if it is a network file system, check that its server is reachable and its mount is up, then retry")]
+    LowerUnreadable { dir: PathBuf, source: io::Error },
     #[error("lower {0}: no store/ directory in it; a lower is a Nix root holding store/ and var/nix/db/db.sqlite")]
     LowerNoStore(PathBuf),
     #[error("lower {dir}: no Nix database at {db}; a lower is a Nix root holding store/ and var/nix/db/db.sqlite")]
@@ -75,13 +77,34 @@ pub struct Lower {
 impl Lower {
     /// Checks that `dir` looks like a Nix root and returns it canonicalised.
     pub fn open(dir: &Path) -> Result<Lower, LayerError> {
-        let dir = fs::canonicalize(dir).map_err(|_| LayerError::LowerMissing(dir.to_owned()))?;
-        if !dir.is_dir() {
-            return Err(LayerError::LowerMissing(dir));
+        // A lower on a network file system whose server is gone answers
+        // EIO/ENOTCONN/ESTALE: say so rather than "no such directory".
+        let unreadable = |dir: &Path, source: io::Error| LayerError::LowerUnreadable {
+            dir: dir.to_owned(),
+            source,
+        };
+        let dir = match fs::canonicalize(dir) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(LayerError::LowerMissing(dir.to_owned()))
+            }
+            Err(e) => return Err(unreadable(dir, e)),
+        };
+        match fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(unreadable(&dir, e)),
+            _ => return Err(LayerError::LowerMissing(dir)),
         }
         let lower = Lower { dir };
-        if !lower.store().is_dir() {
-            return Err(LayerError::LowerNoStore(lower.dir));
+        match fs::metadata(lower.store()) {
+            Ok(m) if m.is_dir() => {}
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(unreadable(&lower.dir, e)),
+            _ => return Err(LayerError::LowerNoStore(lower.dir)),
+        }
+        if let Err(e) = fs::metadata(lower.db()) {
+            if e.kind() != io::ErrorKind::NotFound {
+                return Err(unreadable(&lower.dir, e));
+            }
         }
         if !lower.db().is_file() {
             return Err(LayerError::LowerNoDb {

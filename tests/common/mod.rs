@@ -10,6 +10,8 @@ use std::process::{Command, Output, Stdio};
 
 use sha2::{Digest, Sha256};
 
+pub mod hosts;
+
 const IN_NS: &str = "NIXFS_LAYER_TEST_IN_NS";
 pub const DEFAULT_CONFIG_DIR: &str = "/etc/nixfs-layer";
 /// Where `mount` puts the flake tree by default.
