@@ -195,16 +195,29 @@ fn round_trip(writer: &TestNix, user: &TestNix) {
     let upper = w.path("upper");
     w.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
     let mount = || {
-        w.tool_ok([
-            "mount",
-            "--lower",
-            lower.to_str().unwrap(),
-            "--upper",
-            upper.to_str().unwrap(),
-            "--no-flake-fs",
-        ])
+        let out = w
+            .tool_command()
+            .args(["mount", "--lower", lower.to_str().unwrap()])
+            .args(["--upper", upper.to_str().unwrap(), "--no-flake-fs"])
+            .env("NIXFS_LAYER_LOG", "nixfs_layer=info")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount: {}", stderr(&out));
+        stderr(&out)
     };
-    mount();
+    // Either Nix's database (2.26's has a SchemaMigrations table) takes the
+    // fast first merge: it becomes the merged database as it is.
+    let log = mount();
+    assert!(log.contains("by adopting the lower's database"), "{log}");
+    assert!(!log.contains("row by row"), "{log}");
+    let merged_tables = tables(&upper.join("var/nix/db/db.sqlite"));
+    for t in &lower_tables {
+        assert!(
+            merged_tables.contains(t),
+            "{t} of the lower is kept: {merged_tables:?}"
+        );
+    }
 
     // What the user's Nix sees: every lower path, as the writer recorded it.
     assert_eq!(all_paths(&w, user), lower_paths);
@@ -307,5 +320,105 @@ ns_test! {
 ns_test! {
     fn a_lower_written_by_nix_2_8_serves_modern_nix() {
         round_trip(&TestNix::Host, &modern());
+    }
+}
+
+// Nix's own `local-overlay` store (experimental, Nix ≥ 2.22) pointed at
+// the overlayfs this tool mounts, with a state directory of its own: what
+// works and where it parts from the merged database. See
+// docs/local-overlay.md.
+ns_test! {
+    fn nix_local_overlay_store_over_our_mount() {
+        let nix = modern();
+        let w = World::new();
+        w.features.lock().unwrap().push_str("local-overlay-store read-only-local-store");
+        let lower = w.path("lower");
+        let built = w.with_nix_at(&lower, || build(&w, &nix, &["app", "tool"]));
+        let lower_paths = w.with_nix_at(&lower, || all_paths(&w, &nix));
+        let upper = w.path("upper");
+        w.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
+        w.tool_ok(["mount", "--lower", lower.to_str().unwrap(), "--upper", upper.to_str().unwrap(), "--no-flake-fs"]);
+        let pin = common::entries(&upper.join("store")).into_iter().find(|e| e.ends_with(PIN_SUFFIX)).unwrap();
+
+        let state = w.path("local-overlay-state");
+        std::fs::create_dir_all(&state).unwrap();
+        let store_uri = |lower: &Path, check_mount: bool| {
+            let lower_store = format!(
+                "local?real={}/store&state={}/var/nix&read-only=true",
+                lower.display(),
+                lower.display()
+            );
+            let enc: String = lower_store
+                .chars()
+                .map(|c| match c {
+                    '?' => "%3F".to_owned(),
+                    '&' => "%26".to_owned(),
+                    '=' => "%3D".to_owned(),
+                    c => c.to_string(),
+                })
+                .collect();
+            format!(
+                "local-overlay://?state={}&lower-store={enc}&upper-layer={}/store&check-mount={check_mount}",
+                state.display(),
+                upper.display()
+            )
+        };
+        let run = |uri: &str, program: &str, args: &[&str]| {
+            w.nix_of(&nix, program).args(["--store", uri]).args(args).output().unwrap()
+        };
+
+        // check-mount looks for a mount whose source is "overlay"; ours is
+        // "nixfs-layer", so the check refuses it.
+        let out = run(&store_uri(&lower, true), "nix", &["path-info", "--all"]);
+        assert!(!out.status.success() && stderr(&out).contains("mounted incorrectly"), "{}", stderr(&out));
+
+        let uri = store_uri(&lower, false);
+        // Lower paths are valid (looked up in the lower's own database).
+        // `--all` does not list them all (seen: none, or 3 of 9), so it is
+        // only printed.
+        let mut args = vec!["path-info"];
+        args.extend(lower_paths.iter().filter(|p| !p.ends_with(".drv")).map(String::as_str));
+        let out = run(&uri, "nix", &args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let out = run(&uri, "nix", &["path-info", "--all"]);
+        eprintln!("local-overlay path-info --all: {:?}", String::from_utf8_lossy(&out.stdout));
+        let out = run(&uri, "nix-store", &["--verify", "--check-contents"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+
+        // A build lands in the upper layer, registered in its own database
+        // only: the merged database (what 2.8 and a plain 2.26 read) does
+        // not know it.
+        let out = run(&uri, "nix-build", &["--no-out-link", &common::fixture("store.nix"), "-A", "onTop"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let on_top = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(upper.join("store").join(base_name(&on_top)).is_dir());
+        assert!(!valid(&w, &TestNix::Host, &on_top), "the merged database does not have {on_top}");
+
+        // Its collector, with nothing rooted: the lower's files stay (no
+        // whiteouts), but the pin of the merged database is deleted from
+        // the upper (it is not valid in local-overlay's database).
+        let out = run(&uri, "nix-collect-garbage", &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(!upper.join("store").join(&pin).exists(), "local-overlay's GC deleted the pin");
+        assert!(common::entries(&upper.join("store")).is_empty(), "{:?}", common::entries(&upper.join("store")));
+        for p in &built {
+            assert!(lower.join("store").join(base_name(p)).exists());
+        }
+        let out = run(&uri, "nix", &["path-info", "--all"]);
+        eprintln!(
+            "local-overlay path-info --all after its GC: {:?} (stderr: {})",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(&out)
+        );
+        // This tool's verify notices the missing pin.
+        let out = w.tool(["verify"]);
+        assert!(!out.status.success(), "verify notices the pin is gone: {}", String::from_utf8_lossy(&out.stdout));
+
+        // A lower written by Nix 2.8 has no SchemaMigrations table; 2.26
+        // wants to create it and cannot in a read-only lower store.
+        let old_lower = w.path("old-lower");
+        w.with_nix_at(&old_lower, || build(&w, &TestNix::Host, &["tool"]));
+        let out = run(&store_uri(&old_lower, false), "nix", &["path-info", "--all"]);
+        assert!(!out.status.success() && stderr(&out).contains("readonly database"), "{}", stderr(&out));
     }
 }
