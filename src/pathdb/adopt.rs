@@ -5,7 +5,8 @@
 //!
 //! Only taken when it gives the same result as the row-by-row merge: the
 //! merged database holds nothing but the pin, nothing is mounted, the
-//! lower's database has exactly Nix's schema-10 objects (plus the CA tables),
+//! lower's database has exactly Nix's schema-10 objects (plus the CA tables
+//! and the `SchemaMigrations` table of Nix ≥ 2.20),
 //! and every row's store entry exists and is not hidden by a whiteout.
 
 use std::collections::HashSet;
@@ -27,6 +28,10 @@ const KNOWN_TABLES: &[&str] = &[
     "DerivationOutputs",
     "Realisations",
     "RealisationsRefs",
+    // Nix ≥ 2.20 records its schema migrations here (the only one so far
+    // makes the CA tables above); older Nix never reads it, newer Nix finds
+    // its own rows where it left them.
+    "SchemaMigrations",
     "sqlite_sequence",
 ];
 
@@ -41,7 +46,8 @@ pub fn is_fresh(conn: &Connection) -> rusqlite::Result<bool> {
     )
 }
 
-/// Nix's own objects (type, name, normalised SQL) in a database.
+/// Nix's own objects (type, name, SQL without comments, whitespace
+/// normalised) in a database.
 fn nix_objects(conn: &Connection, schema: &str) -> rusqlite::Result<Vec<(String, String, String)>> {
     conn.prepare(&format!(
         "select type, name, sql from {schema}.sqlite_master
@@ -50,11 +56,13 @@ fn nix_objects(conn: &Connection, schema: &str) -> rusqlite::Result<Vec<(String,
     ))?
     .query_map([], |r| {
         let sql: String = r.get(2)?;
-        Ok((
-            r.get(0)?,
-            r.get(1)?,
-            sql.split_whitespace().collect::<Vec<_>>().join(" "),
-        ))
+        // Comments differ between Nix versions (2.26 has "-- base16
+        // representation" after ValidPaths.hash); the statements do not.
+        let sql: Vec<&str> = sql
+            .lines()
+            .flat_map(|l| l.split("--").next().unwrap_or("").split_whitespace())
+            .collect();
+        Ok((r.get(0)?, r.get(1)?, sql.join(" ")))
     })?
     .collect()
 }

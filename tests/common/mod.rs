@@ -107,11 +107,43 @@ impl World {
     }
 
     /// Environment for real Nix: local store at /nix, no daemon, no build
-    /// users, no substituters, caches under the test's home.
+    /// users, no substituters, caches under the test's home. The Nix is the
+    /// suite's ([`TestNix::from_env`]: the host's, or a chroot's).
     pub fn nix(&self, program: &str) -> Command {
-        let mut c = Command::new(program);
+        self.nix_of(&TestNix::from_env(), program)
+    }
+
+    /// [`World::nix`] with the host's Nix, whatever the suite runs against.
+    pub fn host_nix(&self, program: &str) -> Command {
+        self.nix_of(&TestNix::Host, program)
+    }
+
+    /// [`World::nix`] with the modern Nix of the trixie chroot (built and
+    /// cached by scripts/modern-nix-chroot.sh if missing).
+    pub fn modern_nix(&self, program: &str) -> Command {
+        self.nix_of(&TestNix::Chroot(modern_chroot()), program)
+    }
+
+    /// [`World::nix`] with a given Nix.
+    pub fn nix_of(&self, which: &TestNix, program: &str) -> Command {
+        let mut c = which.command(program);
         self.nix_env(&mut c);
         c
+    }
+
+    /// [`World::nix_ok`] with a given Nix.
+    pub fn nix_ok_of<I, S>(&self, which: &TestNix, program: &str, args: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let out = self.nix_of(which, program).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} ({which:?}) failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
     }
 
     /// The environment of [`World::nix`] on any command (the tool under
@@ -137,13 +169,7 @@ impl World {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let out = self.nix(program).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{program} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        self.nix_ok_of(&TestNix::from_env(), program, args)
     }
 
     /// Builds attributes of tests/fixtures/store.nix into whatever /nix is now.
@@ -212,6 +238,105 @@ impl World {
         );
         String::from_utf8(out.stdout).unwrap()
     }
+}
+
+/// The variable that picks the Nix the suite runs against:
+/// unset or `host` for the host's (Debian bookworm's 2.8), `chroot:DIR`
+/// for the one installed in the chroot DIR (scripts/test.sh --modern-nix).
+pub const TEST_NIX_VAR: &str = "NIXFS_LAYER_TEST_NIX";
+
+/// Where scripts/modern-nix-chroot.sh keeps the trixie chroot by default.
+pub const MODERN_CHROOT_DEFAULT: &str = "/var/cache/nixfs-layer/nix-trixie";
+
+/// Which Nix programs a test runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TestNix {
+    /// The host's, found on PATH.
+    Host,
+    /// The one inside a chroot: run as `chroot DIR program …` in a mount
+    /// namespace of its own where /nix, /proc, /dev, the tests' scratch
+    /// directories and tests/fixtures are bound at the same paths inside.
+    Chroot(PathBuf),
+}
+
+impl TestNix {
+    pub fn from_env() -> TestNix {
+        match std::env::var(TEST_NIX_VAR) {
+            Err(_) => TestNix::Host,
+            Ok(v) if v.is_empty() || v == "host" => TestNix::Host,
+            Ok(v) => match v.strip_prefix("chroot:") {
+                Some(dir) => TestNix::Chroot(PathBuf::from(dir)),
+                None => panic!("{TEST_NIX_VAR}={v}: want `host` or `chroot:DIR`"),
+            },
+        }
+    }
+
+    /// Whether this is a Nix that knows the `local-overlay` store and
+    /// `SchemaMigrations` (≥ 2.22); the chroot's is.
+    pub fn is_modern(&self) -> bool {
+        matches!(self, TestNix::Chroot(_))
+    }
+
+    /// A command running `program` of this Nix. Arguments added to it go
+    /// to `program`; the environment set on it reaches `program` too.
+    pub fn command(&self, program: &str) -> Command {
+        match self {
+            TestNix::Host => Command::new(program),
+            TestNix::Chroot(root) => {
+                // Mounts are made afresh for every command, in a namespace
+                // that ends with it: whatever is on /nix right now (a
+                // tmpfs, a lower bound by with_nix_at, the merged store)
+                // is what the chroot sees, and nothing leaks into the
+                // cached chroot or the test's namespace.
+                let scratch = Path::new(env!("CARGO_TARGET_TMPDIR"));
+                let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+                let mut c = Command::new("unshare");
+                c.args(["-m", "--propagation", "private", "--", "sh", "-c"])
+                    .arg(CHROOT_SCRIPT)
+                    .arg("sh")
+                    .arg(root)
+                    .arg(scratch)
+                    .arg(fixtures)
+                    .arg(program);
+                c
+            }
+        }
+    }
+}
+
+/// `sh -c` body of a chrooted Nix command: `$1` the chroot, `$2` and `$3`
+/// directories to bind at the same path inside, then the program and its
+/// arguments. `exec` all the way: the pid of the command is Nix's.
+const CHROOT_SCRIPT: &str = r#"set -e
+root=$1 scratch=$2 fixtures=$3
+shift 3
+for d in /nix /proc /dev "$scratch" "$fixtures"; do
+  mkdir -p "$root$d"
+  mount --rbind "$d" "$root$d"
+done
+exec chroot "$root" "$@"
+"#;
+
+/// The modern-Nix chroot: the suite's when it runs against one, else
+/// `$NIXFS_LAYER_MODERN_CHROOT` or the cached default, made by scripts/modern-nix-chroot.sh if missing (a few
+/// minutes once per machine).
+pub fn modern_chroot() -> PathBuf {
+    if let TestNix::Chroot(dir) = TestNix::from_env() {
+        return dir;
+    }
+    let dir = std::env::var_os("NIXFS_LAYER_MODERN_CHROOT")
+        .unwrap_or_else(|| MODERN_CHROOT_DEFAULT.into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/modern-nix-chroot.sh");
+    let out = Command::new(&script)
+        .arg(dir)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/modern-nix-chroot.sh");
+    assert!(
+        out.status.success(),
+        "scripts/modern-nix-chroot.sh could not make the modern-Nix chroot"
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 pub fn fixture(name: &str) -> String {
