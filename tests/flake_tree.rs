@@ -341,6 +341,10 @@ ns_test! {
         let v: serde_json::Value =
             serde_json::from_str(&s.tool_ok(&["resolve", "--json", "myflake#extra"])).unwrap();
         assert_eq!(v["how"], "upper-hit", "{v}");
+        // What the tree built is rooted: stock GC keeps it, the link still works.
+        s.w.nix_ok("nix-collect-garbage", Vec::<&str>::new());
+        assert_eq!(run(&str_("myflake#extra").join("bin/extra")), "hello from extra\n");
+        assert!(s.upper.join("store").join(base).is_dir(), "still in the upper after GC");
 
         // One output of a multi-output package.
         let dev = str_("myflake#multi^dev");

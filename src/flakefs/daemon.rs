@@ -78,7 +78,8 @@ pub fn resolver(target: &Path, config: &FlakeFsConfig) -> Result<Resolver, Flake
         Policy::from_config(config)?,
         Settings::from_config(config),
         Some(CacheFile::new(&cache_file(target))),
-    ))
+    )
+    .with_gc_roots(target.join("var/nix/gcroots/nixfs-layer-flakes")))
 }
 
 /// Whether something of ours is mounted at `mountpoint`.

@@ -87,6 +87,8 @@ pub struct Resolver {
     build_slots: Slots,
     eval_slots: Slots,
     file: Option<CacheFile>,
+    /// Where results served from the upper get a GC root of their own.
+    gc_roots: Option<PathBuf>,
     pub counters: Counters,
 }
 
@@ -161,7 +163,32 @@ impl Resolver {
             cache: Mutex::new(cache),
             flights: Mutex::default(),
             file,
+            gc_roots: None,
             counters: Counters::default(),
+        }
+    }
+
+    /// Roots every result served from the upper (built or found there) in
+    /// `dir` (a directory under the store's gcroots), so that Nix's garbage
+    /// collector does not take a path the tree points at. Removing the
+    /// directory releases them.
+    pub fn with_gc_roots(mut self, dir: PathBuf) -> Resolver {
+        self.gc_roots = Some(dir);
+        self
+    }
+
+    fn root(&self, path: &Path) {
+        let (Some(dir), Some(base)) = (&self.gc_roots, path.file_name()) else {
+            return;
+        };
+        let made = std::fs::create_dir_all(dir)
+            .and_then(|()| std::os::unix::fs::symlink(path, dir.join(base)));
+        match made {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not add a GC root for a flake result")
+            }
         }
     }
 
@@ -368,6 +395,9 @@ impl Resolver {
             (Ok(_), true) => None,
             (Ok(_), false) => Some(self.settings.ttl),
         };
+        if let (Ok(path), How::Built | How::UpperHit) = (&result, how) {
+            self.root(path);
+        }
         if let (Ok(path), true, Some(file)) = (&result, r.locked, &self.file) {
             if let Err(e) = file.append(&r.text, path) {
                 tracing::warn!(error = %e, "could not record a locked result");
