@@ -8,22 +8,13 @@
 //! times writing to /dev/null under `/usr/bin/time`; the best run counts.
 //! Figures are in docs/export-bench.md.
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::sh;
+
 use std::path::Path;
 use std::process::Command;
-
-const IN_NS: &str = "NIXFS_LAYER_BENCH_IN_NS";
-
-fn sh(script: &str) -> String {
-    let out = nix_env(Command::new("sh").arg("-c").arg(script))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "`{script}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn nix_env(c: &mut Command) -> &mut Command {
     c.env("NIX_REMOTE", "local")
@@ -65,23 +56,7 @@ fn best(script: &str) -> (u64, f64) {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return; // `cargo test --benches` asks for a list
-    }
-    if std::env::var_os(IN_NS).is_none() {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the benchmark mounts: run it as root"
-        );
-        std::fs::create_dir_all("/nix").unwrap();
-        let status = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "--"])
-            .arg(std::env::current_exe().unwrap())
-            .env(IN_NS, "1")
-            .status()
-            .unwrap();
-        std::process::exit(status.code().unwrap_or(1));
-    }
+    common::enter_private_namespace(&["/nix"]);
     let mib: u64 = std::env::var("NIXFS_LAYER_BENCH_MIB")
         .ok()
         .and_then(|v| v.parse().ok())

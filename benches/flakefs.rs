@@ -7,53 +7,21 @@
 //! in a private mount and PID namespace with a tmpfs on /nix (nothing is
 //! left mounted on the host).
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::sh;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-const IN_NS: &str = "NIXFS_LAYER_BENCH_IN_NS";
 const ENTRIES: usize = 10_000;
 const ROUNDS: usize = 200_000;
 
-fn sh(script: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
-    assert!(
-        out.status.success(),
-        "`{script}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return; // `cargo test --benches` asks for a list
-    }
-    if std::env::var_os(IN_NS).is_none() {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the benchmark mounts: run it as root"
-        );
-        std::fs::create_dir_all("/nix").unwrap();
-        std::fs::create_dir_all("/nixfs").unwrap();
-        let status = Command::new("unshare")
-            .args([
-                "-m",
-                "--propagation",
-                "private",
-                "--pid",
-                "--fork",
-                "--kill-child",
-                "--mount-proc",
-                "--",
-            ])
-            .arg(std::env::current_exe().unwrap())
-            .env(IN_NS, "1")
-            .status()
-            .unwrap();
-        std::process::exit(status.code().unwrap_or(1));
-    }
+    common::enter_private_namespace(&["/nix", "/nixfs"]);
     let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench");
     std::fs::create_dir_all(&base).unwrap();
     let tmp = tempfile::tempdir_in(&base).unwrap();

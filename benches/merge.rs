@@ -8,30 +8,21 @@
 //! Needs root: it runs itself in a private mount namespace with a tmpfs on
 //! /nix. The synthetic lower is cached under target/bench/.
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::sh;
+
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nixfs_layer::synth;
 
-const IN_NS: &str = "NIXFS_LAYER_BENCH_IN_NS";
 const SEED: u64 = 20261121;
 
 fn main() {
-    if std::env::var_os(IN_NS).is_none() {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the benchmark mounts overlayfs: run it as root"
-        );
-        std::fs::create_dir_all("/nix").unwrap();
-        let status = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "--"])
-            .arg(std::env::current_exe().unwrap())
-            .env(IN_NS, "1")
-            .status()
-            .unwrap();
-        std::process::exit(status.code().unwrap_or(1));
-    }
+    common::enter_private_namespace(&["/nix"]);
     let n: usize = std::env::var("BENCH_PATHS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -218,17 +209,6 @@ fn main() {
             100.0 * secs(one_percent) / secs(general)
         ),
     );
-}
-
-fn sh(script: &str) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "`{script}` failed");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn run(bin: &str, args: &[&str]) -> String {

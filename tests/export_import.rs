@@ -9,31 +9,11 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{base_name, sh, stderr, upper_entries, verify_contents, World};
+use common::{base_name, sh, stderr, upper_entries, verify_contents, Stack, World};
 use nixfs_layer::export;
 
-struct Stack {
-    w: World,
-    lower: PathBuf,
-    upper: PathBuf,
-    lower_paths: BTreeSet<String>,
-}
-
 fn stack() -> Stack {
-    let w = World::new();
-    let lower = w.path("lower");
-    let lower_paths = w.with_nix_at(&lower, || {
-        w.build(&["app", "tool"]);
-        all_valid(&w)
-    });
-    let upper = w.path("upper");
-    w.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
-    Stack {
-        w,
-        lower,
-        upper,
-        lower_paths,
-    }
+    Stack::new(&["app", "tool"])
 }
 
 fn all_valid(w: &World) -> BTreeSet<String> {
@@ -44,19 +24,6 @@ fn all_valid(w: &World) -> BTreeSet<String> {
 }
 
 impl Stack {
-    fn mount_upper(&self, upper: &Path) {
-        self.w.tool_ok([
-            "mount",
-            "--lower",
-            self.lower.to_str().unwrap(),
-            "--upper",
-            upper.to_str().unwrap(),
-            "--no-flake-fs",
-        ]);
-    }
-    fn mount(&self) {
-        self.mount_upper(&self.upper);
-    }
     /// Builds `attr` through the merged store with a `result` link as GC root.
     fn build_rooted(&self, attr: &str) -> String {
         let link = self.w.path(&format!("result-{attr}"));
@@ -73,15 +40,6 @@ impl Stack {
             )
             .trim()
             .to_owned()
-    }
-    fn valid(&self, path: &str) -> bool {
-        self.w
-            .nix("nix-store")
-            .args(["--check-validity", path])
-            .output()
-            .unwrap()
-            .status
-            .success()
     }
     fn valid_count(&self, upper: &Path) -> i64 {
         rusqlite::Connection::open(upper.join("var/nix/db/db.sqlite"))

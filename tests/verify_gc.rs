@@ -7,63 +7,15 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{base_name, sh, stderr, tree_digest, upper_entries, verify_contents, World};
-
-/// A lower with app (→ libb → liba, liba.dev) and tool, built by real Nix;
-/// an initialised upper.
-struct Stack {
-    w: World,
-    lower: PathBuf,
-    upper: PathBuf,
-    /// Every valid path of the lower.
-    lower_paths: Vec<String>,
-}
+use common::{base_name, sh, stderr, tree_digest, upper_entries, verify_contents, Stack};
 
 fn stack() -> Stack {
-    let w = World::new();
-    let lower = w.path("lower");
-    let lower_paths = w.with_nix_at(&lower, || {
-        w.build(&["app", "tool"]);
-        w.nix_ok("nix", ["path-info", "--all"])
-            .lines()
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    });
-    let upper = w.path("upper");
-    w.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
-    Stack {
-        w,
-        lower,
-        upper,
-        lower_paths,
-    }
+    Stack::new(&["app", "tool"])
 }
 
 impl Stack {
-    fn mount(&self) {
-        self.w.tool_ok([
-            "mount",
-            "--lower",
-            self.lower.to_str().unwrap(),
-            "--upper",
-            self.upper.to_str().unwrap(),
-            "--no-flake-fs",
-        ]);
-    }
-    fn umount(&self) {
-        self.w.tool_ok(["umount"]);
-    }
-    /// The lower path whose name ends with `-<name>`.
-    fn lower_path(&self, name: &str) -> String {
-        let suffix = format!("-{name}");
-        self.lower_paths
-            .iter()
-            .find(|p| p.ends_with(&suffix))
-            .unwrap_or_else(|| panic!("no lower path {name}: {:?}", self.lower_paths))
-            .clone()
-    }
     /// `nixfs-layer verify --json` plus `args`: exit code and document.
     fn verify(&self, args: &[&str]) -> (i32, serde_json::Value) {
         let mut all = vec!["verify", "--json"];
@@ -85,15 +37,6 @@ impl Stack {
             .filter(|e| e.file_type().unwrap().is_char_device())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect()
-    }
-    fn valid(&self, path: &str) -> bool {
-        self.w
-            .nix("nix-store")
-            .args(["--check-validity", path])
-            .output()
-            .unwrap()
-            .status
-            .success()
     }
     fn assert_lower_intact(&self) {
         self.assert_lower_paths_valid();

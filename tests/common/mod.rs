@@ -452,3 +452,76 @@ pub fn verify_contents(w: &World) {
         );
     }
 }
+
+/// A lower built by real Nix (tests/fixtures/store.nix attributes) and an
+/// initialised upper, not yet mounted. Test files add their own methods.
+pub struct Stack {
+    pub w: World,
+    pub lower: PathBuf,
+    pub upper: PathBuf,
+    /// Every valid path of the lower.
+    pub lower_paths: std::collections::BTreeSet<String>,
+}
+
+impl Stack {
+    pub fn new(attrs: &[&str]) -> Stack {
+        let w = World::new();
+        let lower = w.path("lower");
+        let lower_paths = w.with_nix_at(&lower, || {
+            w.build(attrs);
+            w.nix_ok("nix", ["path-info", "--all"])
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        });
+        let upper = w.path("upper");
+        w.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
+        Stack {
+            w,
+            lower,
+            upper,
+            lower_paths,
+        }
+    }
+
+    /// Mounts the lower under `upper` at /nix, without the flake tree.
+    pub fn mount_upper(&self, upper: &Path) {
+        self.w.tool_ok([
+            "mount",
+            "--lower",
+            self.lower.to_str().unwrap(),
+            "--upper",
+            upper.to_str().unwrap(),
+            "--no-flake-fs",
+        ]);
+    }
+
+    pub fn mount(&self) {
+        self.mount_upper(&self.upper);
+    }
+
+    pub fn umount(&self) {
+        self.w.tool_ok(["umount"]);
+    }
+
+    /// Whether Nix holds `path` valid in the store at /nix.
+    pub fn valid(&self, path: &str) -> bool {
+        self.w
+            .nix("nix-store")
+            .args(["--check-validity", path])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+
+    /// The lower path whose name ends with `-<name>`.
+    pub fn lower_path(&self, name: &str) -> String {
+        let suffix = format!("-{name}");
+        self.lower_paths
+            .iter()
+            .find(|p| p.ends_with(&suffix))
+            .unwrap_or_else(|| panic!("no lower path {name}: {:?}", self.lower_paths))
+            .clone()
+    }
+}

@@ -1,0 +1,55 @@
+//! Shared by the benchmarks: running in a private namespace, shell steps.
+#![allow(dead_code)]
+
+use std::process::Command;
+
+const IN_NS: &str = "NIXFS_LAYER_BENCH_IN_NS";
+
+/// Makes the rest of `main` run in a mount and pid namespace of its own
+/// (as root), so nothing the benchmark mounts reaches the host: the first
+/// call re-runs this binary under `unshare` and exits with its status; in
+/// the re-run it returns. `mount_points` are created on the host first.
+/// Also returns at once for `--list` (cargo asking for a test list).
+pub fn enter_private_namespace(mount_points: &[&str]) {
+    if std::env::args().any(|a| a == "--list") {
+        std::process::exit(0);
+    }
+    if std::env::var_os(IN_NS).is_some() {
+        return;
+    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the benchmark mounts: run it as root"
+    );
+    for p in mount_points {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    let status = Command::new("unshare")
+        .args([
+            "-m",
+            "--propagation",
+            "private",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
+            "--",
+        ])
+        .arg(std::env::current_exe().unwrap())
+        .args(std::env::args_os().skip(1))
+        .env(IN_NS, "1")
+        .status()
+        .unwrap();
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+/// Runs a shell script; panics with its stderr on failure; returns stdout.
+pub fn sh(script: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`{script}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
