@@ -55,8 +55,6 @@ pub type Outcome = Result<Resolved, Failure>;
 #[derive(Debug, Clone)]
 struct Entry {
     result: Result<PathBuf, Failure>,
-    /// How the result was first obtained.
-    how: How,
     expires: Option<Instant>,
     /// Loaded from disk and not yet checked against the database.
     unverified: bool,
@@ -142,7 +140,6 @@ impl Resolver {
                             r,
                             Entry {
                                 result: Ok(path),
-                                how: How::Cached,
                                 expires: None,
                                 unverified: true,
                             },
@@ -407,7 +404,6 @@ impl Resolver {
             r.text.clone(),
             Entry {
                 result: result.clone(),
-                how,
                 expires: ttl.map(|t| Instant::now() + t),
                 unverified: false,
             },
@@ -418,20 +414,5 @@ impl Resolver {
             locked: r.locked,
             valid_for: ttl,
         })
-    }
-
-    /// How many results are held.
-    pub fn cached_entries(&self) -> usize {
-        self.cache.lock().unwrap().len()
-    }
-
-    /// How a cached reference was first resolved (for `resolve --json`).
-    pub fn first_how(&self, reference: &str) -> Option<How> {
-        self.cache.lock().unwrap().get(reference).map(|e| e.how)
-    }
-
-    /// Puts a result in the cache directly (benchmarks, tests).
-    pub fn insert_resolved(&self, r: &FlakeRef, path: &Path) {
-        self.remember(r, Ok(path.to_owned()), How::Built).ok();
     }
 }

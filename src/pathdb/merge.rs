@@ -77,8 +77,6 @@ pub struct SyncSummary {
     pub incomplete_closure: u64,
     /// Gone lower paths kept because the upper still needs them (content missing).
     pub broken: Vec<String>,
-    /// Lowers whose database had not changed since the last sync.
-    pub lowers_unchanged: u64,
 }
 
 impl SyncSummary {
@@ -194,7 +192,6 @@ pub fn sync(
             .map_err(&err)?;
         return Ok(SyncSummary {
             unchanged: provided,
-            lowers_unchanged: states.len() as u64,
             ..Default::default()
         });
     }
@@ -249,10 +246,7 @@ pub fn sync(
     let pin_id = pin::ensure(&tx, upper, &pin_store).map_err(pin_io)?;
     create_temp_tables(&tx).map_err(&err)?;
 
-    let mut summary = SyncSummary {
-        lowers_unchanged: (states.len() - changed.len()) as u64,
-        ..Default::default()
-    };
+    let mut summary = SyncSummary::default();
     phase("comparing lower databases with the last sync");
     for (i, s) in states.iter().enumerate().filter(|(_, s)| s.alias.is_some()) {
         let full = opts.force || reordered.contains(&i);
