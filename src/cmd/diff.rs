@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::cli::DiffArgs;
 use crate::closure::Graph;
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::gcroots;
 use crate::layer::Upper;
 use crate::pathdb;
@@ -130,9 +130,7 @@ pub fn run(args: &DiffArgs) -> Result<()> {
     let mounted = require_mounted(&target)?;
     let r = report(&target, &mounted.upper)?;
     if args.json {
-        let text = serde_json::to_string_pretty(&r)
-            .map_err(|e| Error::Usage(format!("cannot serialise the report: {e}")))?;
-        println!("{text}");
+        super::print_json(&r);
         return Ok(());
     }
     println!(

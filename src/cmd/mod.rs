@@ -133,6 +133,15 @@ pub fn require_mounted(target: &Path) -> Result<Mounted> {
     find_mounted(target)?.ok_or_else(|| MountError::NotMounted(target.to_owned()).into())
 }
 
+/// Prints a command's `--json` document (the shapes are in docs/*-json.md).
+pub fn print_json<T: Serialize>(doc: &T) {
+    // Plain structs of strings and numbers: serialising cannot fail.
+    println!(
+        "{}",
+        serde_json::to_string_pretty(doc).expect("report serialises")
+    );
+}
+
 /// A spinner naming the merge's phases on a terminal; nothing otherwise.
 pub struct Progress(Option<indicatif::ProgressBar>);
 

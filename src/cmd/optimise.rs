@@ -3,7 +3,7 @@
 
 use crate::cli::OptimiseArgs;
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::optimise;
 use crate::overlay;
 use crate::pathdb;
@@ -21,9 +21,7 @@ pub fn run(args: &OptimiseArgs) -> Result<()> {
     let layers = Layers::read(&conn, &mounted.upper, Some(&mounted.store()))?;
     let r = optimise::optimise(&mut conn, &mounted.upper, &layers.lowers, &mounted.store())?;
     if args.json {
-        let text = serde_json::to_string_pretty(&r)
-            .map_err(|e| Error::Usage(format!("cannot serialise the report: {e}")))?;
-        println!("{text}");
+        super::print_json(&r);
         return Ok(());
     }
     println!(

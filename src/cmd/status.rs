@@ -66,10 +66,7 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         lowers: db_stats.map(|s| s.lowers).unwrap_or_default(),
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&status).expect("status serialises")
-        );
+        super::print_json(&status);
     } else {
         print_text(&status);
     }

@@ -88,10 +88,7 @@ pub fn run(args: &VerifyArgs) -> Result<()> {
         categories: problems,
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("verify report serialises")
-        );
+        super::print_json(&report);
     } else {
         print_text(&report);
     }
