@@ -4,61 +4,45 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::{
     base_name, entries, mount_table, sh, stderr, tree_digest, upper_entries, verify_contents,
-    World, PIN_SUFFIX,
+    Stack, World, PIN_SUFFIX,
 };
 
-/// A lower with app (→ libb → liba, liba.dev), tool, and a file added with
-/// `nix-store --add`; an initialised upper.
+/// The common stack (app → libb → liba, liba.dev, and tool in the lower;
+/// an initialised upper) plus a file added to the lower with `nix-store --add`.
 struct Setup {
-    w: World,
-    lower: PathBuf,
-    upper: PathBuf,
-    /// Output paths built into the lower.
-    built: Vec<String>,
+    stack: Stack,
     /// The store path of the added file.
     added_file: String,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = Stack;
+    fn deref(&self) -> &Stack {
+        &self.stack
+    }
 }
 
 const ADDED_CONTENT: &str = "a file the lower already holds\n";
 
 fn setup() -> Setup {
-    let w = World::new();
-    let lower = w.path("lower");
-    let (built, added_file) = w.with_nix_at(&lower, || {
-        let built = w.build(&["app", "tool"]);
+    let stack = Stack::new(&["app", "tool"]);
+    let w = &stack.w;
+    let added_file = w.with_nix_at(&stack.lower, || {
         let f = w.path("note.txt");
         std::fs::write(&f, ADDED_CONTENT).unwrap();
         let added = w.nix_ok("nix-store", [OsArg::from("--add"), f.as_os_str().into()]);
-        (built, added.trim().to_owned())
+        added.trim().to_owned()
     });
-    let upper = w.path("upper");
-    w.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
-    Setup {
-        w,
-        lower,
-        upper,
-        built,
-        added_file,
-    }
+    Setup { stack, added_file }
 }
 
 type OsArg = std::ffi::OsString;
 
 impl Setup {
-    fn mount(&self) {
-        self.w.tool_ok([
-            "mount",
-            "--lower",
-            self.lower.to_str().unwrap(),
-            "--upper",
-            self.upper.to_str().unwrap(),
-            "--no-flake-fs",
-        ]);
-    }
     /// The upper's store entries, but for the pin every upper holds.
     fn upper_store(&self) -> Vec<String> {
         upper_entries(&self.upper)
@@ -71,15 +55,6 @@ impl Setup {
             .filter(|l| !l.ends_with(PIN_SUFFIX))
             .map(str::to_owned)
             .collect()
-    }
-    fn valid(&self, path: &str) -> bool {
-        self.w
-            .nix("nix-store")
-            .args(["--check-validity", path])
-            .output()
-            .unwrap()
-            .status
-            .success()
     }
 }
 
@@ -147,14 +122,14 @@ ns_test! {
         assert_eq!(s.all_paths(), all, "every lower path is valid in the merged store, nothing else");
         assert_eq!(nix_answers(&s.w, &all), expected, "Nix answers as the lower itself does");
         // The pin shows among the referrers of the lower's tops only.
-        let app = s.built.iter().find(|p| p.ends_with("-app")).unwrap();
+        let app = &s.lower_path("app");
         let liba = s.w.nix_ok("nix-store", ["-q", "--references", app]);
         let liba = liba.lines().find(|l| l.ends_with("-liba")).unwrap();
         let referrers = |p: &str| s.w.nix_ok("nix-store", ["-q", "--referrers", p]);
         assert!(referrers(app).lines().any(|l| l.ends_with(PIN_SUFFIX)), "{}", referrers(app));
         assert!(!referrers(liba).contains(PIN_SUFFIX), "{}", referrers(liba));
         verify_contents(&s.w);
-        let app = s.built.iter().find(|p| p.ends_with("-app")).unwrap();
+        let app = &s.lower_path("app");
         assert_eq!(sh(&format!("{app}/bin/app")), "hello from app\n");
         assert!(s.upper_store().is_empty(), "reading creates nothing in the upper: {:?}", s.upper_store());
         assert_eq!(tree_digest(&s.lower), lower_before, "the lower is untouched");
@@ -189,8 +164,8 @@ ns_test! {
         assert!(!s.lower.join("store").join(&base).exists(), "output not in the lower");
         assert!(s.valid(on_top));
         let refs = s.w.nix_ok("nix-store", ["-q", "--references", on_top]);
-        let app = s.built.iter().find(|p| p.ends_with("-app")).unwrap();
-        let tool = s.built.iter().find(|p| p.ends_with("-tool")).unwrap();
+        let app = &s.lower_path("app");
+        let tool = &s.lower_path("tool");
         assert!(refs.contains(app.as_str()) && refs.contains(tool.as_str()), "references: {refs}");
         for r in refs.lines().filter(|r| *r != on_top) {
             let b = Path::new(r).file_name().unwrap();
@@ -243,7 +218,7 @@ ns_test! {
         assert!(out.starts_with("sync: added 0, removed 0"), "{out}");
 
         // The lower loses an unreferenced path.
-        let tool = s.built.iter().find(|p| p.ends_with("-tool")).unwrap().clone();
+        let tool = s.lower_path("tool");
         s.w.with_nix_at(&s.lower, || prune_from_lower(&s.w, &tool));
         assert!(!s.lower.join("store").join(&tool[11..]).exists());
         let out = s.w.tool_ok(["sync"]);
@@ -259,7 +234,7 @@ ns_test! {
         let s = setup();
         s.mount();
         let on_top = s.w.build(&["onTop"]).remove(0);
-        let tool = s.built.iter().find(|p| p.ends_with("-tool")).unwrap().clone();
+        let tool = s.lower_path("tool");
         let db = s.upper.join("var/nix/db/db.sqlite");
         let db_before = std::fs::read(&db).unwrap();
         s.w.with_nix_at(&s.lower, || prune_from_lower(&s.w, &tool));
@@ -554,7 +529,7 @@ ns_test! {
         // /etc/nixfs-layer/config.toml is read when no --config is given.
         std::fs::write(Path::new(common::DEFAULT_CONFIG_DIR).join("config.toml"), format!("lowers = [\"{lower}\"]\nupper = \"{upper}\"\n")).unwrap();
         s.w.tool_ok(["mount"]);
-        assert!(s.valid(&s.built[0]));
+        assert!(s.valid(&s.lower_path("app")));
         let v: serde_json::Value = serde_json::from_str(&s.w.tool_ok(["status", "--json"])).unwrap();
         assert_eq!(v["upper"]["dir"], upper);
     }
@@ -573,7 +548,7 @@ ns_test! {
         assert_eq!(status()["upper"]["paths"], 1, "only the .drv is left");
 
         // Lower paths are GC roots: a plain delete is refused...
-        let tool = s.built.iter().find(|p| p.ends_with("-tool")).unwrap();
+        let tool = &s.lower_path("tool");
         let out = s.w.nix("nix-store").args(["--delete", tool]).output().unwrap();
         assert!(!out.status.success() && stderr(&out).contains("still alive"), "{}", stderr(&out));
         assert!(s.upper_store().iter().all(|e| e.contains("on-top")), "no whiteout: {:?}", s.upper_store());
@@ -672,7 +647,7 @@ ns_test! {
         let on_top = s.w.build(&["onTop"]).remove(0);
         s.w.tool_ok(["umount"]);
         // The template drops tool while the AppVM is off.
-        let tool = s.built.iter().find(|p| p.ends_with("-tool")).unwrap().clone();
+        let tool = s.lower_path("tool");
         s.w.with_nix_at(&s.lower, || prune_from_lower(&s.w, &tool));
 
         let out = s.w.tool([
@@ -691,7 +666,7 @@ ns_test! {
         let missing = v["categories"]["missing_content"].as_array().unwrap();
         assert!(missing.iter().any(|m| m["path"] == tool.as_str()), "verify lists it missing: {v}");
         // Everything else of the lower is still there and fine.
-        let app = s.built.iter().find(|p| p.ends_with("-app")).unwrap();
+        let app = &s.lower_path("app");
         assert_eq!(sh(&format!("{app}/bin/app")), "hello from app\n");
     }
 }
@@ -740,7 +715,7 @@ ns_test! {
 ns_test! {
     fn a_lower_row_without_content_is_skipped_on_the_first_merge() {
         let s = setup();
-        let tool = s.built.iter().find(|p| p.ends_with("-tool")).unwrap().clone();
+        let tool = s.lower_path("tool");
         // Content pruned behind the lower's Nix: its database still lists it.
         sh(&format!("chmod -R u+w {0} && rm -rf {0}", s.lower.join("store").join(base_name(&tool)).display()));
         let out = s.w.tool([
@@ -749,7 +724,7 @@ ns_test! {
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(stderr(&out).contains("skipped 1 lower path(s) whose store entry is missing"), "{}", stderr(&out));
         assert!(!s.valid(&tool));
-        let app = s.built.iter().find(|p| p.ends_with("-app")).unwrap();
+        let app = &s.lower_path("app");
         assert!(s.valid(app));
         verify_contents(&s.w);
     }
@@ -787,7 +762,7 @@ ns_test! {
         let mut svc = spawn();
         let n = sock.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
-        assert!(s.valid(&s.built[0]), "the store is usable once READY=1 is sent");
+        assert!(s.valid(&s.lower_path("app")), "the store is usable once READY=1 is sent");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(svc.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
         assert!(wait_exit(&mut svc).success());
         let n = sock.recv(&mut buf).unwrap();

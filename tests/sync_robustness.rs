@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{entries, mount_table, stderr, World};
+use common::{entries, mount_table, stderr, verify_contents, World};
 use nixfs_layer::synth::{self, Rng};
 use rusqlite::Connection;
 use wait_timeout::ChildExt;
@@ -175,22 +175,6 @@ fn scratch(upper: &Path) -> Vec<String> {
     entries(&upper.join("nixfs-layer/tmp"))
 }
 
-fn verify_store(w: &World, check_contents: bool) {
-    let mut args = vec!["--verify"];
-    if check_contents {
-        args.push("--check-contents");
-    }
-    let out = w.nix("nix-store").args(&args).output().unwrap();
-    let err = stderr(&out);
-    assert!(out.status.success(), "nix-store --verify failed: {err}");
-    for bad in ["error", "corrupt", "disappeared", "modified", "warning"] {
-        assert!(
-            !err.to_lowercase().contains(bad),
-            "nix-store --verify complains: {err}"
-        );
-    }
-}
-
 /// Where a killed run was, from its debug log (the merge logs each phase).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Landed {
@@ -321,7 +305,7 @@ ns_test! {
         assert!(out.starts_with("sync: added 0, removed 0"), "{out}");
         assert_db_matches_lower(&s.upper, &s.lower, "at the end");
         let t = Instant::now();
-        verify_store(&s.w, true);
+        verify_contents(&s.w);
         eprintln!("nix-store --verify --check-contents took {:.1?}", t.elapsed());
     }
 }
@@ -503,7 +487,7 @@ ns_test! {
         for p in &lower_removed {
             assert!(!valid(&s.w, std::slice::from_ref(p)), "{p} left the lower and is not valid");
         }
-        verify_store(&s.w, true);
+        verify_contents(&s.w);
     }
 }
 
