@@ -45,7 +45,7 @@ pub enum PromoteError {
         expected: String,
         actual: String,
     },
-    #[error("{0} is not a valid path of the mounted store")]
+    #[error("{0} is not a valid path of the mounted store; name a store path (or a link to one) that `nix-store --check-validity` accepts")]
     NotValid(String),
 }
 

@@ -57,7 +57,7 @@ pub enum FlakeFsError {
         log: PathBuf,
         tail: String,
     },
-    #[error("the flake tree server (pid {0}) did not stop")]
+    #[error("the flake tree server (pid {0}) did not stop; end it with `kill {0}` and run `nixfs-layer umount` again")]
     DidNotStop(u32),
 }
 
