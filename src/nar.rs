@@ -131,6 +131,30 @@ impl Write for HashWriter {
     }
 }
 
+/// The NAR hash of a non-executable regular file holding `contents`,
+/// without a file.
+pub fn hash_file_contents(contents: &[u8]) -> NarHash {
+    let mut w = HashWriter {
+        hasher: Sha256::new(),
+        size: 0,
+    };
+    for s in [
+        &b"nix-archive-1"[..],
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+        contents,
+        b")",
+    ] {
+        write_str(&mut w, s).expect("hashing does not fail");
+    }
+    NarHash {
+        sha256: w.hasher.finalize().into(),
+        size: w.size,
+    }
+}
+
 /// Hashes the NAR serialisation of `path` without holding it in memory.
 pub fn hash_path(path: &Path) -> io::Result<NarHash> {
     let mut w = io::BufWriter::with_capacity(
@@ -215,6 +239,15 @@ mod tests {
         let mut bytes = Vec::new();
         dump(&root, &mut bytes).unwrap();
         assert_eq!(ours.size, bytes.len() as u64);
+    }
+
+    #[test]
+    fn in_memory_file_hash_matches_the_files() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("f");
+        fs::write(&f, "twelve bytes").unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o444)).unwrap();
+        assert_eq!(hash_file_contents(b"twelve bytes"), hash_path(&f).unwrap());
     }
 
     #[test]

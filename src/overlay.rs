@@ -34,7 +34,9 @@ pub enum MountError {
         errno: Errno,
         hint: &'static str,
     },
-    #[error("unmounting {target} failed: {errno}; see `findmnt {target}` for what is mounted there")]
+    #[error(
+        "unmounting {target} failed: {errno}; see `findmnt {target}` for what is mounted there"
+    )]
     Umount { target: PathBuf, errno: Errno },
     #[error("{path}: {source}")]
     Io {

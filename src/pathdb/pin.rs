@@ -33,12 +33,10 @@ const NAME: &str = "nixfs-layer-lowers";
 const CONTENT: &str = "This store path keeps the paths of nixfs-layer's lower layers alive for \
 Nix's garbage collector: it refers to them and a GC root keeps it. nixfs-layer maintains it.\n";
 
-/// The pin's store path (the same for every upper: it depends only on its content).
+/// The pin's store path (the same for every upper: it depends only on its
+/// content, like `nix-store --add` of the file would make it).
 pub fn path() -> StorePath {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let f = dir.path().join(NAME);
-    fs::write(&f, CONTENT).expect("write pin content");
-    let h = nar::hash_path(&f).expect("hash pin content");
+    let h = nar::hash_file_contents(CONTENT.as_bytes());
     make_store_path("source", &h.sha256, NAME).expect("valid name")
 }
 
