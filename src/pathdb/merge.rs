@@ -198,6 +198,7 @@ pub fn sync(
 
     let whiteouts = upper_whiteouts(&upper.store())?;
     let mut adopted = 0u64;
+    let mut declined = None;
     let mut changed = changed;
     if opts.mounted_store.is_none()
         && changed.first() == Some(&0)
@@ -214,15 +215,19 @@ pub fn sync(
             &states[0].fingerprint,
         )?;
         conn = open_for_merge(&db)?;
-        if let Some(n) = result {
-            adopted = n;
-            changed.remove(0);
-            if changed.is_empty() && states.len() == 1 {
-                tracing::info!(elapsed = ?started.elapsed(), paths = n, "sync done by adopting the lower's database");
-                return Ok(SyncSummary {
-                    added: n,
-                    ..Default::default()
-                });
+        match result {
+            // Not adoptable: the same copy serves the row-by-row merge.
+            None => declined = Some(snap),
+            Some(n) => {
+                adopted = n;
+                changed.remove(0);
+                if changed.is_empty() && states.len() == 1 {
+                    tracing::info!(elapsed = ?started.elapsed(), paths = n, "sync done by adopting the lower's database");
+                    return Ok(SyncSummary {
+                        added: n,
+                        ..Default::default()
+                    });
+                }
             }
         }
     }
@@ -231,7 +236,10 @@ pub fn sync(
     let mut snapshots = Vec::new();
     for &i in &changed {
         let lower = states[i].lower;
-        let snap = snapshot::take(lower, &upper.tmp_dir())?;
+        let snap = match declined.take().filter(|_| i == 0) {
+            Some(snap) => snap,
+            None => snapshot::take(lower, &upper.tmp_dir())?,
+        };
         let alias = format!("lower{i}");
         attach(&conn, &snap, &alias, lower)?;
         states[i].alias = Some(alias);
