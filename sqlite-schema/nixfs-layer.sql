@@ -26,7 +26,9 @@ create table if not exists NixfsLayerOrigin (
     layer  integer not null
 ) without rowid;
 
-create index if not exists NixfsLayerOriginLayer on NixfsLayerOrigin(layer);
+-- No index on `layer`: the few queries by layer scan the table anyway, and
+-- every sync would pay for keeping one (a random page per changed path).
+drop index if exists NixfsLayerOriginLayer;
 
 -- The valid paths of each lower as of the last sync, whether or not the
 -- merged view takes them from that lower.
@@ -37,7 +39,9 @@ create table if not exists NixfsLayerLowerPath (
     primary key (lower, path)
 ) without rowid;
 
-create index if not exists NixfsLayerLowerPathPath on NixfsLayerLowerPath(path);
+-- Looked up by path through the primary key, one lower at a time (there
+-- are few), so no second index to keep up to date on every sync.
+drop index if exists NixfsLayerLowerPathPath;
 
 create trigger if not exists NixfsLayerOriginOnInsert after insert on ValidPaths
   begin

@@ -56,9 +56,9 @@ impl Graph {
         let rows: Vec<(i64, Node)> = conn
             .prepare(
                 "select v.id, v.path, v.hash, v.deriver, coalesce(v.narSize, 0), coalesce(o.layer, 0),
-                        exists (select 1 from NixfsLayerLowerPath m
-                                join NixfsLayerLower l on l.id = m.lower
-                                where m.path = v.path and l.priority is not null)
+                        exists (select 1 from NixfsLayerLower l
+                                cross join NixfsLayerLowerPath m on m.lower = l.id and m.path = v.path
+                                where l.priority is not null)
                  from ValidPaths v left join NixfsLayerOrigin o on o.path = v.path
                  order by v.path",
             )

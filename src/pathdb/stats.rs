@@ -52,9 +52,9 @@ pub fn read(conn: &Connection, db: &Path) -> Result<DbStats, DbError> {
     let upper = conn
         .query_row(
             "select count(*), coalesce(sum(v.narSize), 0),
-                    coalesce(sum(not exists (select 1 from NixfsLayerLowerPath lp
-                                             join NixfsLayerLower l on l.id = lp.lower
-                                             where lp.path = o.path and l.priority is not null)), 0)
+                    coalesce(sum(not exists (select 1 from NixfsLayerLower l
+                                             cross join NixfsLayerLowerPath lp on lp.lower = l.id and lp.path = o.path
+                                             where l.priority is not null)), 0)
              from NixfsLayerOrigin o join ValidPaths v on v.path = o.path
              where o.layer = 0",
             [],

@@ -400,8 +400,8 @@ pub(crate) fn hidden(
     let valid: HashSet<&str> = rows.iter().map(|r| r.path.base_name()).collect();
     let mut stmt = conn
         .prepare(
-            "select l.dir from NixfsLayerLowerPath lp join NixfsLayerLower l on l.id = lp.lower
-             where lp.path = ?1 and l.priority is not null order by l.priority limit 1",
+            "select l.dir from NixfsLayerLower l cross join NixfsLayerLowerPath lp on lp.lower = l.id and lp.path = ?1
+             where l.priority is not null order by l.priority limit 1",
         )
         .map_err(sql_err(&db))?;
     let mut out = Vec::new();
