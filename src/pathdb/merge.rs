@@ -249,7 +249,6 @@ pub fn sync(
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(&err)?;
-    reconcile_provenance(&tx).map_err(&err)?;
     register_lowers(&tx, &mut states).map_err(&err)?;
     let pin_id = pin::ensure(&tx, upper, &pin_store).map_err(pin_io)?;
     create_temp_tables(&tx).map_err(&err)?;
@@ -284,7 +283,7 @@ pub fn sync(
     realisations::release_removed(&tx).map_err(&err)?;
     tx.execute_batch(
         "create temp table exposed as
-           select distinct v.path from main.Refs r join main.ValidPaths v on v.id = r.reference
+           select distinct r.reference as id from main.Refs r
            where r.referrer in (select id from temp.removed) and r.reference not in (select id from temp.removed);
          delete from main.Refs where referrer in (select id from temp.removed);
          delete from main.Refs where reference in (select id from temp.removed);
@@ -308,7 +307,7 @@ pub fn sync(
     }
     move_paths(&tx, &states).map_err(&err)?;
     pin::pin_tops(&tx, pin_id, "added").map_err(&err)?;
-    pin::pin_tops(&tx, pin_id, "exposed").map_err(&err)?;
+    pin::pin_tops_of(&tx, pin_id, "select id from temp.exposed").map_err(&err)?;
     for s in &states {
         tx.execute(
             "update main.NixfsLayerLower set fingerprint = ?2, syncedAt = ?3 where id = ?1",
@@ -446,23 +445,6 @@ fn upper_whiteouts(store: &Path) -> Result<HashSet<OsString>, DbError> {
     Ok(out)
 }
 
-/// Provenance rows are kept by triggers; this repairs what predates them
-/// (a database Nix created) or what someone changed with triggers off.
-fn reconcile_provenance(tx: &Connection) -> rusqlite::Result<()> {
-    let (paths, origins): (i64, i64) = tx.query_row(
-        "select (select count(*) from main.ValidPaths), (select count(*) from main.NixfsLayerOrigin)",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
-    if paths != origins {
-        tx.execute_batch(
-            "delete from main.NixfsLayerOrigin where path not in (select path from main.ValidPaths);
-             insert or ignore into main.NixfsLayerOrigin (path, layer) select path, 0 from main.ValidPaths;",
-        )?;
-    }
-    Ok(())
-}
-
 /// Gives each lower its stable id and its place in the current stack.
 fn register_lowers(tx: &Connection, states: &mut [LowerState]) -> rusqlite::Result<()> {
     tx.execute("update main.NixfsLayerLower set priority = null", [])?;
@@ -516,41 +498,24 @@ fn diff_lower(
     let alias = s.alias.as_deref().expect("changed lowers are attached");
     let lower_db = s.lower.db();
     let err = sql_err(&lower_db);
-    tx.execute(
-        &format!(
-            "insert into temp.gone (lower, path)
-             select ?1, m.path from main.NixfsLayerLowerPath m
-             where m.lower = ?1 and not exists (select 1 from {alias}.ValidPaths v where v.path = m.path)"
-        ),
-        [s.id],
-    )
-    .map_err(&err)?;
+    let (new, gone) = diff_paths(tx, alias, s.id, full).map_err(&err)?;
     if full {
-        // Re-examine every row, not only the new ones.
         tx.execute(
             "delete from main.NixfsLayerLowerPath where lower = ?1",
             [s.id],
         )
         .map_err(&err)?;
     }
-    tx.execute(
-        &format!(
-            "insert into temp.cand (lower, lid, path)
-             select ?1, v.id, v.path from {alias}.ValidPaths v
-             where not exists (select 1 from main.NixfsLayerLowerPath m where m.lower = ?1 and m.path = v.path)"
-        ),
-        [s.id],
-    )
-    .map_err(&err)?;
+    {
+        let mut ins = tx
+            .prepare_cached("insert into temp.gone (lower, path) values (?1, ?2)")
+            .map_err(&err)?;
+        for path in &gone {
+            ins.execute(params![s.id, path]).map_err(&err)?;
+        }
+    }
 
     // Check the new rows against the lower's store directory.
-    let new: Vec<(i64, String)> = tx
-        .prepare("select lid, path from temp.cand where lower = ?1")
-        .and_then(|mut st| {
-            st.query_map([s.id], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .map_err(&err)?;
     let store = s.lower.store();
     let listing = if new.len() > 2000 {
         Some(list_store(&store)?)
@@ -559,11 +524,10 @@ fn diff_lower(
     };
     let (mut missing, mut foreign, mut first_foreign) = (0u64, 0usize, None);
     {
-        let mut drop_row = tx
-            .prepare_cached("delete from temp.cand where lower = ?1 and lid = ?2")
-            .map_err(&err)?;
-        let mut hide = tx
-            .prepare_cached("update temp.cand set hidden = 1 where lower = ?1 and lid = ?2")
+        let mut ins = tx
+            .prepare_cached(
+                "insert into temp.cand (lower, lid, path, hidden) values (?1, ?2, ?3, ?4)",
+            )
             .map_err(&err)?;
         for (lid, path) in &new {
             let Ok(sp) = StorePath::parse(path) else {
@@ -579,11 +543,12 @@ fn diff_lower(
             if !present {
                 missing += 1;
                 tracing::warn!(lower = %s.lower.dir().display(), %path, "lower database lists a path its store does not have; not registering it");
-                drop_row.execute(params![s.id, lid]).map_err(&err)?;
-            } else if whiteouts.contains(&name) {
-                missing += 1;
-                hide.execute(params![s.id, lid]).map_err(&err)?;
+                continue;
             }
+            let hidden = whiteouts.contains(&name);
+            missing += u64::from(hidden);
+            ins.execute(params![s.id, lid, path, hidden])
+                .map_err(&err)?;
         }
     }
     if foreign > 0 {
@@ -610,12 +575,71 @@ fn diff_lower(
     Ok(missing)
 }
 
+/// A lower row to examine: its id in the lower's database, its path.
+type NewRow = (i64, String);
+
+/// The lower's rows the last sync did not record, or all of
+/// them when `full` (to re-examine every row), and the recorded paths it
+/// no longer lists: one pass over both path lists in index order, so the
+/// cost is two sequential scans, not 2 × N lookups.
+fn diff_paths(
+    tx: &Connection,
+    alias: &str,
+    lower: i64,
+    full: bool,
+) -> rusqlite::Result<(Vec<NewRow>, Vec<String>)> {
+    let mut now = tx.prepare(&format!(
+        "select path, id from {alias}.ValidPaths order by path"
+    ))?;
+    let mut then =
+        tx.prepare("select path from main.NixfsLayerLowerPath where lower = ?1 order by path")?;
+    let mut now_rows = now.query([])?;
+    let mut then_rows = then.query([lower])?;
+    let (mut new, mut gone) = (Vec::new(), Vec::new());
+    let mut a = now_rows.next()?;
+    let mut b = then_rows.next()?;
+    loop {
+        match (a, b) {
+            (None, None) => break,
+            (Some(ra), None) => {
+                new.push((ra.get(1)?, ra.get(0)?));
+                a = now_rows.next()?;
+            }
+            (None, Some(rb)) => {
+                gone.push(rb.get(0)?);
+                b = then_rows.next()?;
+            }
+            (Some(ra), Some(rb)) => {
+                let (pa, pb) = (ra.get_ref(0)?.as_bytes()?, rb.get_ref(0)?.as_bytes()?);
+                match pa.cmp(pb) {
+                    std::cmp::Ordering::Equal => {
+                        if full {
+                            new.push((ra.get(1)?, ra.get(0)?));
+                        }
+                        a = now_rows.next()?;
+                        b = then_rows.next()?;
+                    }
+                    std::cmp::Ordering::Less => {
+                        new.push((ra.get(1)?, ra.get(0)?));
+                        a = now_rows.next()?;
+                    }
+                    std::cmp::Ordering::Greater => {
+                        gone.push(rb.get(0)?);
+                        b = then_rows.next()?;
+                    }
+                }
+            }
+        }
+    }
+    Ok((new, gone))
+}
+
 /// Lowers no longer in the stack: everything they had is gone.
 fn forget_departed_lowers(tx: &Connection) -> rusqlite::Result<()> {
     tx.execute_batch(
         "insert or ignore into temp.gone (lower, path)
-           select m.lower, m.path from main.NixfsLayerLowerPath m
-           join main.NixfsLayerLower l on l.id = m.lower where l.priority is null;
+           select m.lower, m.path from main.NixfsLayerLower l
+           cross join main.NixfsLayerLowerPath m on m.lower = l.id where l.priority is null;
          delete from main.NixfsLayerLowerPath
            where lower in (select id from main.NixfsLayerLower where priority is null);",
     )
@@ -637,8 +661,9 @@ insert or ignore into temp.added (lower, lid, path)
 insert or ignore into temp.moved (path, lower)
   select path, best from (
     select a.path, a.layer,
-           (select m.lower from main.NixfsLayerLowerPath m join main.NixfsLayerLower l on l.id = m.lower
-            where m.path = a.path and l.priority is not null order by l.priority limit 1) as best
+           (select m.lower from main.NixfsLayerLower l
+            cross join main.NixfsLayerLowerPath m on m.lower = l.id and m.path = a.path
+            where l.priority is not null order by l.priority limit 1) as best
     from (select o.path, o.layer from temp.gone g
             join main.NixfsLayerOrigin o on o.path = g.path and o.layer = g.lower
           union
@@ -890,4 +915,70 @@ fn list_store(dir: &Path) -> Result<HashSet<OsString>, DbError> {
         .map_err(io)?
         .map(|e| e.map(|e| e.file_name()).map_err(io))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upper-like database with recorded paths for lower 1, and a
+    /// lower database attached as `l` listing `now`.
+    fn setup(recorded: &[&str], now: &[&str]) -> Connection {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch(super::super::NIX_SCHEMA_SQL).unwrap();
+        c.execute_batch(super::super::LAYER_SCHEMA_SQL).unwrap();
+        c.execute_batch("attach ':memory:' as l").unwrap();
+        c.execute_batch(
+            &super::super::NIX_SCHEMA_SQL.replace("if not exists ", "if not exists l."),
+        )
+        .unwrap();
+        for p in recorded {
+            c.execute(
+                "insert into NixfsLayerLowerPath (lower, path) values (1, ?1)",
+                [p],
+            )
+            .unwrap();
+        }
+        // Inserted out of order: the diff must not depend on id order.
+        for p in now.iter().rev() {
+            c.execute(
+                "insert into l.ValidPaths (path, hash, registrationTime) values (?1, 'sha256:x', 0)",
+                [p],
+            )
+            .unwrap();
+        }
+        c
+    }
+
+    fn paths(new: &[NewRow]) -> Vec<&str> {
+        new.iter().map(|(_, p)| p.as_str()).collect()
+    }
+
+    #[test]
+    fn diff_of_sorted_path_lists() {
+        let c = setup(&["/b", "/c", "/e", "/g"], &["/a", "/c", "/d", "/g", "/h"]);
+        let (new, gone) = diff_paths(&c, "l", 1, false).unwrap();
+        assert_eq!(paths(&new), ["/a", "/d", "/h"]);
+        assert_eq!(gone, ["/b", "/e"]);
+        // Ids are the lower's.
+        let id: i64 = c
+            .query_row("select id from l.ValidPaths where path = '/d'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert!(new.contains(&(id, "/d".to_owned())));
+
+        let (new, gone) = diff_paths(&c, "l", 1, true).unwrap();
+        assert_eq!(paths(&new), ["/a", "/c", "/d", "/g", "/h"]);
+        assert_eq!(gone, ["/b", "/e"]);
+
+        // Another lower's records do not count; an empty side is all new or all gone.
+        let (new, gone) = diff_paths(&c, "l", 2, false).unwrap();
+        assert_eq!(new.len(), 5);
+        assert!(gone.is_empty());
+        let c = setup(&["/x", "/y"], &[]);
+        let (new, gone) = diff_paths(&c, "l", 1, false).unwrap();
+        assert!(new.is_empty());
+        assert_eq!(gone, ["/x", "/y"]);
+    }
 }

@@ -114,9 +114,35 @@ pub fn open(db: &Path) -> Result<Connection, DbError> {
     conn.busy_timeout(BUSY_TIMEOUT).map_err(sql_err(db))?;
     conn.pragma_update(None, "foreign_keys", "on")
         .map_err(sql_err(db))?;
-    conn.execute_batch(LAYER_SCHEMA_SQL).map_err(sql_err(db))?;
     trace_statements(&mut conn);
+    ensure_layer_tables(&mut conn).map_err(sql_err(db))?;
     Ok(conn)
+}
+
+/// Creates this tool's tables and triggers where they are missing. In a
+/// database that had paths before them (one Nix made), every existing path
+/// is recorded as the upper's, in the same transaction; from then on the
+/// triggers keep provenance inside every transaction, Nix's included.
+fn ensure_layer_tables(conn: &mut Connection) -> rusqlite::Result<()> {
+    let has = |conn: &Connection| {
+        conn.query_row(
+            "select count(*) = 2 from sqlite_master where type = 'trigger'
+             and name in ('NixfsLayerOriginOnInsert', 'NixfsLayerOriginOnDelete')",
+            [],
+            |r| r.get::<_, bool>(0),
+        )
+    };
+    if has(conn)? {
+        // Later additions to the schema (all idempotent) still apply.
+        return conn.execute_batch(LAYER_SCHEMA_SQL);
+    }
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute_batch(LAYER_SCHEMA_SQL)?;
+    tx.execute_batch(
+        "delete from NixfsLayerOrigin where path not in (select path from ValidPaths);
+         insert or ignore into NixfsLayerOrigin (path, layer) select path, 0 from ValidPaths;",
+    )?;
+    tx.commit()
 }
 
 /// With `NIXFS_LAYER_LOG=nixfs_layer::sql=trace`, logs every statement that
@@ -148,4 +174,45 @@ pub fn open_read_only(db: &Path) -> Result<Connection, DbError> {
     .map_err(sql_err(db))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(sql_err(db))?;
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_a_database_nix_made_records_its_paths_as_the_uppers() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db.sqlite");
+        let c = Connection::open(&db).unwrap();
+        c.execute_batch(NIX_SCHEMA_SQL).unwrap();
+        for p in ["/nix/store/a", "/nix/store/b"] {
+            c.execute(
+                "insert into ValidPaths (path, hash, registrationTime) values (?1, 'sha256:x', 0)",
+                [p],
+            )
+            .unwrap();
+        }
+        drop(c);
+        let origin = |c: &Connection| -> Vec<(String, i64)> {
+            c.prepare("select path, layer from NixfsLayerOrigin order by path")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        let c = open(&db).unwrap();
+        let expect = vec![
+            ("/nix/store/a".to_owned(), 0),
+            ("/nix/store/b".to_owned(), 0),
+        ];
+        assert_eq!(origin(&c), expect);
+        // From then on the triggers keep it.
+        c.execute("delete from ValidPaths where path = '/nix/store/a'", [])
+            .unwrap();
+        drop(c);
+        let c = open(&db).unwrap();
+        assert_eq!(origin(&c), expect[1..]);
+    }
 }

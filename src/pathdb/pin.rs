@@ -87,11 +87,21 @@ pub fn ensure(tx: &Connection, upper: &Upper, store: &Path) -> io::Result<i64> {
 /// Pins the lower-provided paths among `temp.<candidates>` (a table with
 /// a `path` column) that no lower-provided path refers to.
 pub fn pin_tops(tx: &Connection, pin_id: i64, candidates: &str) -> rusqlite::Result<usize> {
+    pin_tops_of(
+        tx,
+        pin_id,
+        &format!("select v.id from temp.{candidates} c join main.ValidPaths v on v.path = c.path"),
+    )
+}
+
+/// Pins the lower-provided paths among the ids `ids` (a query of one
+/// column) selects that no lower-provided path refers to.
+pub fn pin_tops_of(tx: &Connection, pin_id: i64, ids: &str) -> rusqlite::Result<usize> {
     tx.execute(
         &format!(
             "insert or ignore into main.Refs (referrer, reference)
-             select ?1, v.id from temp.{candidates} c
-             cross join main.ValidPaths v on v.path = c.path
+             select ?1, v.id from ({ids}) c
+             cross join main.ValidPaths v on v.id = c.id
              cross join main.NixfsLayerOrigin o on o.path = v.path
              where o.layer > 0 and not exists (
                select 1 from main.Refs r indexed by IndexReference
