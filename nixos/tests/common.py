@@ -49,9 +49,15 @@ def valid(m, path):
 
 
 def upper_entries(m):
-    """The upper's store entries, but for the pin."""
+    """The upper's store entries, but for the pin and Nix's bookkeeping
+    (.links, lock files: what `nixfs-layer verify` does not count as
+    paths either)."""
     names = m.succeed(f"ls -A {UPPER}/store").split()
-    return [n for n in names if not n.endswith(PIN_SUFFIX)]
+    return [
+        n
+        for n in names
+        if not (n.endswith(PIN_SUFFIX) or n.startswith(".") or n.endswith(".lock"))
+    ]
 
 
 def builds(m):

@@ -58,10 +58,12 @@ with subtest("each runner stacks the NFS root under an upper of its own"):
     published = digest(publisher, ROOTS)
 
 with subtest("both runners build at the same time and see no trace of each other"):
+    # In the background (set +e: the driver's shell has errexit on), the
+    # exit status last, in one rename.
     for r, job in ((runner1, "r1"), (runner2, "r2")):
         r.succeed(
-            f"(nix-build --no-out-link {FLEET_NIX} --argstr job {job} --arg hold {HOLD} -A job"
-            " > /tmp/job.out 2> /tmp/job.err; echo $? > /tmp/job.rc.new;"
+            f"(set +e; nix-build --no-out-link {FLEET_NIX} --argstr job {job} --arg hold {HOLD}"
+            " -A job > /tmp/job.out 2> /tmp/job.err; echo $? > /tmp/job.rc.new;"
             " mv /tmp/job.rc.new /tmp/job.rc) > /dev/null 2>&1 &"
         )
     jobs: dict[str, str] = {}
@@ -141,9 +143,13 @@ with subtest("runner1 is cut off: reads fail with an I/O error, its upper is int
     runner1.log(f"read of a lower file with the network cut: {took:.1f} s: {out}")
     assert status != 0, "a lower file runner1 never read cannot be read with the network down"
     assert status != 124, f"the read fails rather than hangs (took {took:.0f} s)"
-    assert "Input/output error" in out or "timed out" in out, (
-        f"the read fails with an I/O error, not wrong data: {out}"
-    )
+    # EIO from the soft mount (the namespace version, on sshfs, sees EIO or
+    # ENOTCONN); ETIMEDOUT or ESTALE would be the NFS client's other ways
+    # of saying the server did not answer.
+    assert any(
+        e in out
+        for e in ["Input/output error", "Connection timed out", "Stale file handle"]
+    ), f"the read fails with an I/O error, not wrong data: {out}"
     status, out = runner1.execute("nixfs-layer sync 2>&1")
     assert status == 74, f"sync with the lower unreachable: {out}"
     assert LOWER in out and "cannot be read" in out, f"sync names the unreachable lower: {out}"
