@@ -8,8 +8,8 @@
 #   /usr/bin; the fixture flake's builders append their name to
 #   /run/nixfs-layer-test/builds, a file outside the store); the fixtures
 #   in /etc/nixfs-layer-test/fixtures;
-# - `nfsServer`: serves /srv/roots read-only as its NFSv4 root, for the Nix
-#   roots a publisher or a template makes there;
+# - `nfsServer`: serves /srv/roots read-only over NFS, for the Nix roots a
+#   publisher or a template makes there;
 # - `stackedHost`: runs nixfs-layer through its NixOS module, Nix roots on
 #   an NFS mount of a server's /srv/roots as its lowers.
 { pkgs, self }:
@@ -62,7 +62,7 @@ in
       enable = true;
       createMountPoints = true;
       exports = ''
-        /srv/roots *(ro,no_root_squash,no_subtree_check,fsid=0)
+        /srv/roots *(ro,no_root_squash,no_subtree_check)
       '';
     };
   };
@@ -81,12 +81,14 @@ in
   # /run/nixfs-layer-own-nix (private so that the stack's own mounts on
   # /nix/store and /nix/var do not show through) and is the bottom lower.
   #
-  # The NFS mount (NFSv4, the server's roots being its pseudo-root "/") is
-  # soft, so that reads of an unreachable server fail with an error (after
-  # about 1+2+3 s: timeo=10, retrans=2) instead of hanging, and caches no
-  # attributes (actimeo=0), so that `sync` sees at once what the server
-  # published, or that it is gone. Without autoStart the service (and with
-  # it the mount) is started by the test script.
+  # The NFS mount is soft, so that reads of an unreachable server fail with
+  # an error (after about 1+2+3 s: timeo=10, retrans=2) instead of hanging,
+  # and caches no attributes (actimeo=0), so that `sync` sees at once what
+  # the server published, or that it is gone. It is NFSv3 without locks:
+  # stateless, every request gives up on its own, where an NFSv4 client may
+  # also wait for the recovery of its state on the server. Without
+  # autoStart the service (and with it the mount) is started by the test
+  # script.
   stackedHost =
     {
       server,
@@ -108,11 +110,12 @@ in
           autoFormat = true;
         };
         ${mountPoint} = {
-          device = "${server}:/";
+          device = "${server}:/srv/roots";
           fsType = "nfs";
           options = [
             "ro"
-            "vers=4"
+            "vers=3"
+            "nolock"
             "soft"
             "timeo=10"
             "retrans=2"

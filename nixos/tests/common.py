@@ -5,7 +5,7 @@ FIXTURES = "/etc/nixfs-layer-test/fixtures"
 STORE_NIX = f"{FIXTURES}/tests/fixtures/store.nix"
 FLEET_NIX = f"{FIXTURES}/vm-tests/fixtures/fleet.nix"
 FLAKE_SRC = f"{FIXTURES}/tests/fixtures/flake"
-# Where an NFS server keeps the Nix roots it serves (its NFSv4 root).
+# Where an NFS server keeps the Nix roots it serves (its NFS export).
 ROOTS = "/srv/roots"
 UPPER = "/var/lib/nixfs-layer/upper"
 PIN_SUFFIX = "-nixfs-layer-lowers"
