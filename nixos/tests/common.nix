@@ -67,7 +67,7 @@ in
     };
   };
 
-  # A machine whose /nix is nixfs-layer's stack: the NFS root of `server`
+  # A machine whose /nix is nixfs-layer's stack: `server`'s /srv/roots
   # mounted on `mountPoint`, `lowers` (Nix roots in it) on top, the
   # machine's own /nix at the bottom, the upper on a disk of its own.
   #
