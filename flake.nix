@@ -49,6 +49,19 @@
         services.nixfs-layer.package = lib.mkDefault self.packages.${pkgs.system}.default;
       };
 
+      # `nix flake check` builds the package and, on x86_64-linux with KVM,
+      # runs the NixOS VM tests of the vm-tests stories (vm-tests/README.md).
+      # Their stacked machines boot from disk images with BIOS GRUB, and the
+      # fixture flake is x86_64-linux only: no VM tests on aarch64-linux.
+      checks = forAll (pkgs:
+        let
+          system = pkgs.stdenv.hostPlatform.system;
+          vmTest = story: import (./nixos/tests + "/${story}.nix") { inherit pkgs self; };
+        in
+        { package = self.packages.${system}.default; }
+        // nixpkgs.lib.optionalAttrs (system == "x86_64-linux")
+          (nixpkgs.lib.genAttrs [ "nfs-fleet" "template-update" "spark-path" ] vmTest));
+
       devShells = forAll (pkgs: {
         default = pkgs.mkShell {
           inputsFrom = [ self.packages.${pkgs.system}.default ];

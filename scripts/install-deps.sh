@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need on a Debian machine, if missing:
 # Nix (Debian's nix-bin), FUSE 3, util-linux's unshare/setpriv/nsenter, sqlite3, man,
-# zstd/xz (export compression), /usr/bin/time (benchmarks), and iproute2, sshfs
-# and OpenSSH (vm-tests).
+# zstd/xz (export compression), /usr/bin/time (benchmarks), iproute2, sshfs
+# and OpenSSH (vm-tests), and Python 3 (tests/packaging.rs compiles the NixOS
+# VM tests' scripts).
 set -euo pipefail
 need=()
 command -v nix-store >/dev/null || need+=(nix-bin)
@@ -19,6 +20,7 @@ command -v nsenter >/dev/null || need+=(util-linux)
 command -v sshfs >/dev/null || need+=(sshfs)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh-keygen >/dev/null || need+=(openssh-client)
+command -v python3 >/dev/null || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${need[*]}; run as root so they can be installed with apt-get" >&2
