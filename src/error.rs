@@ -162,6 +162,7 @@ impl Error {
             | MountError::UpperInUse { .. }
             | MountError::Busy(_) => EX_TEMPFAIL,
             MountError::NotMounted(_) => EXIT_NOT_MOUNTED,
+            MountError::LowerSeesTarget { .. } => EX_USAGE,
             MountError::Mount { .. } | MountError::Umount { .. } => EX_OSERR,
             MountError::Io { .. } => EX_IOERR,
         }

@@ -21,6 +21,8 @@ pub enum MountError {
     AlreadyMounted(PathBuf, PathBuf),
     #[error("upper {upper} is already mounted at {at}; one upper serves one mount at a time")]
     UpperInUse { upper: PathBuf, at: PathBuf },
+    #[error("lower {lower} receives the mounts made on {target} (a shared bind of it?): the stack would show up inside its own lower; make it private first (`mount --make-private {lower}`, or bind it with `mount --bind --make-private`)")]
+    LowerSeesTarget { lower: PathBuf, target: PathBuf },
     #[error("nothing of nixfs-layer is mounted at {0}")]
     NotMounted(PathBuf),
     #[error(
@@ -48,7 +50,14 @@ pub enum MountError {
 /// One line of `/proc/self/mountinfo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountInfo {
+    /// The directory of its file system that is mounted (`/` unless a bind
+    /// of a subdirectory).
+    pub root: PathBuf,
     pub mount_point: PathBuf,
+    /// Peer group it shares mount events with (`shared:N`).
+    pub shared: Option<u32>,
+    /// Peer group it receives mount events from (`master:N`).
+    pub master: Option<u32>,
     pub fs_type: String,
     pub source: String,
     /// The superblock options (for overlayfs: lowerdir=…,upperdir=…).
@@ -89,10 +98,18 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
     text.lines()
         .filter_map(|line| {
             let (pre, post) = line.split_once(" - ")?;
-            let mount_point = pre.split(' ').nth(4)?;
+            let pre: Vec<&str> = pre.split(' ').collect();
+            let tag = |name: &str| {
+                pre.iter()
+                    .skip(6)
+                    .find_map(|f| f.strip_prefix(name)?.strip_prefix(':')?.parse().ok())
+            };
             let mut post = post.split(' ');
             Some(MountInfo {
-                mount_point: PathBuf::from(unescape(mount_point)),
+                root: PathBuf::from(unescape(pre.get(3)?)),
+                mount_point: PathBuf::from(unescape(pre.get(4)?)),
+                shared: tag("shared"),
+                master: tag("master"),
                 fs_type: post.next()?.to_owned(),
                 source: unescape(post.next()?),
                 super_options: unescape(post.next().unwrap_or("")),
@@ -114,6 +131,55 @@ pub fn mounts() -> Result<Vec<MountInfo>, MountError> {
 /// The topmost mount at exactly `point`, if any.
 pub fn mount_at(all: &[MountInfo], point: &Path) -> Option<MountInfo> {
     all.iter().rev().find(|m| m.mount_point == point).cloned()
+}
+
+/// The mount `path` lies on (the last of the longest mount point above it).
+fn containing(all: &[MountInfo], path: &Path) -> Option<MountInfo> {
+    all.iter()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
+        .cloned()
+}
+
+/// Where a mount made at `point` would also appear through mount
+/// propagation, if `into` (another mount) receives it: `into` must be a
+/// peer or a slave of the mount `point` lies on and show the directory
+/// `point` is in its file system.
+fn propagated_to(all: &[MountInfo], point: &Path, into: &MountInfo) -> Option<PathBuf> {
+    let on = containing(all, point)?;
+    let group = on.shared?;
+    if on == *into || (into.shared != Some(group) && into.master != Some(group)) {
+        return None;
+    }
+    let in_fs = on.root.join(point.strip_prefix(&on.mount_point).ok()?);
+    let rel = in_fs.strip_prefix(&into.root).ok()?;
+    Some(into.mount_point.join(rel))
+}
+
+/// Refuses a lower that would see the stack: when mounts on `target`'s
+/// `store`/`var` propagate to the mount the lower lies on, at a place
+/// inside the lower (a shared bind of the target itself, as systemd makes
+/// binds by default), the lower would show the stack over itself and its
+/// database would be the merged one.
+pub fn check_lower_sees_target(
+    all: &[MountInfo],
+    lower: &Path,
+    target: &Path,
+) -> Result<(), MountError> {
+    let Some(on) = containing(all, lower) else {
+        return Ok(());
+    };
+    for sub in ["store", "var"] {
+        if let Some(image) = propagated_to(all, &target.join(sub), &on) {
+            if image.starts_with(lower) {
+                return Err(MountError::LowerSeesTarget {
+                    lower: lower.to_owned(),
+                    target: target.to_owned(),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether this process may mount: CAP_SYS_ADMIN in its effective set.
@@ -263,6 +329,37 @@ mod tests {
         assert_eq!(ov.option("index"), None);
         assert!(mount_at(&m, Path::new("/mnt/with space")).is_some());
         assert!(mount_at(&m, Path::new("/nix")).is_none());
+    }
+
+    #[test]
+    fn a_lower_receiving_the_targets_mounts_is_refused() {
+        // / is shared (peer group 1, as systemd makes it); /run/own is a
+        // bind of /nix (same group); /run/priv a private bind of it; /srv/x
+        // a shared bind of /srv (same group, but /nix is not under it);
+        // /run/slave a slave of group 1 that shows /nix.
+        let m = parse_mountinfo(
+            "\
+1 0 8:1 / / rw shared:1 - ext4 /dev/vda rw
+2 1 8:1 /nix /run/own rw shared:1 - ext4 /dev/vda rw
+3 1 8:1 /nix /run/priv rw - ext4 /dev/vda rw
+4 1 8:1 /srv /srv/x rw shared:1 - ext4 /dev/vda rw
+5 1 8:1 / /run/slave rw master:1 - ext4 /dev/vda rw
+",
+        );
+        let target = Path::new("/nix");
+        let check = |lower: &str| check_lower_sees_target(&m, Path::new(lower), target);
+        assert!(matches!(
+            check("/run/own"),
+            Err(MountError::LowerSeesTarget { .. })
+        ));
+        assert!(check("/run/slave/nix").is_err());
+        assert!(check("/run/priv").is_ok());
+        assert!(check("/srv/x/lower").is_ok());
+        // Same mount as the target, elsewhere on it: mounts on /nix/store
+        // do not show up there.
+        assert!(check("/var/lib/lower").is_ok());
+        // A slave shows /nix/store elsewhere than inside this lower.
+        assert!(check("/run/slave/srv/lower").is_ok());
     }
 
     #[test]

@@ -778,3 +778,89 @@ ns_test! {
         assert_eq!(mount_table(), before);
     }
 }
+
+ns_test! {
+    /// A machine's own /nix as its bottom lower (a Qubes AppVM whose /nix
+    /// came with the template's root, a NixOS host whose system lives in
+    /// /nix/store): bound read-only and private elsewhere, then stacked
+    /// over /nix itself. Unmounting gives back the untouched original.
+    fn the_machines_own_nix_bound_elsewhere_is_a_lower_over_itself() {
+        let w = World::new();
+        let built = w.build(&["app", "tool"]);
+        let app = built[0].clone();
+        let own = w.path("own-nix");
+        std::fs::create_dir_all(&own).unwrap();
+        sh(&format!(
+            "mount --bind /nix {0} && mount --make-private {0} && mount -o remount,bind,ro {0}",
+            own.display()
+        ));
+        let before = tree_digest(&own);
+        let upper = w.path("upper");
+        w.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
+        w.tool_ok([
+            "mount",
+            "--lower",
+            own.to_str().unwrap(),
+            "--upper",
+            upper.to_str().unwrap(),
+            "--no-flake-fs",
+        ]);
+        // The lower's paths are there and valid, through the stack.
+        let out = sh(&format!("{app}/bin/app"));
+        assert_eq!(out, "hello from app\n");
+        let ok = |p: &str| w.nix("nix-store").args(["--check-validity", p]).status().unwrap().success();
+        assert!(ok(&app));
+        // A build lands in the upper, not in the machine's own store.
+        let extra = w.build(&["extra"])[0].clone();
+        assert!(ok(&extra));
+        let ups = upper_entries(&upper);
+        assert!(ups.contains(&base_name(&extra).to_owned()), "{ups:?}");
+        assert!(ups.iter().all(|e| e.contains("-extra")), "only the build and its .drv: {ups:?}");
+        assert!(!own.join("store").join(base_name(&extra)).exists());
+        // The lower as the tool reads it is the original, not the stack
+        // mounted over it: sync finds nothing new, the DB it copies is the
+        // machine's own.
+        let out = w.tool_ok(["sync"]);
+        assert!(out.starts_with("sync: added 0, removed 0"), "{out}");
+        assert_eq!(tree_digest(&own), before, "the own /nix is untouched");
+
+        w.tool_ok(["umount"]);
+        // The original /nix is back as it was, no trace of the stack; Nix
+        // uses it as before.
+        sh(&format!("umount {}", own.display()));
+        assert_eq!(tree_digest(Path::new("/nix")), before);
+        assert!(!Path::new(&extra).exists());
+        assert!(!ok(&extra));
+        assert!(ok(&app));
+    }
+}
+
+ns_test! {
+    /// The same with a bind that shares mount events with /nix (systemd
+    /// makes mounts shared): the stack would show up inside its own lower,
+    /// and the lower's database would be the merged one. Refused, nothing
+    /// mounted.
+    fn a_lower_that_would_see_the_stack_mounted_over_it_is_refused() {
+        let w = World::new();
+        w.build(&["app"]);
+        let own = w.path("own-nix");
+        std::fs::create_dir_all(&own).unwrap();
+        sh(&format!("mount --make-shared /nix && mount --bind /nix {0}", own.display()));
+        let upper = w.path("upper");
+        w.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
+        let before = mount_table();
+        let out = w.tool([
+            "mount",
+            "--lower",
+            own.to_str().unwrap(),
+            "--upper",
+            upper.to_str().unwrap(),
+            "--no-flake-fs",
+        ]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(64), "{err}");
+        assert!(err.contains(own.to_str().unwrap()) && err.contains("--make-private"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert_eq!(mount_table(), before, "nothing mounted");
+    }
+}

@@ -203,6 +203,9 @@ fn write_record(rec_path: &Path, record: &MountRecord) -> Result<()> {
 /// and an upper that already serves another mount.
 fn check_target_free(target: &Path, stack: &Stack) -> Result<()> {
     let mounts = overlay::mounts()?;
+    for lower in &stack.lowers {
+        overlay::check_lower_sees_target(&mounts, lower.dir(), target)?;
+    }
     for sub in ["store", "var"] {
         let p = target.join(sub);
         if overlay::mount_at(&mounts, &p).is_some() {
