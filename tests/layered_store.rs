@@ -864,3 +864,22 @@ ns_test! {
         assert_eq!(mount_table(), before, "nothing mounted");
     }
 }
+
+ns_test! {
+    /// A lost or damaged mount record (nixfs-layer/mount.json in the upper)
+    /// does not strand the stack: the overlay lists its lowers, so status,
+    /// sync and umount still work.
+    fn a_lost_mount_record_does_not_strand_the_stack() {
+        let s = setup();
+        s.mount();
+        let record = s.upper.join("nixfs-layer/mount.json");
+        std::fs::write(&record, "{ not json").unwrap();
+        let status = s.w.tool_ok(["status", "--json"]);
+        assert!(status.contains(s.lower.to_str().unwrap()), "{status}");
+        let out = s.w.tool(["sync"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stderr(&out).contains("mount record unreadable"), "{}", stderr(&out));
+        s.w.tool_ok(["umount"]);
+        assert!(!mount_table().iter().any(|(p, _)| p == "/nix/store" || p == "/nix/var"));
+    }
+}

@@ -112,20 +112,37 @@ pub fn find_mounted(target: &Path) -> Result<Option<Mounted>> {
         return Ok(None);
     };
     let rec_path = upper.mount_record();
-    let record: MountRecord = std::fs::read(&rec_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .ok_or_else(|| Error::Io {
-            path: rec_path.clone(),
-            source: std::io::Error::other(
-                "mount record missing or unreadable; remount with `nixfs-layer umount` then `mount`",
-            ),
-        })?;
+    let read = std::fs::read(&rec_path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice::<MountRecord>(&b).map_err(|e| e.to_string()));
+    let record = match read {
+        Ok(r) => r,
+        Err(why) => {
+            // The overlay itself says which lowers it stacks (mount
+            // refuses lower paths with ':' or ','); only the flake tree's
+            // server is unknown then, and umount/status/sync still work.
+            tracing::warn!(record = %rec_path.display(), %why, "mount record unreadable; using the lowers the overlay at {} lists", target.display());
+            MountRecord {
+                target: target.to_owned(),
+                lowers: lowers_of(&m),
+                flakefs: None,
+            }
+        }
+    };
     Ok(Some(Mounted {
         target: target.to_owned(),
         upper,
         record,
     }))
+}
+
+/// The lower directories of one of our overlays, top first.
+fn lowers_of(m: &overlay::MountInfo) -> Vec<PathBuf> {
+    m.option("lowerdir")
+        .unwrap_or("")
+        .split(':')
+        .filter_map(|d| Path::new(d).parent().map(Path::to_owned))
+        .collect()
 }
 
 /// Like [`find_mounted`], but nothing mounted is an error.
