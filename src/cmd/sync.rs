@@ -118,23 +118,6 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
         let _ = storecopy::remove_tree(&staging);
         return Err(e);
     }
-    let kept: Vec<String> = missing.iter().map(|n| n.path.clone()).collect();
-    for n in &missing {
-        let base = &n.path[STORE_DIR.len() + 1..];
-        let (from, to) = (staging.join(base), upper.store().join(base));
-        std::fs::rename(&from, &to).map_err(io(to.clone()))?;
-    }
-    let _ = storecopy::remove_tree(&staging);
-    let mut conn = pathdb::open(&upper.db())?;
-    keep::adopt_into_upper(&mut conn, upper, &kept)?;
-    drop(conn);
-    if !quiet && !kept.is_empty() {
-        eprintln!(
-            "kept {} path(s) the upper needs and the new lowers lack: {}",
-            kept.len(),
-            kept.join(", ")
-        );
-    }
     let mount_args = |lowers: Vec<PathBuf>| MountArgs {
         lowers,
         upper: Some(upper.dir().to_owned()),
@@ -146,12 +129,40 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
             config: args.target.config.config.clone(),
         },
     };
-    if let Err(e) = super::mount::run(&mount_args(args.lowers.clone()), quiet) {
-        // Put the old stack back rather than leave nothing mounted.
-        if let Err(back) = super::mount::run(&mount_args(old_lowers), true) {
-            tracing::error!(error = %back, "could not mount the old lowers again either");
+    // From here on nothing is mounted: whatever fails, put the old stack
+    // back rather than leave the target empty. Copies already moved into
+    // the upper hold the same bytes as the old lowers' paths; `verify
+    // --repair` tidies them.
+    let restore = |e: Error| -> Error {
+        match super::mount::run(&mount_args(old_lowers.clone()), true) {
+            Ok(()) => {
+                tracing::warn!(target = %mounted.target.display(), "the switch failed; the old lowers are mounted again")
+            }
+            Err(back) => {
+                tracing::error!(error = %back, target = %mounted.target.display(), "the switch failed and the old lowers could not be mounted again either; nothing is mounted there")
+            }
         }
-        return Err(e);
+        e
+    };
+    let kept: Vec<String> = missing.iter().map(|n| n.path.clone()).collect();
+    let adopted = (|| -> Result<()> {
+        for n in &missing {
+            let base = &n.path[STORE_DIR.len() + 1..];
+            let (from, to) = (staging.join(base), upper.store().join(base));
+            std::fs::rename(&from, &to).map_err(io(to.clone()))?;
+        }
+        let _ = storecopy::remove_tree(&staging);
+        let mut conn = pathdb::open(&upper.db())?;
+        keep::adopt_into_upper(&mut conn, upper, &kept)?;
+        Ok(())
+    })();
+    adopted.map_err(restore)?;
+    if !quiet && !kept.is_empty() {
+        eprintln!(
+            "kept {} path(s) the upper needs and the new lowers lack: {}",
+            kept.len(),
+            kept.join(", ")
+        );
     }
-    Ok(())
+    super::mount::run(&mount_args(args.lowers.clone()), quiet).map_err(restore)
 }
