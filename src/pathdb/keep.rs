@@ -17,7 +17,8 @@ use crate::layer::{Lower, Upper};
 pub struct Needed {
     pub path: String,
     pub nar_hash: String,
-    /// An upper path or GC root that needs it (for messages).
+    /// The upper path or GC root that needs it, or for a path deeper in
+    /// such a closure the first path there that refers to it (for messages).
     pub needed_by: String,
 }
 
@@ -43,18 +44,34 @@ pub fn needed(conn: &Connection, upper: &Upper) -> Result<Vec<Needed>, DbError> 
         )
         .map_err(&err)?;
     }
+    // The closure once, by id (carrying the reason along would walk it
+    // once per upper path and root); the reason is looked up afterwards:
+    // the start itself, else its first referrer inside the closure.
+    conn.execute_batch(
+        "create temp table if not exists keep_closure (id integer primary key);
+         delete from temp.keep_closure;
+         insert into temp.keep_closure (id)
+           with recursive closure(id) as (
+             select id from temp.keep_start
+             union
+             select r.reference from Refs r join closure c on r.referrer = c.id
+           )
+           select id from closure;",
+    )
+    .map_err(&err)?;
     let mut stmt = conn
         .prepare(
-            "with recursive closure(id, why) as (
-               select id, why from temp.keep_start
-               union
-               select r.reference, c.why from Refs r join closure c on r.referrer = c.id
-             )
-             select v.path, v.hash, min(c.why) from closure c
+            "select v.path, v.hash,
+                    coalesce((select s.why from temp.keep_start s where s.id = v.id),
+                             (select min(u.path) from Refs r
+                              join temp.keep_closure k on k.id = r.referrer
+                              join ValidPaths u on u.id = r.referrer
+                              where r.reference = v.id and r.referrer != v.id))
+             from temp.keep_closure c
              join ValidPaths v on v.id = c.id
              join NixfsLayerOrigin o on o.path = v.path
              where o.layer > 0
-             group by v.path order by v.path",
+             order by v.path",
         )
         .map_err(&err)?;
     let rows = stmt
