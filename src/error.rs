@@ -104,7 +104,7 @@ impl Error {
             Error::Optimise(e) => match e {
                 OptimiseError::Db(e) => Error::db_code(e),
                 OptimiseError::Mount(e) => Error::mount_code(e),
-                OptimiseError::Remove { .. } | OptimiseError::Pin { .. } => EX_IOERR,
+                OptimiseError::Remove { .. } => EX_IOERR,
             },
             Error::Promote(e) => match e {
                 PromoteError::NotValid(_) => EX_NOINPUT,

@@ -27,11 +27,6 @@ pub enum OptimiseError {
     Mount(#[from] MountError),
     #[error("{path}: {source}; the path is lower-provided now, `nixfs-layer verify --repair` removes the rest of the copy")]
     Remove { path: PathBuf, source: VerifyError },
-    #[error("could not write the pin in {store}: {source}")]
-    Pin {
-        store: PathBuf,
-        source: std::io::Error,
-    },
 }
 
 /// An upper copy that was removed.
@@ -132,10 +127,7 @@ pub fn optimise(
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(&err)?;
-    let pin_id = pin::ensure(&tx, upper, store).map_err(|source| OptimiseError::Pin {
-        store: store.to_owned(),
-        source,
-    })?;
+    let pin_id = pin::ensure(&tx, upper, store)?;
     tx.execute_batch(
         "create temp table if not exists optimised (path text primary key not null); delete from temp.optimised;",
     )

@@ -15,10 +15,7 @@ pub fn run(args: &InitArgs) -> Result<()> {
     let upper = Upper::init(&dir)?;
     pathdb::create(&upper.db())?;
     let conn = pathdb::open(&upper.db())?;
-    pathdb::pin::ensure(&conn, &upper, &upper.store()).map_err(|source| Error::Io {
-        path: upper.store(),
-        source,
-    })?;
+    pathdb::pin::ensure(&conn, &upper, &upper.store())?;
     tracing::info!(upper = %upper.dir().display(), "upper ready");
     Ok(())
 }

@@ -126,7 +126,9 @@ pub fn adopt(
     fingerprint: &str,
 ) -> Result<Option<u64>, DbError> {
     let db = snap.db();
-    let err = sql_err(db);
+    // The copy becomes the upper's database: errors name that.
+    let upper_db = upper.db();
+    let err = sql_err(&upper_db);
     let mut conn = Connection::open(db).map_err(&err)?;
     if !qualifies(&conn, lower, whiteouts)? {
         return Ok(None);
@@ -158,10 +160,7 @@ pub fn adopt(
     let n: u64 = tx
         .query_row("select count(*) from ValidPaths", [], |r| r.get(0))
         .map_err(&err)?;
-    let pin_id = pin::ensure(&tx, upper, &upper.store()).map_err(|source| DbError::Io {
-        path: upper.store(),
-        source,
-    })?;
+    let pin_id = pin::ensure(&tx, upper, &upper.store())?;
     // Every path but the pin comes from this lower: the tops are the paths
     // nothing else refers to.
     tx.execute(

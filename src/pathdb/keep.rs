@@ -96,7 +96,9 @@ pub fn missing_from(
     let mut have: HashSet<String> = HashSet::new();
     for lower in lowers {
         let snap = snapshot::take(lower, scratch)?;
-        let err = sql_err(snap.db());
+        // Errors name the lower's database, not the private copy (gone by then).
+        let db = lower.db();
+        let err = sql_err(&db);
         let conn = Connection::open(snap.db()).map_err(|e| DbError::NotNixDb {
             path: lower.db(),
             detail: e.to_string(),
@@ -129,10 +131,7 @@ pub fn adopt_into_upper(
     let db = upper.db();
     let err = sql_err(&db);
     let tx = conn.transaction().map_err(&err)?;
-    let pin_id = pin::ensure(&tx, upper, &upper.store()).map_err(|source| DbError::Io {
-        path: upper.store(),
-        source,
-    })?;
+    let pin_id = pin::ensure(&tx, upper, &upper.store())?;
     tx.execute_batch(
         "create temp table if not exists kept (path text primary key) without rowid; delete from temp.kept;
          create temp table if not exists kept_refs (path text primary key) without rowid; delete from temp.kept_refs;",

@@ -172,17 +172,13 @@ pub fn sync(
     let pin_store = opts
         .mounted_store
         .map_or_else(|| upper.store(), Path::to_owned);
-    let pin_io = |source| DbError::Io {
-        path: pin_store.clone(),
-        source,
-    };
     let mut reordered = HashSet::new();
     let stale = stack_changed(&conn, &states, &mut reordered).map_err(&err)?;
     let changed: Vec<usize> = (0..states.len())
         .filter(|&i| opts.force || stale.contains(&i))
         .collect();
     if changed.is_empty() && !stack_left(&conn, &states).map_err(&err)? {
-        pin::ensure(&conn, upper, &pin_store).map_err(pin_io)?;
+        pin::ensure(&conn, upper, &pin_store)?;
         let provided = conn
             .query_row(
                 "select count(*) from NixfsLayerOrigin where layer > 0",
@@ -250,14 +246,14 @@ pub fn sync(
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(&err)?;
     register_lowers(&tx, &mut states).map_err(&err)?;
-    let pin_id = pin::ensure(&tx, upper, &pin_store).map_err(pin_io)?;
+    let pin_id = pin::ensure(&tx, upper, &pin_store)?;
     create_temp_tables(&tx).map_err(&err)?;
 
     let mut summary = SyncSummary::default();
     phase("comparing lower databases with the last sync");
     for (i, s) in states.iter().enumerate().filter(|(_, s)| s.alias.is_some()) {
         let full = opts.force || reordered.contains(&i);
-        summary.missing_content += diff_lower(&tx, s, &whiteouts, full)?;
+        summary.missing_content += diff_lower(&tx, &db, s, &whiteouts, full)?;
     }
     forget_departed_lowers(&tx).map_err(&err)?;
 
@@ -377,10 +373,10 @@ fn attach(
         params![snap.db().to_string_lossy(), alias],
     )
     .map_err(|e| not_nix(e.to_string()))?;
-    let ok =
-        realisations::has_table(conn, alias, "ValidPaths").map_err(|e| not_nix(e.to_string()))?;
-    if !ok {
-        return Err(not_nix("no ValidPaths table".into()));
+    for table in ["ValidPaths", "Refs", "DerivationOutputs"] {
+        if !realisations::has_table(conn, alias, table).map_err(|e| not_nix(e.to_string()))? {
+            return Err(not_nix(format!("no {table} table")));
+        }
     }
     Ok(())
 }
@@ -491,14 +487,17 @@ const DROP_TEMP_SQL: &str = "drop table temp.cand; drop table temp.gone; drop ta
 /// many new rows were passed over for a missing or hidden store entry.
 fn diff_lower(
     tx: &Transaction,
+    db: &Path,
     s: &LowerState,
     whiteouts: &HashSet<OsString>,
     full: bool,
 ) -> Result<u64, DbError> {
     let alias = s.alias.as_deref().expect("changed lowers are attached");
+    // Reading the lower's copy fails in the lower's name; writing, in the
+    // merged database's.
     let lower_db = s.lower.db();
-    let err = sql_err(&lower_db);
-    let (new, gone) = diff_paths(tx, alias, s.id, full).map_err(&err)?;
+    let (new, gone) = diff_paths(tx, alias, s.id, full).map_err(sql_err(&lower_db))?;
+    let err = sql_err(db);
     if full {
         tx.execute(
             "delete from main.NixfsLayerLowerPath where lower = ?1",

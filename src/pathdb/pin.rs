@@ -15,12 +15,12 @@
 //! The pin's provenance is [`PIN_LAYER`], so status figures leave it out.
 
 use std::fs;
-use std::io;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::{sql_err, DbError};
 use crate::gcroots::PIN_ROOT;
 use crate::layer::Upper;
 use crate::nar;
@@ -42,20 +42,27 @@ pub fn path() -> StorePath {
 
 /// Makes sure the pin's file, its database row and its GC root exist.
 /// `store` is where to write the file: the upper's store directory when
-/// nothing is mounted, the merged `TARGET/store` when it is.
-pub fn ensure(tx: &Connection, upper: &Upper, store: &Path) -> io::Result<i64> {
+/// nothing is mounted, the merged `TARGET/store` when it is. Errors name
+/// the file or database that failed.
+pub fn ensure(tx: &Connection, upper: &Upper, store: &Path) -> Result<i64, DbError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DbError::Io { path, source }
+    };
+    let db = upper.db();
+    let sql = sql_err(&db);
     let pin = path();
     let file = store.join(pin.base_name());
     if fs::symlink_metadata(&file).is_err() {
         let tmp = store.join(format!(".{}.tmp", pin.base_name()));
-        fs::write(&tmp, CONTENT)?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))?;
-        fs::rename(&tmp, &file)?;
+        fs::write(&tmp, CONTENT).map_err(io(&tmp))?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444)).map_err(io(&tmp))?;
+        fs::rename(&tmp, &file).map_err(io(&file))?;
     }
     let root = upper.var().join("nix/gcroots").join(PIN_ROOT);
     if fs::read_link(&root).ok().as_deref() != Some(Path::new(&pin.to_absolute())) {
         let _ = fs::remove_file(&root);
-        symlink(pin.to_absolute(), &root)?;
+        symlink(pin.to_absolute(), &root).map_err(io(&root))?;
     }
     let abs = pin.to_absolute();
     let existing: Option<i64> = tx
@@ -65,23 +72,23 @@ pub fn ensure(tx: &Connection, upper: &Upper, store: &Path) -> io::Result<i64> {
             |r| r.get(0),
         )
         .optional()
-        .map_err(io::Error::other)?;
+        .map_err(&sql)?;
     if let Some(id) = existing {
         return Ok(id);
     }
-    let h = nar::hash_path(&file)?;
+    let h = nar::hash_path(&file).map_err(io(&file))?;
     tx.execute(
         "insert or replace into main.NixfsLayerOrigin (path, layer) values (?1, ?2)",
         params![abs, PIN_LAYER],
     )
-    .map_err(io::Error::other)?;
+    .map_err(&sql)?;
     tx.query_row(
         "insert into main.ValidPaths (path, hash, registrationTime, narSize, ultimate)
          values (?1, ?2, strftime('%s', 'now'), ?3, 1) returning id",
         params![abs, h.to_db_string(), h.size as i64],
         |r| r.get(0),
     )
-    .map_err(io::Error::other)
+    .map_err(&sql)
 }
 
 /// Pins the lower-provided paths among `temp.<candidates>` (a table with
