@@ -108,7 +108,8 @@ pub fn missing_from(
             .map_err(&err)?;
         for p in paths {
             let base = &p.path[crate::storepath::STORE_DIR.len() + 1..];
-            if q.exists([&p.path]).map_err(&err)? && lower.store().join(base).exists() {
+            let present = std::fs::symlink_metadata(lower.store().join(base)).is_ok();
+            if present && q.exists([&p.path]).map_err(&err)? {
                 have.insert(p.path.clone());
             }
         }
