@@ -92,13 +92,7 @@ fn qualifies(
         return Ok(false);
     }
     let store = lower.store();
-    let present: HashSet<OsString> = fs::read_dir(&store)
-        .map_err(|source| DbError::Io {
-            path: store.clone(),
-            source,
-        })?
-        .filter_map(|e| e.ok().map(|e| e.file_name()))
-        .collect();
+    let present = super::merge::list_store(&store)?;
     let mut stmt = snap.prepare("select path from ValidPaths").map_err(&err)?;
     let mut rows = stmt.query([]).map_err(&err)?;
     while let Some(row) = rows.next().map_err(&err)? {
@@ -193,12 +187,11 @@ fn replace_db(new: &Path, target: &Path) -> Result<(), DbError> {
         move |source| DbError::Io { path, source }
     };
     for suffix in ["-wal", "-shm"] {
-        let mut side = target.as_os_str().to_owned();
-        side.push(suffix);
+        let side = super::snapshot::sidecar(target, suffix);
         match fs::remove_file(&side) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(Path::new(&side))(e)),
+            Err(e) => return Err(io(&side)(e)),
         }
     }
     fs::rename(new, target).map_err(io(target))?;

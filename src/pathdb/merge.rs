@@ -905,7 +905,7 @@ fn move_paths(tx: &Connection, states: &[LowerState]) -> rusqlite::Result<()> {
 }
 
 /// Entries of a store directory.
-fn list_store(dir: &Path) -> Result<HashSet<OsString>, DbError> {
+pub(super) fn list_store(dir: &Path) -> Result<HashSet<OsString>, DbError> {
     let io = |source| DbError::Io {
         path: dir.to_owned(),
         source,

@@ -58,7 +58,8 @@ fn wal_header(p: &Path) -> Option<[u8; 32]> {
     Some(h)
 }
 
-fn sidecar(db: &Path, suffix: &str) -> PathBuf {
+/// `db` with `suffix` appended to its name (`-wal`, `-shm`, `-journal`).
+pub(super) fn sidecar(db: &Path, suffix: &str) -> PathBuf {
     let mut s = db.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)
