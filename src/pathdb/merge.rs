@@ -595,39 +595,28 @@ fn diff_paths(
     let mut now_rows = now.query([])?;
     let mut then_rows = then.query([lower])?;
     let (mut new, mut gone) = (Vec::new(), Vec::new());
-    let mut a = now_rows.next()?;
-    let mut b = then_rows.next()?;
+    let (mut a, mut b) = (now_rows.next()?, then_rows.next()?);
     loop {
-        match (a, b) {
+        use std::cmp::Ordering::*;
+        // A side that ended compares greater: the other one drains.
+        let order = match (a, b) {
             (None, None) => break,
-            (Some(ra), None) => {
-                new.push((ra.get(1)?, ra.get(0)?));
-                a = now_rows.next()?;
-            }
-            (None, Some(rb)) => {
-                gone.push(rb.get(0)?);
-                b = then_rows.next()?;
-            }
-            (Some(ra), Some(rb)) => {
-                let (pa, pb) = (ra.get_ref(0)?.as_bytes()?, rb.get_ref(0)?.as_bytes()?);
-                match pa.cmp(pb) {
-                    std::cmp::Ordering::Equal => {
-                        if full {
-                            new.push((ra.get(1)?, ra.get(0)?));
-                        }
-                        a = now_rows.next()?;
-                        b = then_rows.next()?;
-                    }
-                    std::cmp::Ordering::Less => {
-                        new.push((ra.get(1)?, ra.get(0)?));
-                        a = now_rows.next()?;
-                    }
-                    std::cmp::Ordering::Greater => {
-                        gone.push(rb.get(0)?);
-                        b = then_rows.next()?;
-                    }
-                }
-            }
+            (Some(_), None) => Less,
+            (None, Some(_)) => Greater,
+            (Some(ra), Some(rb)) => ra.get_ref(0)?.as_bytes()?.cmp(rb.get_ref(0)?.as_bytes()?),
+        };
+        if order == Less || (order == Equal && full) {
+            let ra = a.expect("a row on this side");
+            new.push((ra.get(1)?, ra.get(0)?));
+        }
+        if order == Greater {
+            gone.push(b.expect("a row on this side").get(0)?);
+        }
+        if order != Greater {
+            a = now_rows.next()?;
+        }
+        if order != Less {
+            b = then_rows.next()?;
         }
     }
     Ok((new, gone))
