@@ -227,7 +227,6 @@ fn check_target_free(target: &Path, stack: &Stack) -> Result<()> {
 }
 
 /// Unmounts (in reverse) whatever it still lists when dropped.
-#[derive(Default)]
 struct MountGuard {
     mounts: Vec<PathBuf>,
     record: Option<PathBuf>,
