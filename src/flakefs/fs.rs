@@ -10,7 +10,10 @@
 //! directory on which every lookup inside, open and access fails with the
 //! errno, so `/nixfs/flake/str/<bad>/bin/x` fails as it should.
 //! Results get a new inode whenever their target changes, so what the
-//! kernel caches (entries, symlink bodies) can never be stale.
+//! kernel caches (entries, symlink bodies) can never be stale. An entry
+//! lives as long as the kernel holds it: once forgotten it is dropped, and
+//! looking its name up again makes a new one, so the daemon's memory follows
+//! what the kernel caches, not every name ever asked for.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -53,12 +56,12 @@ enum Content {
 
 #[derive(Debug)]
 struct Node {
+    /// Its directory and name, the key of `Nodes::by_name`.
+    key: (Encoding, OsString),
     reference: String,
     content: Content,
-    /// Lookups the kernel holds (decremented by forget).
+    /// Lookups the kernel holds (decremented by forget); at 0 the node goes.
     lookups: u64,
-    /// What its name shows now (else an older result the kernel still holds).
-    current: bool,
 }
 
 #[derive(Debug, Default)]
@@ -79,10 +82,6 @@ impl Nodes {
                     n.lookups += 1;
                     return ino;
                 }
-                n.current = false;
-                if n.lookups == 0 {
-                    self.by_ino.remove(&ino);
-                }
             }
         }
         if self.next < FIRST_DYNAMIC {
@@ -93,24 +92,30 @@ impl Nodes {
         self.by_ino.insert(
             ino,
             Node {
+                key: key.clone(),
                 reference: reference.to_owned(),
                 content,
                 lookups: 1,
-                current: true,
             },
         );
+        // An older node of this name stays in `by_ino` while the kernel holds it.
         self.by_name.insert(key, ino);
         ino
     }
 
+    /// The kernel dropped `n` lookups of `ino`; at none left the node goes,
+    /// and with it its name unless that shows a newer node by now.
     fn forget(&mut self, ino: u64, n: u64) {
         let Some(node) = self.by_ino.get_mut(&ino) else {
             return;
         };
         node.lookups = node.lookups.saturating_sub(n);
-        // A current entry stays: its name will be looked up again.
-        if node.lookups == 0 && !node.current {
-            self.by_ino.remove(&ino);
+        if node.lookups > 0 {
+            return;
+        }
+        let node = self.by_ino.remove(&ino).expect("present");
+        if self.by_name.get(&node.key) == Some(&ino) {
+            self.by_name.remove(&node.key);
         }
     }
 }
@@ -482,8 +487,11 @@ mod tests {
         );
         n.forget(a, 2);
         assert!(!n.by_ino.contains_key(&a));
-        n.forget(b, 1);
-        assert!(n.by_ino.contains_key(&b), "the current entry stays");
+        assert_eq!(
+            n.by_name.get(&(Encoding::Str, name.to_owned())),
+            Some(&b),
+            "forgetting an old node leaves the name to the new one"
+        );
         let other = n.entry(
             Encoding::B64,
             name,
@@ -491,5 +499,34 @@ mod tests {
             Content::Link("/nix/store/b".into()),
         );
         assert_ne!(other, b, "names are per directory");
+        n.forget(b, 1);
+        assert!(!n.by_ino.contains_key(&b), "a forgotten current entry goes");
+        let b2 = n.entry(
+            Encoding::Str,
+            name,
+            "x#y",
+            Content::Link("/nix/store/b".into()),
+        );
+        assert_ne!(b2, b, "looked up again: a new inode");
+        n.forget(b2, 1);
+        n.forget(other, 1);
+        assert!(n.by_ino.is_empty() && n.by_name.is_empty());
+    }
+
+    #[test]
+    fn forgotten_names_leave_nothing_behind() {
+        let mut n = Nodes::default();
+        for i in 0..10_000 {
+            let name = OsString::from(format!("no-such-ref-{i}"));
+            let failed = Content::Error {
+                errno: libc::EINVAL,
+                message: "refused".into(),
+            };
+            let ino = n.entry(Encoding::Str, &name, "", failed.clone());
+            assert_eq!(n.entry(Encoding::Str, &name, "", failed), ino);
+            n.forget(ino, 2);
+        }
+        assert!(n.by_ino.is_empty(), "{} inodes left", n.by_ino.len());
+        assert!(n.by_name.is_empty(), "{} names left", n.by_name.len());
     }
 }
