@@ -284,12 +284,14 @@ impl Filesystem for FlakeFs {
         if let Some(outcome) = self.resolver.peek(&r) {
             return replier.reply(enc, name, &r.text, outcome, per_caller, reply);
         }
-        let caller = Caller::from_request(req.uid(), req.gid(), req.pid());
+        let (uid, gid, pid) = (req.uid(), req.gid(), req.pid());
         let resolver = Arc::clone(&self.resolver);
         let name = name.to_owned();
         let spawned = std::thread::Builder::new()
             .name("flakefs-resolve".into())
             .spawn(move || {
+                // Reads /proc, may ask NSS (LDAP, SSSD) for groups: not on the loop.
+                let caller = Caller::from_request(uid, gid, pid);
                 let outcome = resolver.resolve(&r, &caller);
                 let uncacheable = per_caller || outcome.as_ref().is_err_and(|f| !f.cacheable);
                 replier.reply(enc, &name, &r.text, outcome, uncacheable, reply);
