@@ -17,7 +17,7 @@ use wait_timeout::ChildExt;
 pub enum NixError {
     #[error("could not run {program}: {message}; is Nix installed and on PATH?")]
     Spawn { program: String, message: String },
-    #[error("`nix {command}` on '{installable}' took longer than {}s and was stopped", timeout.as_secs())]
+    #[error("`nix {command}` on '{installable}' took longer than {}s and was stopped; raise [flakefs] {} to allow longer", timeout.as_secs(), timeout_setting(command))]
     Timeout {
         command: &'static str,
         installable: String,
@@ -37,6 +37,14 @@ pub enum NixError {
         message: String,
         output: String,
     },
+}
+
+/// The `[flakefs]` key that sets the timeout of `command`.
+fn timeout_setting(command: &str) -> &'static str {
+    match command {
+        "build" => "build-timeout",
+        _ => "eval-timeout",
+    }
 }
 
 impl NixError {
@@ -310,6 +318,18 @@ mod tests {
         assert_eq!(e.errno(), libc::EIO);
         let e = classify_failure("eval", "error: syntax error, unexpected '}'".into());
         assert_eq!(e.errno(), libc::EINVAL);
+    }
+
+    #[test]
+    fn timeouts_name_their_setting() {
+        for (command, key) in [("eval", "eval-timeout"), ("build", "build-timeout")] {
+            let e = NixError::Timeout {
+                command,
+                installable: "nixpkgs#hello".into(),
+                timeout: Duration::from_secs(5),
+            };
+            assert!(e.to_string().contains(&format!("[flakefs] {key}")), "{e}");
+        }
     }
 
     #[test]

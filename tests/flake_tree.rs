@@ -549,6 +549,7 @@ ns_test! {
         assert_eq!(errno_through(&p), libc::ETIMEDOUT);
         assert!(t.elapsed() < Duration::from_secs(3), "stopped after the timeout: {:?}", t.elapsed());
         assert!(error_xattr(&p).contains("took longer than 1s"), "{}", error_xattr(&p));
+        assert!(error_xattr(&p).contains("raise [flakefs] build-timeout"), "{}", error_xattr(&p));
         assert!(!Path::new(&s.out["slow"]).exists());
         // The builder went with it: nothing appears later.
         std::thread::sleep(Duration::from_secs(3));

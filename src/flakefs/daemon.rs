@@ -41,7 +41,7 @@ pub enum FlakeFsError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0} is already a mount point; unmount it or pick another --flake-mount")]
+    #[error("{0} is already a mount point; unmount it or mount the flake tree elsewhere (`mount --flake-mount DIR`, `flakefs --mountpoint DIR`, or [flakefs] mountpoint)")]
     AlreadyMounted(PathBuf),
     #[error(
         "mounting the flake tree on {path} failed: {source}; is /dev/fuse present (modprobe fuse)?"
@@ -50,8 +50,23 @@ pub enum FlakeFsError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("unmounting the flake tree at {path} failed: {source}")]
+    Unmount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("serving the flake tree at {path} failed: {source}")]
+    Serve {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("could not start the flake tree server: {0}")]
     Spawn(std::io::Error),
+    #[error("could not create the flake tree server's log {path}: {source}")]
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "the flake tree server did not come up on {mountpoint} ({why}); its log {log}: {tail}"
     )]
@@ -174,7 +189,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), FlakeFsError> {
             .load(std::sync::atomic::Ordering::SeqCst),
         "flake tree stopped"
     );
-    result.map_err(|source| FlakeFsError::Mount {
+    result.map_err(|source| FlakeFsError::Serve {
         path: mountpoint,
         source,
     })
@@ -190,14 +205,18 @@ pub fn spawn(args: &[OsString], mountpoint: &Path, log: &Path) -> Result<u32, Fl
     if mount_at(&mountpoint).is_some() {
         return Err(FlakeFsError::AlreadyMounted(mountpoint));
     }
+    let log_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| FlakeFsError::Log { path, source }
+    };
     if let Some(dir) = log.parent() {
-        std::fs::create_dir_all(dir).map_err(FlakeFsError::Spawn)?;
+        std::fs::create_dir_all(dir).map_err(log_err(dir))?;
     }
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
-        .map_err(FlakeFsError::Spawn)?;
+        .map_err(log_err(log))?;
     let err = out.try_clone().map_err(FlakeFsError::Spawn)?;
     let log_start = out.metadata().map(|m| m.len()).unwrap_or(0);
     let exe = std::env::current_exe().map_err(FlakeFsError::Spawn)?;
@@ -259,7 +278,7 @@ pub fn spawn(args: &[OsString], mountpoint: &Path, log: &Path) -> Result<u32, Fl
 pub fn stop(pid: Option<u32>, mountpoint: &Path) -> Result<(), FlakeFsError> {
     if is_mounted(mountpoint) {
         // Detach: a process with its cwd in the tree must not keep it alive.
-        umount2(mountpoint, MntFlags::MNT_DETACH).map_err(|e| FlakeFsError::Mount {
+        umount2(mountpoint, MntFlags::MNT_DETACH).map_err(|e| FlakeFsError::Unmount {
             path: mountpoint.to_owned(),
             source: e.into(),
         })?;
