@@ -39,14 +39,13 @@ pub enum How {
     Cached,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
     pub path: PathBuf,
     pub how: How,
     /// The reference is pinned: its result is kept for good.
     pub locked: bool,
     /// How long the answer may be cached by whoever receives it (None: for good).
-    #[serde(skip)]
     pub valid_for: Option<Duration>,
 }
 
@@ -72,7 +71,7 @@ struct Flight {
 const PRUNE_AT: usize = 1024;
 
 /// Counters, for logs and tests.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default)]
 pub struct Counters {
     pub evaluations: AtomicU64,
     pub builds: AtomicU64,

@@ -5,13 +5,11 @@
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension};
-use serde::Serialize;
 
 use super::{open_read_only, sql_err, DbError};
 
 /// Where a valid path comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layer {
     /// Registered through the merged store (a build or an add).
     Upper,
@@ -34,10 +32,6 @@ impl Lookup {
         Lookup {
             db: target.join("var/nix/db/db.sqlite"),
         }
-    }
-
-    pub fn db(&self) -> &Path {
-        &self.db
     }
 
     /// Which layer has `path` valid, or None when it is not valid.
