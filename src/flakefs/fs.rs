@@ -120,12 +120,47 @@ impl Nodes {
     }
 }
 
+/// What every inode's attributes share: the server's uid and gid as owner,
+/// its start as every time.
+#[derive(Debug, Clone, Copy)]
+struct Attrs {
+    uid: u32,
+    gid: u32,
+    time: SystemTime,
+}
+
+impl Attrs {
+    /// The attributes of a fixed directory (`content` None) or an entry.
+    fn of(&self, ino: u64, content: Option<&Content>) -> FileAttr {
+        let (kind, size, perm, nlink) = match content {
+            None => (FileType::Directory, 0, 0o555, 2),
+            Some(Content::Link(p)) => (FileType::Symlink, p.as_os_str().len() as u64, 0o777, 1),
+            Some(Content::Error { .. }) => (FileType::Directory, 0, 0o000, 2),
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: 0,
+            atime: self.time,
+            mtime: self.time,
+            ctime: self.time,
+            crtime: self.time,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+}
+
 pub struct FlakeFs {
     resolver: Arc<Resolver>,
     nodes: Arc<Mutex<Nodes>>,
-    started: SystemTime,
-    uid: u32,
-    gid: u32,
+    attrs: Attrs,
 }
 
 impl FlakeFs {
@@ -133,33 +168,11 @@ impl FlakeFs {
         FlakeFs {
             resolver,
             nodes: Arc::default(),
-            started: SystemTime::now(),
-            uid: nix::unistd::Uid::current().as_raw(),
-            gid: nix::unistd::Gid::current().as_raw(),
-        }
-    }
-
-    fn attr(&self, ino: u64, kind: FileType, size: u64) -> FileAttr {
-        FileAttr {
-            ino: INodeNo(ino),
-            size,
-            blocks: 0,
-            atime: self.started,
-            mtime: self.started,
-            ctime: self.started,
-            crtime: self.started,
-            kind,
-            perm: if kind == FileType::Directory {
-                0o555
-            } else {
-                0o777
+            attrs: Attrs {
+                uid: nix::unistd::Uid::current().as_raw(),
+                gid: nix::unistd::Gid::current().as_raw(),
+                time: SystemTime::now(),
             },
-            nlink: if kind == FileType::Directory { 2 } else { 1 },
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
-            blksize: 4096,
-            flags: 0,
         }
     }
 
@@ -192,9 +205,7 @@ impl FlakeFs {
 #[derive(Clone)]
 struct Replier {
     nodes: Arc<Mutex<Nodes>>,
-    uid: u32,
-    gid: u32,
-    started: SystemTime,
+    attrs: Attrs,
 }
 
 impl Replier {
@@ -223,7 +234,7 @@ impl Replier {
             .lock()
             .unwrap()
             .entry(enc, name, reference, content.clone());
-        let attr = node_attr(self.uid, self.gid, self.started, ino, &content);
+        let attr = self.attrs.of(ino, Some(&content));
         reply.entry_with_ttls(&ttl, &ttl, &attr, Generation(0));
     }
 }
@@ -248,11 +259,7 @@ impl Filesystem for FlakeFs {
         let parent = parent.0;
         if let Some(children) = Self::dir_children(parent).filter(|_| parent <= FLAKE) {
             return match children.iter().find(|(_, n)| OsStr::new(n) == name) {
-                Some((ino, _)) => reply.entry(
-                    &FOREVER,
-                    &self.attr(*ino, FileType::Directory, 0),
-                    Generation(0),
-                ),
+                Some((ino, _)) => reply.entry(&FOREVER, &self.attrs.of(*ino, None), Generation(0)),
                 None => reply.error(Errno::ENOENT),
             };
         }
@@ -263,9 +270,7 @@ impl Filesystem for FlakeFs {
         };
         let replier = Replier {
             nodes: Arc::clone(&self.nodes),
-            uid: self.uid,
-            gid: self.gid,
-            started: self.started,
+            attrs: self.attrs,
         };
 
         let parsed = decode(enc, name).and_then(|t| FlakeRef::parse(&t));
@@ -310,14 +315,11 @@ impl Filesystem for FlakeFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ino = ino.0;
         if Self::dir_children(ino).is_some() {
-            return reply.attr(&FOREVER, &self.attr(ino, FileType::Directory, 0));
+            return reply.attr(&FOREVER, &self.attrs.of(ino, None));
         }
         let nodes = self.nodes.lock().unwrap();
         match nodes.by_ino.get(&ino) {
-            Some(n) => reply.attr(
-                &FOREVER,
-                &node_attr(self.uid, self.gid, self.started, ino, &n.content),
-            ),
+            Some(n) => reply.attr(&FOREVER, &self.attrs.of(ino, Some(&n.content))),
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -428,30 +430,6 @@ fn reply_sized(reply: ReplyXattr, size: u32, v: &[u8]) {
         reply.error(Errno::ERANGE);
     } else {
         reply.data(v);
-    }
-}
-
-fn node_attr(uid: u32, gid: u32, started: SystemTime, ino: u64, c: &Content) -> FileAttr {
-    let (kind, size, perm, nlink) = match c {
-        Content::Link(p) => (FileType::Symlink, p.as_os_str().len() as u64, 0o777, 1),
-        Content::Error { .. } => (FileType::Directory, 0, 0o000, 2),
-    };
-    FileAttr {
-        ino: INodeNo(ino),
-        size,
-        blocks: 0,
-        atime: started,
-        mtime: started,
-        ctime: started,
-        crtime: started,
-        kind,
-        perm,
-        nlink,
-        uid,
-        gid,
-        rdev: 0,
-        blksize: 4096,
-        flags: 0,
     }
 }
 
