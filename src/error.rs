@@ -125,8 +125,11 @@ impl Error {
                 FlakeFsError::Mountpoint { .. } => EX_CANTCREAT,
                 FlakeFsError::AlreadyMounted(_) | FlakeFsError::DidNotStop(_) => EX_TEMPFAIL,
                 FlakeFsError::Mount { .. }
+                | FlakeFsError::Unmount { .. }
+                | FlakeFsError::Serve { .. }
                 | FlakeFsError::Spawn(_)
                 | FlakeFsError::NotReady { .. } => EX_OSERR,
+                FlakeFsError::Log { .. } => EX_IOERR,
             },
             Error::Config(_) => EX_CONFIG,
             Error::Usage(_) => EX_USAGE,

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -17,7 +17,7 @@ use wait_timeout::ChildExt;
 pub enum NixError {
     #[error("could not run {program}: {message}; is Nix installed and on PATH?")]
     Spawn { program: String, message: String },
-    #[error("`nix {command}` on '{installable}' took longer than {}s and was stopped", timeout.as_secs())]
+    #[error("`nix {command}` on '{installable}' took longer than {}s and was stopped; raise [flakefs] {} to allow longer", timeout.as_secs(), timeout_setting(command))]
     Timeout {
         command: &'static str,
         installable: String,
@@ -39,6 +39,14 @@ pub enum NixError {
     },
 }
 
+/// The `[flakefs]` key that sets the timeout of `command`.
+fn timeout_setting(command: &str) -> &'static str {
+    match command {
+        "build" => "build-timeout",
+        _ => "eval-timeout",
+    }
+}
+
 impl NixError {
     /// The errno a lookup answers for this failure.
     pub fn errno(&self) -> i32 {
@@ -53,11 +61,9 @@ impl NixError {
     }
 }
 
-/// What evaluating a flake attribute gives: its derivation and output paths.
+/// What evaluating a flake attribute gives: its output paths.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Evaluated {
-    #[serde(rename = "drvPath")]
-    pub drv_path: PathBuf,
     /// The output a plain reference means (`outputName` of the attribute).
     pub default: String,
     pub outputs: BTreeMap<String, PathBuf>,
@@ -69,7 +75,6 @@ const APPLY: &str = r#"d:
   if (d.type or null) != "derivation"
   then throw "not a derivation (a package): it is a ${builtins.typeOf d}${if builtins.isAttrs d then " with attributes " + builtins.concatStringsSep ", " (builtins.attrNames d) else ""}"
   else {
-    drvPath = d.drvPath;
     default = d.outputName or "out";
     outputs = builtins.listToAttrs (map (o: { name = o; value = d.${o}.outPath; }) (d.outputs or [ "out" ]));
   }"#;
@@ -109,20 +114,8 @@ impl Default for Nix {
 }
 
 impl Nix {
-    pub fn new(program: &Path) -> Nix {
-        Nix {
-            program: program.to_owned(),
-        }
-    }
-
-    /// `nix --version`, e.g. "2.8.0".
-    pub fn version(&self) -> Result<String, NixError> {
-        let out = self.run("--version", &["--version"], None, Duration::from_secs(30))?;
-        Ok(out.split_whitespace().last().unwrap_or_default().to_owned())
-    }
-
     /// Evaluates `installable` read-only (no .drv is written; IFD is off)
-    /// and pure, to its derivation and output paths.
+    /// and pure, to its output paths.
     #[tracing::instrument(skip(self), level = "debug")]
     pub fn eval(&self, installable: &str, timeout: Duration) -> Result<Evaluated, NixError> {
         let out = self.run(
@@ -140,7 +133,7 @@ impl Nix {
                 "--",
                 installable,
             ],
-            Some(installable),
+            installable,
             timeout,
         )?;
         serde_json::from_str(&out).map_err(|e| NixError::BadOutput {
@@ -166,7 +159,7 @@ impl Nix {
                 "--",
                 installable,
             ],
-            Some(installable),
+            installable,
             timeout,
         )?;
         #[derive(Deserialize)]
@@ -190,7 +183,7 @@ impl Nix {
         &self,
         command: &'static str,
         args: &[&str],
-        installable: Option<&str>,
+        installable: &str,
         timeout: Duration,
     ) -> Result<String, NixError> {
         let mut child = Command::new(&self.program)
@@ -212,7 +205,7 @@ impl Nix {
             None => {
                 return Err(NixError::Timeout {
                     command,
-                    installable: installable.unwrap_or_default().to_owned(),
+                    installable: installable.to_owned(),
                     timeout,
                 })
             }
@@ -221,7 +214,7 @@ impl Nix {
             return Ok(stdout);
         }
         let message = error_message(&stderr, status);
-        tracing::debug!(command, ?installable, %message, "nix failed");
+        tracing::debug!(command, installable, %message, "nix failed");
         Err(classify_failure(command, message))
     }
 }
@@ -310,6 +303,18 @@ mod tests {
         assert_eq!(e.errno(), libc::EIO);
         let e = classify_failure("eval", "error: syntax error, unexpected '}'".into());
         assert_eq!(e.errno(), libc::EINVAL);
+    }
+
+    #[test]
+    fn timeouts_name_their_setting() {
+        for (command, key) in [("eval", "eval-timeout"), ("build", "build-timeout")] {
+            let e = NixError::Timeout {
+                command,
+                installable: "nixpkgs#hello".into(),
+                timeout: Duration::from_secs(5),
+            };
+            assert!(e.to_string().contains(&format!("[flakefs] {key}")), "{e}");
+        }
     }
 
     #[test]

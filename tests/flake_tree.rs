@@ -549,6 +549,7 @@ ns_test! {
         assert_eq!(errno_through(&p), libc::ETIMEDOUT);
         assert!(t.elapsed() < Duration::from_secs(3), "stopped after the timeout: {:?}", t.elapsed());
         assert!(error_xattr(&p).contains("took longer than 1s"), "{}", error_xattr(&p));
+        assert!(error_xattr(&p).contains("raise [flakefs] build-timeout"), "{}", error_xattr(&p));
         assert!(!Path::new(&s.out["slow"]).exists());
         // The builder went with it: nothing appears later.
         std::thread::sleep(Duration::from_secs(3));
@@ -585,6 +586,33 @@ ns_test! {
         assert!(stderr(&out).contains("flake tree"), "{}", stderr(&out));
         assert_eq!(common::mount_table(), before_mount, "overlay and bind undone");
         assert!(!s.upper.join("nixfs-layer/mount.json").exists());
+    }
+}
+
+ns_test! {
+    fn a_tree_is_not_started_over_another_mount() {
+        let s = setup("enable = false");
+        // Another FUSE file system, its server gone: every access fails with
+        // ENOTCONN, and mountinfo shows plain `fuse` as for the tree.
+        let mp = s.w.path("tree");
+        std::fs::create_dir(&mp).unwrap();
+        sh(&format!(
+            "exec 3<>/dev/fuse && mount -i -t fuse -o fd=3,rootmode=40000,user_id=0,group_id=0 other {}",
+            mp.display()
+        ));
+        let out = s.tool(&["flakefs", "--mountpoint", mp.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+        assert!(stderr(&out).contains("already a mount point"), "{}", stderr(&out));
+
+        // `mount` refuses it too, and undoes the store's mounts.
+        s.tool_ok(&["umount"]);
+        let before_mount = common::mount_table();
+        let cfg = s.w.path("tree.toml");
+        std::fs::write(&cfg, std::fs::read_to_string(&s.config).unwrap().replace("enable = false", "")).unwrap();
+        let out = s.tool(&["mount", "--config", cfg.to_str().unwrap(), "--flake-mount", mp.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+        assert_eq!(common::mount_table(), before_mount, "overlay and bind undone");
+        sh(&format!("umount -l {}", mp.display()));
     }
 }
 

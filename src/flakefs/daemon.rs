@@ -25,8 +25,12 @@ use crate::pathdb::lookup::Lookup;
 
 /// How long `mount`/`flakefs` wait for the tree to appear.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// The FUSE file system type (`fuse.<subtype>` in mountinfo).
+/// The FUSE subtype: mountinfo shows the type `fuse.<subtype>` when
+/// fusermount mounts the tree, plain `fuse` when it is mounted directly (as
+/// root); the source, [`FS_NAME`], tells it apart from other FUSE mounts.
 pub const FS_SUBTYPE: &str = "nixfs-flake";
+/// The source mountinfo shows for the tree.
+pub const FS_NAME: &str = "nixfs-layer";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlakeFsError {
@@ -37,7 +41,7 @@ pub enum FlakeFsError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0} is already a mount point; unmount it or pick another --flake-mount")]
+    #[error("{0} is already a mount point; unmount it or mount the flake tree elsewhere (`mount --flake-mount DIR`, `flakefs --mountpoint DIR`, or [flakefs] mountpoint)")]
     AlreadyMounted(PathBuf),
     #[error(
         "mounting the flake tree on {path} failed: {source}; is /dev/fuse present (modprobe fuse)?"
@@ -46,8 +50,23 @@ pub enum FlakeFsError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("unmounting the flake tree at {path} failed: {source}")]
+    Unmount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("serving the flake tree at {path} failed: {source}")]
+    Serve {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("could not start the flake tree server: {0}")]
     Spawn(std::io::Error),
+    #[error("could not create the flake tree server's log {path}: {source}")]
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "the flake tree server did not come up on {mountpoint} ({why}); its log {log}: {tail}"
     )]
@@ -82,11 +101,17 @@ pub fn resolver(target: &Path, config: &FlakeFsConfig) -> Result<Resolver, Flake
     .with_gc_roots(target.join("var/nix/gcroots/nixfs-layer-flakes")))
 }
 
-/// Whether something of ours is mounted at `mountpoint`.
+/// The topmost mount at exactly `mountpoint`, whoever's.
+fn mount_at(mountpoint: &Path) -> Option<overlay::MountInfo> {
+    overlay::mount_at(&overlay::mounts().ok()?, mountpoint)
+}
+
+/// Whether the flake tree is mounted at `mountpoint` (not just any FUSE
+/// file system).
 pub fn is_mounted(mountpoint: &Path) -> bool {
-    overlay::mounts()
-        .map(|m| overlay::mount_at(&m, mountpoint).is_some_and(|m| m.fs_type.starts_with("fuse")))
-        .unwrap_or(false)
+    mount_at(mountpoint).is_some_and(|m| {
+        m.source == FS_NAME && (m.fs_type == "fuse" || m.fs_type == format!("fuse.{FS_SUBTYPE}"))
+    })
 }
 
 /// Mounts the tree and serves it until it is unmounted or a signal
@@ -111,17 +136,14 @@ pub fn serve(opts: &ServeOptions) -> Result<(), FlakeFsError> {
             path: opts.mountpoint.clone(),
             source,
         })?;
-    if overlay::mounts()
-        .ok()
-        .is_some_and(|m| overlay::mount_at(&m, &mountpoint).is_some())
-    {
+    if mount_at(&mountpoint).is_some() {
         return Err(FlakeFsError::AlreadyMounted(mountpoint));
     }
     let resolver = Arc::new(resolver(&opts.target, &opts.config)?);
     let fs = FlakeFs::new(Arc::clone(&resolver));
     let mut config = fuser::Config::default();
     config.mount_options = vec![
-        MountOption::FSName("nixfs-layer".into()),
+        MountOption::FSName(FS_NAME.into()),
         MountOption::Subtype(FS_SUBTYPE.into()),
         MountOption::RO,
         MountOption::NoSuid,
@@ -167,7 +189,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), FlakeFsError> {
             .load(std::sync::atomic::Ordering::SeqCst),
         "flake tree stopped"
     );
-    result.map_err(|source| FlakeFsError::Mount {
+    result.map_err(|source| FlakeFsError::Serve {
         path: mountpoint,
         source,
     })
@@ -176,14 +198,25 @@ pub fn serve(opts: &ServeOptions) -> Result<(), FlakeFsError> {
 /// Starts `nixfs-layer <args> --foreground` detached, with its output in
 /// `log`, and returns its pid once the tree is mounted at `mountpoint`.
 pub fn spawn(args: &[OsString], mountpoint: &Path, log: &Path) -> Result<u32, FlakeFsError> {
+    // Made by the child when missing (and then nothing is mounted there).
+    let mountpoint = std::fs::canonicalize(mountpoint).unwrap_or(mountpoint.to_owned());
+    // The child would refuse it too, but whatever is mounted there would
+    // pass for the tree coming up.
+    if mount_at(&mountpoint).is_some() {
+        return Err(FlakeFsError::AlreadyMounted(mountpoint));
+    }
+    let log_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| FlakeFsError::Log { path, source }
+    };
     if let Some(dir) = log.parent() {
-        std::fs::create_dir_all(dir).map_err(FlakeFsError::Spawn)?;
+        std::fs::create_dir_all(dir).map_err(log_err(dir))?;
     }
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
-        .map_err(FlakeFsError::Spawn)?;
+        .map_err(log_err(log))?;
     let err = out.try_clone().map_err(FlakeFsError::Spawn)?;
     let log_start = out.metadata().map(|m| m.len()).unwrap_or(0);
     let exe = std::env::current_exe().map_err(FlakeFsError::Spawn)?;
@@ -201,7 +234,6 @@ pub fn spawn(args: &[OsString], mountpoint: &Path, log: &Path) -> Result<u32, Fl
         });
     }
     let mut child = cmd.spawn().map_err(FlakeFsError::Spawn)?;
-    let mountpoint = std::fs::canonicalize(mountpoint).unwrap_or(mountpoint.to_owned());
     let deadline = Instant::now() + READY_TIMEOUT;
     let not_ready = |why: String| {
         let text = std::fs::read(log).unwrap_or_default();
@@ -246,7 +278,7 @@ pub fn spawn(args: &[OsString], mountpoint: &Path, log: &Path) -> Result<u32, Fl
 pub fn stop(pid: Option<u32>, mountpoint: &Path) -> Result<(), FlakeFsError> {
     if is_mounted(mountpoint) {
         // Detach: a process with its cwd in the tree must not keep it alive.
-        umount2(mountpoint, MntFlags::MNT_DETACH).map_err(|e| FlakeFsError::Mount {
+        umount2(mountpoint, MntFlags::MNT_DETACH).map_err(|e| FlakeFsError::Unmount {
             path: mountpoint.to_owned(),
             source: e.into(),
         })?;

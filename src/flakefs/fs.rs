@@ -10,7 +10,10 @@
 //! directory on which every lookup inside, open and access fails with the
 //! errno, so `/nixfs/flake/str/<bad>/bin/x` fails as it should.
 //! Results get a new inode whenever their target changes, so what the
-//! kernel caches (entries, symlink bodies) can never be stale.
+//! kernel caches (entries, symlink bodies) can never be stale. An entry
+//! lives as long as the kernel holds it: once forgotten it is dropped, and
+//! looking its name up again makes a new one, so the daemon's memory follows
+//! what the kernel caches, not every name ever asked for.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -53,12 +56,12 @@ enum Content {
 
 #[derive(Debug)]
 struct Node {
+    /// Its directory and name, the key of `Nodes::by_name`.
+    key: (Encoding, OsString),
     reference: String,
     content: Content,
-    /// Lookups the kernel holds (decremented by forget).
+    /// Lookups the kernel holds (decremented by forget); at 0 the node goes.
     lookups: u64,
-    /// What its name shows now (else an older result the kernel still holds).
-    current: bool,
 }
 
 #[derive(Debug, Default)]
@@ -79,10 +82,6 @@ impl Nodes {
                     n.lookups += 1;
                     return ino;
                 }
-                n.current = false;
-                if n.lookups == 0 {
-                    self.by_ino.remove(&ino);
-                }
             }
         }
         if self.next < FIRST_DYNAMIC {
@@ -93,24 +92,67 @@ impl Nodes {
         self.by_ino.insert(
             ino,
             Node {
+                key: key.clone(),
                 reference: reference.to_owned(),
                 content,
                 lookups: 1,
-                current: true,
             },
         );
+        // An older node of this name stays in `by_ino` while the kernel holds it.
         self.by_name.insert(key, ino);
         ino
     }
 
+    /// The kernel dropped `n` lookups of `ino`; at none left the node goes,
+    /// and with it its name unless that shows a newer node by now.
     fn forget(&mut self, ino: u64, n: u64) {
         let Some(node) = self.by_ino.get_mut(&ino) else {
             return;
         };
         node.lookups = node.lookups.saturating_sub(n);
-        // A current entry stays: its name will be looked up again.
-        if node.lookups == 0 && !node.current {
-            self.by_ino.remove(&ino);
+        if node.lookups > 0 {
+            return;
+        }
+        let node = self.by_ino.remove(&ino).expect("present");
+        if self.by_name.get(&node.key) == Some(&ino) {
+            self.by_name.remove(&node.key);
+        }
+    }
+}
+
+/// What every inode's attributes share: the server's uid and gid as owner,
+/// its start as every time.
+#[derive(Debug, Clone, Copy)]
+struct Attrs {
+    uid: u32,
+    gid: u32,
+    time: SystemTime,
+}
+
+impl Attrs {
+    /// The attributes of a fixed directory (`content` None) or an entry.
+    fn of(&self, ino: u64, content: Option<&Content>) -> FileAttr {
+        let (kind, size, perm, nlink) = match content {
+            None => (FileType::Directory, 0, 0o555, 2),
+            Some(Content::Link(p)) => (FileType::Symlink, p.as_os_str().len() as u64, 0o777, 1),
+            Some(Content::Error { .. }) => (FileType::Directory, 0, 0o000, 2),
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: 0,
+            atime: self.time,
+            mtime: self.time,
+            ctime: self.time,
+            crtime: self.time,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
         }
     }
 }
@@ -118,9 +160,7 @@ impl Nodes {
 pub struct FlakeFs {
     resolver: Arc<Resolver>,
     nodes: Arc<Mutex<Nodes>>,
-    started: SystemTime,
-    uid: u32,
-    gid: u32,
+    attrs: Attrs,
 }
 
 impl FlakeFs {
@@ -128,33 +168,11 @@ impl FlakeFs {
         FlakeFs {
             resolver,
             nodes: Arc::default(),
-            started: SystemTime::now(),
-            uid: nix::unistd::Uid::current().as_raw(),
-            gid: nix::unistd::Gid::current().as_raw(),
-        }
-    }
-
-    fn attr(&self, ino: u64, kind: FileType, size: u64) -> FileAttr {
-        FileAttr {
-            ino: INodeNo(ino),
-            size,
-            blocks: 0,
-            atime: self.started,
-            mtime: self.started,
-            ctime: self.started,
-            crtime: self.started,
-            kind,
-            perm: if kind == FileType::Directory {
-                0o555
-            } else {
-                0o777
+            attrs: Attrs {
+                uid: nix::unistd::Uid::current().as_raw(),
+                gid: nix::unistd::Gid::current().as_raw(),
+                time: SystemTime::now(),
             },
-            nlink: if kind == FileType::Directory { 2 } else { 1 },
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
-            blksize: 4096,
-            flags: 0,
         }
     }
 
@@ -187,9 +205,7 @@ impl FlakeFs {
 #[derive(Clone)]
 struct Replier {
     nodes: Arc<Mutex<Nodes>>,
-    uid: u32,
-    gid: u32,
-    started: SystemTime,
+    attrs: Attrs,
 }
 
 impl Replier {
@@ -218,7 +234,7 @@ impl Replier {
             .lock()
             .unwrap()
             .entry(enc, name, reference, content.clone());
-        let attr = node_attr(self.uid, self.gid, self.started, ino, &content);
+        let attr = self.attrs.of(ino, Some(&content));
         reply.entry_with_ttls(&ttl, &ttl, &attr, Generation(0));
     }
 }
@@ -243,11 +259,7 @@ impl Filesystem for FlakeFs {
         let parent = parent.0;
         if let Some(children) = Self::dir_children(parent).filter(|_| parent <= FLAKE) {
             return match children.iter().find(|(_, n)| OsStr::new(n) == name) {
-                Some((ino, _)) => reply.entry(
-                    &FOREVER,
-                    &self.attr(*ino, FileType::Directory, 0),
-                    Generation(0),
-                ),
+                Some((ino, _)) => reply.entry(&FOREVER, &self.attrs.of(*ino, None), Generation(0)),
                 None => reply.error(Errno::ENOENT),
             };
         }
@@ -258,9 +270,7 @@ impl Filesystem for FlakeFs {
         };
         let replier = Replier {
             nodes: Arc::clone(&self.nodes),
-            uid: self.uid,
-            gid: self.gid,
-            started: self.started,
+            attrs: self.attrs,
         };
 
         let parsed = decode(enc, name).and_then(|t| FlakeRef::parse(&t));
@@ -279,12 +289,14 @@ impl Filesystem for FlakeFs {
         if let Some(outcome) = self.resolver.peek(&r) {
             return replier.reply(enc, name, &r.text, outcome, per_caller, reply);
         }
-        let caller = Caller::from_request(req.uid(), req.gid(), req.pid());
+        let (uid, gid, pid) = (req.uid(), req.gid(), req.pid());
         let resolver = Arc::clone(&self.resolver);
         let name = name.to_owned();
         let spawned = std::thread::Builder::new()
             .name("flakefs-resolve".into())
             .spawn(move || {
+                // Reads /proc, may ask NSS (LDAP, SSSD) for groups: not on the loop.
+                let caller = Caller::from_request(uid, gid, pid);
                 let outcome = resolver.resolve(&r, &caller);
                 let uncacheable = per_caller || outcome.as_ref().is_err_and(|f| !f.cacheable);
                 replier.reply(enc, &name, &r.text, outcome, uncacheable, reply);
@@ -303,14 +315,11 @@ impl Filesystem for FlakeFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ino = ino.0;
         if Self::dir_children(ino).is_some() {
-            return reply.attr(&FOREVER, &self.attr(ino, FileType::Directory, 0));
+            return reply.attr(&FOREVER, &self.attrs.of(ino, None));
         }
         let nodes = self.nodes.lock().unwrap();
         match nodes.by_ino.get(&ino) {
-            Some(n) => reply.attr(
-                &FOREVER,
-                &node_attr(self.uid, self.gid, self.started, ino, &n.content),
-            ),
+            Some(n) => reply.attr(&FOREVER, &self.attrs.of(ino, Some(&n.content))),
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -424,30 +433,6 @@ fn reply_sized(reply: ReplyXattr, size: u32, v: &[u8]) {
     }
 }
 
-fn node_attr(uid: u32, gid: u32, started: SystemTime, ino: u64, c: &Content) -> FileAttr {
-    let (kind, size, perm, nlink) = match c {
-        Content::Link(p) => (FileType::Symlink, p.as_os_str().len() as u64, 0o777, 1),
-        Content::Error { .. } => (FileType::Directory, 0, 0o000, 2),
-    };
-    FileAttr {
-        ino: INodeNo(ino),
-        size,
-        blocks: 0,
-        atime: started,
-        mtime: started,
-        ctime: started,
-        crtime: started,
-        kind,
-        perm,
-        nlink,
-        uid,
-        gid,
-        rdev: 0,
-        blksize: 4096,
-        flags: 0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,8 +467,11 @@ mod tests {
         );
         n.forget(a, 2);
         assert!(!n.by_ino.contains_key(&a));
-        n.forget(b, 1);
-        assert!(n.by_ino.contains_key(&b), "the current entry stays");
+        assert_eq!(
+            n.by_name.get(&(Encoding::Str, name.to_owned())),
+            Some(&b),
+            "forgetting an old node leaves the name to the new one"
+        );
         let other = n.entry(
             Encoding::B64,
             name,
@@ -491,5 +479,34 @@ mod tests {
             Content::Link("/nix/store/b".into()),
         );
         assert_ne!(other, b, "names are per directory");
+        n.forget(b, 1);
+        assert!(!n.by_ino.contains_key(&b), "a forgotten current entry goes");
+        let b2 = n.entry(
+            Encoding::Str,
+            name,
+            "x#y",
+            Content::Link("/nix/store/b".into()),
+        );
+        assert_ne!(b2, b, "looked up again: a new inode");
+        n.forget(b2, 1);
+        n.forget(other, 1);
+        assert!(n.by_ino.is_empty() && n.by_name.is_empty());
+    }
+
+    #[test]
+    fn forgotten_names_leave_nothing_behind() {
+        let mut n = Nodes::default();
+        for i in 0..10_000 {
+            let name = OsString::from(format!("no-such-ref-{i}"));
+            let failed = Content::Error {
+                errno: libc::EINVAL,
+                message: "refused".into(),
+            };
+            let ino = n.entry(Encoding::Str, &name, "", failed.clone());
+            assert_eq!(n.entry(Encoding::Str, &name, "", failed), ino);
+            n.forget(ino, 2);
+        }
+        assert!(n.by_ino.is_empty(), "{} inodes left", n.by_ino.len());
+        assert!(n.by_name.is_empty(), "{} names left", n.by_name.len());
     }
 }

@@ -31,8 +31,6 @@ pub enum Encoding {
 }
 
 impl Encoding {
-    pub const ALL: [Encoding; 3] = [Encoding::Str, Encoding::B64, Encoding::Urlenc];
-
     pub fn dir_name(self) -> &'static str {
         match self {
             Encoding::Str => "str",

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,14 +39,13 @@ pub enum How {
     Cached,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
     pub path: PathBuf,
     pub how: How,
     /// The reference is pinned: its result is kept for good.
     pub locked: bool,
     /// How long the answer may be cached by whoever receives it (None: for good).
-    #[serde(skip)]
     pub valid_for: Option<Duration>,
 }
 
@@ -68,8 +67,11 @@ struct Flight {
     builder: Mutex<Option<u32>>,
 }
 
+/// Entries the cache holds before expired ones are dropped.
+const PRUNE_AT: usize = 1024;
+
 /// Counters, for logs and tests.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default)]
 pub struct Counters {
     pub evaluations: AtomicU64,
     pub builds: AtomicU64,
@@ -81,6 +83,10 @@ pub struct Resolver {
     policy: Policy,
     settings: Settings,
     cache: Mutex<HashMap<String, Entry>>,
+    /// Size of `cache` at which expired entries are dropped next (changed
+    /// with the cache's lock held): twice what is left after each pruning,
+    /// so that a cache of lasting entries is not scanned on every insert.
+    prune_at: AtomicUsize,
     flights: Mutex<HashMap<String, Arc<Flight>>>,
     build_slots: Slots,
     eval_slots: Slots,
@@ -157,6 +163,7 @@ impl Resolver {
             build_slots: Slots::new(settings.max_parallel_builds),
             eval_slots: Slots::new(settings.max_parallel_evals),
             settings,
+            prune_at: AtomicUsize::new(PRUNE_AT.max(2 * cache.len())),
             cache: Mutex::new(cache),
             flights: Mutex::default(),
             file,
@@ -400,19 +407,76 @@ impl Resolver {
                 tracing::warn!(error = %e, "could not record a locked result");
             }
         }
-        self.cache.lock().unwrap().insert(
+        let now = Instant::now();
+        let mut cache = self.cache.lock().unwrap();
+        cache.insert(
             r.text.clone(),
             Entry {
                 result: result.clone(),
-                expires: ttl.map(|t| Instant::now() + t),
+                expires: ttl.map(|t| now + t),
                 unverified: false,
             },
         );
+        if cache.len() >= self.prune_at.load(Ordering::Relaxed) {
+            // Expired entries are never answered again, only replaced.
+            cache.retain(|_, e| e.expires.is_none_or(|t| t > now));
+            self.prune_at
+                .store(PRUNE_AT.max(2 * cache.len()), Ordering::Relaxed);
+        }
+        drop(cache);
         result.map(|path| Resolved {
             path,
             how,
             locked: r.locked,
             valid_for: ttl,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FlakeFsConfig;
+
+    #[test]
+    fn expired_entries_are_dropped_as_the_cache_grows() {
+        let t = tempfile::tempdir().unwrap();
+        let config = FlakeFsConfig {
+            ttl: Some(0),
+            failure_ttl: Some(0),
+            ..FlakeFsConfig::default()
+        };
+        let resolver = Resolver::new(
+            Nix::default(),
+            Lookup::for_target(t.path()),
+            Policy::from_config(&config).unwrap(),
+            Settings::from_config(&config),
+            None,
+        );
+        for i in 0..10 * PRUNE_AT {
+            let r = FlakeRef::parse(&format!("nixpkgs#p{i}")).unwrap();
+            let result = if i % 2 == 0 {
+                Ok(PathBuf::from(format!("/nix/store/p{i}")))
+            } else {
+                Err(Failure::new(libc::ENOENT, "no".into()))
+            };
+            let _ = resolver.remember(&r, result, How::UpperHit);
+        }
+        let len = resolver.cache.lock().unwrap().len();
+        assert!(len < PRUNE_AT, "{len} entries kept");
+
+        let locked = FlakeRef::parse(&format!("github:o/r/{}#p", "0".repeat(40))).unwrap();
+        assert!(locked.locked);
+        resolver
+            .remember(&locked, Ok("/nix/store/locked".into()), How::UpperHit)
+            .unwrap();
+        for i in 0..2 * PRUNE_AT {
+            let r = FlakeRef::parse(&format!("nixpkgs#q{i}")).unwrap();
+            let _ = resolver.remember(&r, Ok("/nix/store/q".into()), How::UpperHit);
+        }
+        assert!(
+            resolver.cache.lock().unwrap().contains_key(&locked.text),
+            "results kept for good stay"
+        );
     }
 }

@@ -5,13 +5,12 @@
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension};
-use serde::Serialize;
 
+use super::realisations::has_table;
 use super::{open_read_only, sql_err, DbError};
 
 /// Where a valid path comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layer {
     /// Registered through the merged store (a build or an add).
     Upper,
@@ -36,10 +35,6 @@ impl Lookup {
         }
     }
 
-    pub fn db(&self) -> &Path {
-        &self.db
-    }
-
     /// Which layer has `path` valid, or None when it is not valid.
     pub fn layer(&self, path: &Path) -> Result<Option<Layer>, DbError> {
         let conn = open_read_only(&self.db)?;
@@ -50,15 +45,7 @@ impl Lookup {
 fn layer_of(conn: &Connection, db: &Path, path: &Path) -> Result<Option<Layer>, DbError> {
     let err = sql_err(db);
     let path = path.to_string_lossy();
-    let has_origin: bool = conn
-        .query_row(
-            "select count(*) from sqlite_master where type = 'table' and name = 'NixfsLayerOrigin'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .map_err(&err)?
-        > 0;
-    if !has_origin {
+    if !has_table(conn, "main", "NixfsLayerOrigin").map_err(&err)? {
         let valid = conn
             .query_row("select 1 from ValidPaths where path = ?1", [&path], |_| {
                 Ok(())
@@ -115,5 +102,26 @@ mod tests {
             Some(Layer::Lower(3))
         );
         assert_eq!(l.layer(Path::new("/nix/store/cccc-none")).unwrap(), None);
+    }
+
+    #[test]
+    fn a_plain_store_answers_store() {
+        let t = tempfile::tempdir().unwrap();
+        let db = t.path().join("var/nix/db/db.sqlite");
+        std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+        // Nix's own schema, without this tool's tables.
+        let c = Connection::open(&db).unwrap();
+        c.execute_batch(crate::pathdb::NIX_SCHEMA_SQL).unwrap();
+        c.execute(
+            "insert into ValidPaths (path, hash, registrationTime, narSize) values ('/nix/store/aaaa-x', 'sha256:x', 1, 1)",
+            [],
+        )
+        .unwrap();
+        let l = Lookup::for_target(t.path());
+        assert_eq!(
+            l.layer(Path::new("/nix/store/aaaa-x")).unwrap(),
+            Some(Layer::Store)
+        );
+        assert_eq!(l.layer(Path::new("/nix/store/bbbb-y")).unwrap(), None);
     }
 }
