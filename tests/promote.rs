@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{sh, stderr, tree_digest, upper_entries, World};
+use common::{sh, stderr, tree_digest, upper_entries, verify_contents, World};
 
 fn lower_count(w: &World) -> u64 {
     let v: serde_json::Value = serde_json::from_str(&w.tool_ok(["status", "--json"])).unwrap();
@@ -58,16 +58,14 @@ ns_test! {
         assert_eq!(sh(&format!("{on_top}/bin/on-top")), "hello from on-top\n");
         let st: serde_json::Value = serde_json::from_str(&w.tool_ok(["status", "--json"])).unwrap();
         assert_eq!(st["lowers"][0]["provided_paths"], after, "{st}");
-        let out = w.nix("nix-store").args(["--verify", "--check-contents"]).output().unwrap();
-        assert!(out.status.success() && !stderr(&out).contains("error"), "{}", stderr(&out));
+        verify_contents(&w);
         let v = w.tool(["verify", "--check-contents"]);
         assert!(v.status.success(), "{}{}", String::from_utf8_lossy(&v.stdout), stderr(&v));
         assert_eq!(tree_digest(&lower), lower_before_sync, "readers do not write to the lower");
 
         w.tool_ok(["umount"]);
         w.with_nix_at(&lower, || {
-            let out = w.nix("nix-store").args(["--verify", "--check-contents"]).output().unwrap();
-            assert!(out.status.success() && !stderr(&out).contains("error"), "{}", stderr(&out));
+            verify_contents(&w);
             assert!(w.nix("nix-store").args(["--check-validity", on_top]).status().unwrap().success());
             let refs = w.nix_ok("nix-store", ["-q", "--references", on_top]);
             assert!(refs.lines().any(|r| r.ends_with("-app")) && refs.lines().any(|r| r.ends_with("-tool")), "{refs}");
