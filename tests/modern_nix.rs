@@ -410,9 +410,20 @@ ns_test! {
             String::from_utf8_lossy(&out.stdout),
             stderr(&out)
         );
-        // This tool's verify notices the missing pin.
-        let out = w.tool(["verify"]);
-        assert!(!out.status.success(), "verify notices the pin is gone: {}", String::from_utf8_lossy(&out.stdout));
+        // This tool's verify notices the missing pin: valid in the merged
+        // database, absent from the upper (docs/verify-json.md).
+        let out = w.tool(["verify", "--json"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "verify notices the pin is gone: {text}{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["clean"], false, "{v}");
+        assert_eq!(v["problems"], 1, "the only problem: {v}");
+        let missing = v["categories"]["missing_content"].as_array().unwrap();
+        assert_eq!(
+            missing.as_slice(),
+            [serde_json::json!({"path": format!("/nix/store/{pin}"), "layer": "upper", "reason": "absent"})],
+            "{v}"
+        );
 
         // A lower written by Nix 2.8 has no SchemaMigrations table; 2.26
         // wants to create it and cannot in a read-only lower store.
