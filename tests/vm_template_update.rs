@@ -133,6 +133,8 @@ ns_test! {
         // Plain sync keeps refusing to pretend: the rows stay, nothing changes.
         let sync = vm.tool(["sync"]);
         assert!(sync.status.success(), "{}", String::from_utf8_lossy(&sync.stderr));
+        let said = String::from_utf8_lossy(&sync.stdout);
+        assert!(said.starts_with("sync: added 0, removed 0, "), "sync changes nothing: {said}");
         assert!(vm.ok(&format!("nix-store --check-validity {tool}")), "the broken row is kept for verify to report");
         shutdown(vm);
 
