@@ -66,7 +66,7 @@ ns_test! {
         w.tool_ok(["umount"]);
         w.with_nix_at(&lower, || {
             verify_contents(&w);
-            assert!(w.nix("nix-store").args(["--check-validity", on_top]).status().unwrap().success());
+            assert!(w.valid(on_top), "{on_top} is valid in the lower");
             let refs = w.nix_ok("nix-store", ["-q", "--references", on_top]);
             assert!(refs.lines().any(|r| r.ends_with("-app")) && refs.lines().any(|r| r.ends_with("-tool")), "{refs}");
         });

@@ -174,20 +174,45 @@ impl World {
 
     /// Builds attributes of tests/fixtures/store.nix into whatever /nix is now.
     pub fn build(&self, attrs: &[&str]) -> Vec<String> {
-        self.build_from("store.nix", attrs)
+        self.build_of(&TestNix::from_env(), attrs)
+    }
+
+    /// [`World::build`] with a given Nix.
+    pub fn build_of(&self, which: &TestNix, attrs: &[&str]) -> Vec<String> {
+        self.build_from_of(which, "store.nix", attrs)
     }
 
     /// Builds attributes of a fixture file.
     pub fn build_from(&self, file: &str, attrs: &[&str]) -> Vec<String> {
+        self.build_from_of(&TestNix::from_env(), file, attrs)
+    }
+
+    /// [`World::build_from`] with a given Nix.
+    pub fn build_from_of(&self, which: &TestNix, file: &str, attrs: &[&str]) -> Vec<String> {
         let mut args = vec!["--no-out-link".to_owned(), fixture(file)];
         for a in attrs {
             args.push("-A".into());
             args.push((*a).into());
         }
-        self.nix_ok("nix-build", &args)
+        self.nix_ok_of(which, "nix-build", &args)
             .lines()
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Whether Nix holds `path` valid in the store at /nix.
+    pub fn valid(&self, path: &str) -> bool {
+        self.valid_of(&TestNix::from_env(), path)
+    }
+
+    /// [`World::valid`] with a given Nix.
+    pub fn valid_of(&self, which: &TestNix, path: &str) -> bool {
+        self.nix_of(which, "nix-store")
+            .args(["--check-validity", path])
+            .output()
+            .unwrap()
+            .status
+            .success()
     }
 
     /// Makes `dir` a lower built by real Nix: binds it on /nix for the
@@ -438,17 +463,25 @@ pub fn upper_entries(upper: &Path) -> Vec<String> {
 /// Stock `nix-store --verify --check-contents` on /nix passes without a
 /// complaint.
 pub fn verify_contents(w: &World) {
+    verify_contents_of(w, &TestNix::from_env());
+}
+
+/// [`verify_contents`] with a given Nix.
+pub fn verify_contents_of(w: &World, which: &TestNix) {
     let out = w
-        .nix("nix-store")
+        .nix_of(which, "nix-store")
         .args(["--verify", "--check-contents"])
         .output()
         .unwrap();
     let err = stderr(&out);
-    assert!(out.status.success(), "nix-store --verify failed: {err}");
+    assert!(
+        out.status.success(),
+        "nix-store --verify ({which:?}) failed: {err}"
+    );
     for bad in ["error", "corrupt", "disappeared", "modified", "warning"] {
         assert!(
             !err.to_lowercase().contains(bad),
-            "nix-store --verify complains: {err}"
+            "nix-store --verify ({which:?}) complains: {err}"
         );
     }
 }
@@ -506,13 +539,7 @@ impl Stack {
 
     /// Whether Nix holds `path` valid in the store at /nix.
     pub fn valid(&self, path: &str) -> bool {
-        self.w
-            .nix("nix-store")
-            .args(["--check-validity", path])
-            .output()
-            .unwrap()
-            .status
-            .success()
+        self.w.valid(path)
     }
 
     /// The lower path whose name ends with `-<name>`.
