@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{entries, mount_table, stderr, verify_contents, World};
+use common::{entries, mount_table, stderr, valid_count, verify_contents, World};
 use nixfs_layer::synth::{self, Rng};
 use rusqlite::Connection;
 use wait_timeout::ChildExt;
@@ -161,13 +161,6 @@ fn assert_db_matches_lower(upper: &Path, lower: &Path, when: &str) {
         lower_n,
         "{when}: every lower path's provenance is the lower"
     );
-}
-
-fn valid_count(root: &Path) -> i64 {
-    Connection::open(db_of(root))
-        .unwrap()
-        .query_row("select count(*) from ValidPaths", [], |r| r.get(0))
-        .unwrap()
 }
 
 /// Snapshot copies a sync leaves in the upper's scratch directory.

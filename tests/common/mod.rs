@@ -460,6 +460,15 @@ pub fn upper_entries(upper: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The number of valid paths in the database of a Nix root or an upper
+/// (`var/nix/db/db.sqlite` under `root`).
+pub fn valid_count(root: &Path) -> i64 {
+    rusqlite::Connection::open(root.join("var/nix/db/db.sqlite"))
+        .unwrap()
+        .query_row("select count(*) from ValidPaths", [], |r| r.get(0))
+        .unwrap()
+}
+
 /// Stock `nix-store --verify --check-contents` on /nix passes without a
 /// complaint.
 pub fn verify_contents(w: &World) {
