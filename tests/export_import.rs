@@ -356,12 +356,7 @@ ns_test! {
         std::fs::remove_file(s.w.path("result-extra")).unwrap();
         s.w.nix_ok("nix-store", ["--gc"]);
         assert!(s.valid(&extra) && Path::new(&extra).exists(), "lower-provided extra survives gc");
-        let whiteouts: Vec<String> = std::fs::read_dir(s.upper.join("store")).unwrap()
-            .map(|e| e.unwrap())
-            .filter(|e| std::os::unix::fs::FileTypeExt::is_char_device(&e.file_type().unwrap()))
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        assert!(whiteouts.is_empty(), "{whiteouts:?}");
+        assert!(s.whiteouts().is_empty(), "{:?}", s.whiteouts());
         verify_contents(&s.w);
     }
 }

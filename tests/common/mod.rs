@@ -460,6 +460,20 @@ pub fn upper_entries(upper: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The names an upper's store whites out (overlayfs' 0/0 character
+/// devices), sorted.
+pub fn whiteouts(upper: &Path) -> Vec<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut v: Vec<String> = std::fs::read_dir(upper.join("store"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_char_device())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 /// The number of valid paths in the database of a Nix root or an upper
 /// (`var/nix/db/db.sqlite` under `root`).
 pub fn valid_count(root: &Path) -> i64 {
@@ -549,6 +563,11 @@ impl Stack {
     /// Whether Nix holds `path` valid in the store at /nix.
     pub fn valid(&self, path: &str) -> bool {
         self.w.valid(path)
+    }
+
+    /// Names the upper store whites out.
+    pub fn whiteouts(&self) -> Vec<String> {
+        whiteouts(&self.upper)
     }
 
     /// The lower path whose name ends with `-<name>`.
