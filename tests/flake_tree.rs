@@ -13,10 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use common::hosts::BUILDS;
 use common::{entries, sh, stderr, tree_digest, World, FLAKE_MOUNT};
-
-/// Where the fixture flake's builders count builds (a tmpfs per test).
-const BUILDS: &str = "/run/nixfs-layer-test/builds";
 
 struct Setup {
     w: World,
@@ -36,7 +34,10 @@ struct Setup {
 fn setup(flakefs_config: &str) -> Setup {
     let w = World::new();
     std::fs::create_dir_all("/run/nixfs-layer-test").unwrap();
-    sh("mount -t tmpfs nixfs-layer-test /run/nixfs-layer-test && touch /run/nixfs-layer-test/builds");
+    // Where the fixture flake's builders count builds (a tmpfs per test).
+    sh(&format!(
+        "mount -t tmpfs nixfs-layer-test /run/nixfs-layer-test && touch {BUILDS}"
+    ));
 
     let flake = w.path("flake");
     std::fs::create_dir(&flake).unwrap();

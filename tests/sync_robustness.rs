@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{entries, mount_table, stderr, valid_count, verify_contents, World};
+use common::{entries, mount_table, stderr, valid_count, verify_contents, World, PIN_SUFFIX};
 use nixfs_layer::synth::{self, Rng};
 use rusqlite::Connection;
 use wait_timeout::ChildExt;
@@ -19,9 +19,6 @@ use wait_timeout::ChildExt;
 /// Seed of the random kill delays (and of the synthetic lowers): fixed, so
 /// a failure replays the same schedule.
 const SEED: u64 = 0x5eed_2026;
-
-/// Store path suffix of the pin every upper holds.
-const PIN_SUFFIX: &str = "-nixfs-layer-lowers";
 
 /// A synthetic lower and an initialised upper.
 struct Stack {
