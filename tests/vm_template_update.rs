@@ -11,12 +11,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Instant;
 
-use common::hosts::Host;
+use common::hosts::{fleet_nix, Host};
 use common::{base_name, fixture, World};
-
-fn fleet_nix() -> String {
-    format!("{}/vm-tests/fixtures/fleet.nix", env!("CARGO_MANIFEST_DIR"))
-}
 
 /// Boots the AppVM: a fresh host, the template's root bound read-only (as
 /// a template's volume is), the persistent upper mounted on it. Returns
