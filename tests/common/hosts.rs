@@ -81,11 +81,6 @@ impl Host {
         h
     }
 
-    /// The holder's pid (its namespaces are the host's).
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
     /// A command that runs in this host's namespaces, with the World's Nix
     /// environment and this host's HOME.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {

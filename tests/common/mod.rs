@@ -113,17 +113,6 @@ impl World {
         self.nix_of(&TestNix::from_env(), program)
     }
 
-    /// [`World::nix`] with the host's Nix, whatever the suite runs against.
-    pub fn host_nix(&self, program: &str) -> Command {
-        self.nix_of(&TestNix::Host, program)
-    }
-
-    /// [`World::nix`] with the modern Nix of the trixie chroot (built and
-    /// cached by scripts/modern-nix-chroot.sh if missing).
-    pub fn modern_nix(&self, program: &str) -> Command {
-        self.nix_of(&TestNix::Chroot(modern_chroot()), program)
-    }
-
     /// [`World::nix`] with a given Nix.
     pub fn nix_of(&self, which: &TestNix, program: &str) -> Command {
         let mut c = which.command(program);
@@ -294,12 +283,6 @@ impl TestNix {
                 None => panic!("{TEST_NIX_VAR}={v}: want `host` or `chroot:DIR`"),
             },
         }
-    }
-
-    /// Whether this is a Nix that knows the `local-overlay` store and
-    /// `SchemaMigrations` (≥ 2.22); the chroot's is.
-    pub fn is_modern(&self) -> bool {
-        matches!(self, TestNix::Chroot(_))
     }
 
     /// A command running `program` of this Nix. Arguments added to it go
