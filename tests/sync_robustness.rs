@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{entries, mount_table, stderr, valid_count, verify_contents, World, PIN_SUFFIX};
+use common::{
+    base_name, entries, mount_table, stderr, valid_count, verify_contents, World, PIN_SUFFIX,
+};
 use nixfs_layer::synth::{self, Rng};
 use rusqlite::Connection;
 use wait_timeout::ChildExt;
@@ -457,7 +459,7 @@ ns_test! {
         // What each side made is there, from the right layer.
         assert!(valid(&s.w, &built), "the builds' outputs are valid");
         for p in &built {
-            let base = &p["/nix/store/".len()..];
+            let base = base_name(p);
             assert!(s.upper.join("store").join(base).is_dir(), "{p} is in the upper");
             assert!(!s.lower.join("store").join(base).exists(), "{p} is not in the lower");
         }
