@@ -11,19 +11,10 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::sh;
+use common::{nix_env, sh};
 
 use std::path::Path;
 use std::process::Command;
-
-fn nix_env(c: &mut Command) -> &mut Command {
-    c.env("NIX_REMOTE", "local")
-        .env(
-            "NIX_CONFIG",
-            "build-users-group =\nsubstituters =\nsandbox = false\nexperimental-features = nix-command\n",
-        )
-        .env_remove("NIX_PATH")
-}
 
 /// (peak RSS in KiB, wall seconds) of `script` under /usr/bin/time.
 fn measure(script: &str) -> (u64, f64) {
@@ -31,6 +22,7 @@ fn measure(script: &str) -> (u64, f64) {
         Command::new("/usr/bin/time")
             .args(["-f", "%M %e", "sh", "-c"])
             .arg(script),
+        "",
     )
     .output()
     .unwrap();

@@ -10,7 +10,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::sh;
+use common::{nix_env, sh};
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -47,21 +47,11 @@ fn main() {
     )
     .unwrap();
     std::fs::create_dir_all(dir.join("home")).unwrap();
-    let env = [
-        ("NIX_REMOTE", "local".to_owned()),
-        (
-            "NIX_CONFIG",
-            format!(
-                "build-users-group =\nsubstituters =\nsandbox = false\nexperimental-features = nix-command flakes\nflake-registry = {}\n",
-                registry.display()
-            ),
-        ),
-        ("HOME", dir.join("home").display().to_string()),
-    ];
+    let registry_line = format!("flake-registry = {}\n", registry.display());
     let run = |prog: &str, args: &[&str]| {
-        let out = Command::new(prog)
+        let out = nix_env(&mut Command::new(prog), &registry_line)
+            .env("HOME", dir.join("home"))
             .args(args)
-            .envs(env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap();
         assert!(

@@ -11,7 +11,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::sh;
+use common::{nix_sh, sh};
 
 use std::path::Path;
 use std::process::Command;
@@ -168,9 +168,8 @@ fn main() {
         peer_lower.display()
     ));
     let t = Instant::now();
-    sh(&format!(
-        "export NIX_REMOTE=local NIX_CONFIG='build-users-group =\nsubstituters ='; \
-         unshare -m --propagation private sh -c 'mount --bind {l} /nix && exec nix-store --dump-db' | \
+    nix_sh(&format!(
+        "unshare -m --propagation private sh -c 'mount --bind {l} /nix && exec nix-store --dump-db' | \
          unshare -m --propagation private sh -c 'mount -t overlay overlay -o lowerdir={l}/store,upperdir={p}/store,workdir={p}/work /nix/store && mount --bind {p}/var /nix/var && exec nix-store --load-db'",
         l = peer_lower.display(),
         p = peer.display()
@@ -281,9 +280,8 @@ fn register_with_nix(lower: &Path, upper: &Path, added: &[String], work: &Path) 
     let input_file = work.join("floor-input");
     std::fs::write(&input_file, input).unwrap();
     let t = Instant::now();
-    sh(&format!(
-        "export NIX_REMOTE=local NIX_CONFIG='build-users-group ='; \
-         unshare -m --propagation private sh -c 'mount --bind {} /nix/var/nix/db && exec nix-store --load-db < {}'",
+    nix_sh(&format!(
+        "unshare -m --propagation private sh -c 'mount --bind {} /nix/var/nix/db && exec nix-store --load-db < {}'",
         copy.display(),
         input_file.display()
     ));

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{base_name, sh, stderr, upper_entries, verify_contents, Stack, World};
+use common::{base_name, sh, stderr, upper_entries, valid_count, verify_contents, Stack, World};
 use nixfs_layer::export;
 
 fn stack() -> Stack {
@@ -40,12 +40,6 @@ impl Stack {
             )
             .trim()
             .to_owned()
-    }
-    fn valid_count(&self, upper: &Path) -> i64 {
-        rusqlite::Connection::open(upper.join("var/nix/db/db.sqlite"))
-            .unwrap()
-            .query_row("select count(*) from ValidPaths", [], |r| r.get(0))
-            .unwrap()
     }
 }
 
@@ -227,7 +221,7 @@ ns_test! {
         s.w.tool_ok(["init", "--upper", upper2.to_str().unwrap()]);
         s.mount_upper(&upper2);
         assert!(!s.valid(&on_top));
-        let rows = s.valid_count(&upper2);
+        let rows = valid_count(&upper2);
         let entries_before = upper_entries(&upper2);
 
         let bytes = std::fs::read(&plain).unwrap();
@@ -253,7 +247,7 @@ ns_test! {
             assert!(err.starts_with(&format!("nixfs-layer: {}: ", file.display())), "names the file: {err}");
             assert!(err.contains(says), "{says}: {err}");
             assert!(!s.valid(&on_top), "nothing registered after {}", file.display());
-            assert_eq!(s.valid_count(&upper2), rows, "no row added by {}", file.display());
+            assert_eq!(valid_count(&upper2), rows, "no row added by {}", file.display());
             assert_eq!(upper_entries(&upper2), entries_before, "nothing unpacked by {}", file.display());
         }
         assert!(stderr(&s.w.tool(["import", cases[1].0.to_str().unwrap()])).contains(&on_top), "the flip names the path");
@@ -292,12 +286,12 @@ ns_test! {
         let upper2 = s.w.path("upper2");
         s.w.tool_ok(["init", "--upper", upper2.to_str().unwrap()]);
         s.w.tool_ok(["mount", "--lower", other.to_str().unwrap(), "--upper", upper2.to_str().unwrap(), "--no-flake-fs"]);
-        let rows = s.valid_count(&upper2);
+        let rows = valid_count(&upper2);
         let out = s.w.tool(["import", file.to_str().unwrap()]);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(65), "{err}");
         assert!(err.contains(&format!("{on_top} refers to")) && err.contains("--full"), "{err}");
-        assert_eq!(s.valid_count(&upper2), rows);
+        assert_eq!(valid_count(&upper2), rows);
         assert!(!s.valid(&on_top));
     }
 }
@@ -362,12 +356,7 @@ ns_test! {
         std::fs::remove_file(s.w.path("result-extra")).unwrap();
         s.w.nix_ok("nix-store", ["--gc"]);
         assert!(s.valid(&extra) && Path::new(&extra).exists(), "lower-provided extra survives gc");
-        let whiteouts: Vec<String> = std::fs::read_dir(s.upper.join("store")).unwrap()
-            .map(|e| e.unwrap())
-            .filter(|e| std::os::unix::fs::FileTypeExt::is_char_device(&e.file_type().unwrap()))
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        assert!(whiteouts.is_empty(), "{whiteouts:?}");
+        assert!(s.whiteouts().is_empty(), "{:?}", s.whiteouts());
         verify_contents(&s.w);
     }
 }

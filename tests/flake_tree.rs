@@ -13,10 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::{entries, sh, stderr, tree_digest, World, FLAKE_MOUNT};
-
-/// Where the fixture flake's builders count builds (a tmpfs per test).
-const BUILDS: &str = "/run/nixfs-layer-test/builds";
+use common::hosts::BUILDS;
+use common::{base_name, entries, sh, stderr, tree_digest, World, FLAKE_MOUNT};
 
 struct Setup {
     w: World,
@@ -36,7 +34,10 @@ struct Setup {
 fn setup(flakefs_config: &str) -> Setup {
     let w = World::new();
     std::fs::create_dir_all("/run/nixfs-layer-test").unwrap();
-    sh("mount -t tmpfs nixfs-layer-test /run/nixfs-layer-test && touch /run/nixfs-layer-test/builds");
+    // Where the fixture flake's builders count builds (a tmpfs per test).
+    sh(&format!(
+        "mount -t tmpfs nixfs-layer-test /run/nixfs-layer-test && touch {BUILDS}"
+    ));
 
     let flake = w.path("flake");
     std::fs::create_dir(&flake).unwrap();
@@ -94,7 +95,7 @@ fn setup(flakefs_config: &str) -> Setup {
         }
         out
     });
-    assert!(lower.join("store").join(&out["hello"][11..]).is_dir());
+    assert!(lower.join("store").join(base_name(&out["hello"])).is_dir());
 
     let upper = w.path("upper");
     w.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
@@ -328,7 +329,7 @@ ns_test! {
         );
 
         let extra = &s.out["extra"];
-        let base = &extra[11..];
+        let base = base_name(extra);
         assert_eq!(&target(&str_("myflake#extra")), extra);
         assert_eq!(run(&str_("myflake#extra").join("bin/extra")), "hello from extra\n");
         assert_eq!(s.builds().len(), builds.len() + 1, "{:?}", s.builds());
@@ -535,7 +536,7 @@ ns_test! {
         assert_eq!(errno, libc::EACCES);
         assert!(msg.contains("may not start builds"), "{msg}");
         assert_eq!(s.builds(), builds, "nothing built for them");
-        assert!(!s.upper.join("store").join(&s.out["extra"][11..]).exists());
+        assert!(!s.upper.join("store").join(base_name(&s.out["extra"])).exists());
         // Root may: the refusal was not cached for everyone.
         assert_eq!(&target(&str_("myflake#extra")), &s.out["extra"]);
     }
@@ -553,7 +554,7 @@ ns_test! {
         assert!(!Path::new(&s.out["slow"]).exists());
         // The builder went with it: nothing appears later.
         std::thread::sleep(Duration::from_secs(3));
-        assert!(!s.upper.join("store").join(&s.out["slow"][11..]).exists());
+        assert!(!s.upper.join("store").join(base_name(&s.out["slow"])).exists());
     }
 }
 
@@ -571,7 +572,7 @@ ns_test! {
         let new = target(&str_("myflake#hello"));
         assert_ne!(new, old, "the kernel's cached symlink is not stale");
         assert_eq!(run(&str_("myflake#hello").join("bin/hello")), "hello from hello\n");
-        assert!(s.upper.join("store").join(&new[11..]).is_dir(), "the new one was built into the upper");
+        assert!(s.upper.join("store").join(base_name(&new)).is_dir(), "the new one was built into the upper");
     }
 }
 

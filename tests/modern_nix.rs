@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{base_name, stderr, upper_entries, TestNix, World, PIN_SUFFIX};
+use common::{base_name, stderr, upper_entries, verify_contents_of, TestNix, World, PIN_SUFFIX};
 
 fn modern() -> TestNix {
     TestNix::Chroot(common::modern_chroot())
@@ -114,46 +114,6 @@ fn nixbase32(bytes: &[u8]) -> String {
     s
 }
 
-/// Stock `nix-store --verify --check-contents` of `nix` passes quietly.
-fn verify_contents(w: &World, nix: &TestNix) {
-    let out = w
-        .nix_of(nix, "nix-store")
-        .args(["--verify", "--check-contents"])
-        .output()
-        .unwrap();
-    let err = stderr(&out);
-    assert!(
-        out.status.success(),
-        "nix-store --verify ({nix:?}) failed: {err}"
-    );
-    for bad in ["error", "corrupt", "disappeared", "modified", "warning"] {
-        assert!(
-            !err.to_lowercase().contains(bad),
-            "nix-store --verify ({nix:?}) complains: {err}"
-        );
-    }
-}
-
-fn build(w: &World, nix: &TestNix, attrs: &[&str]) -> Vec<String> {
-    let mut args = vec!["--no-out-link".to_owned(), common::fixture("store.nix")];
-    for a in attrs {
-        args.push("-A".into());
-        args.push((*a).into());
-    }
-    w.nix_ok_of(nix, "nix-build", &args)
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
-fn valid(w: &World, nix: &TestNix, path: &str) -> bool {
-    w.nix_of(nix, "nix-store")
-        .args(["--check-validity", path])
-        .status()
-        .unwrap()
-        .success()
-}
-
 fn tables(db: &Path) -> Vec<String> {
     let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .unwrap();
@@ -180,8 +140,8 @@ fn round_trip(writer: &TestNix, user: &TestNix) {
     );
     let lower = w.path("lower");
     let (built, lower_paths) = w.with_nix_at(&lower, || {
-        let built = build(&w, writer, &["app", "tool"]);
-        verify_contents(&w, writer);
+        let built = w.build_of(writer, &["app", "tool"]);
+        verify_contents_of(&w, writer);
         (built, all_paths(&w, writer))
     });
     assert!(
@@ -222,19 +182,19 @@ fn round_trip(writer: &TestNix, user: &TestNix) {
     // What the user's Nix sees: every lower path, as the writer recorded it.
     assert_eq!(all_paths(&w, user), lower_paths);
     assert_eq!(path_info(&w, user, &lower_paths), lower_info);
-    verify_contents(&w, user);
+    verify_contents_of(&w, user);
     let app = built.iter().find(|p| p.ends_with("-app")).unwrap();
     assert_eq!(common::sh(&format!("{app}/bin/app")), "hello from app\n");
 
     // A build on top lands in the upper, referring to lower paths.
-    let on_top = build(&w, user, &["onTop"]).remove(0);
+    let on_top = w.build_of(user, &["onTop"]).remove(0);
     assert!(upper.join("store").join(base_name(&on_top)).is_dir());
     assert!(!lower.join("store").join(base_name(&on_top)).exists());
-    verify_contents(&w, user);
+    verify_contents_of(&w, user);
 
     // Unrooted, it is garbage; the lower paths are not.
     w.nix_ok_of(user, "nix-collect-garbage", ["-d"]);
-    assert!(!valid(&w, user, &on_top), "{on_top} was collected");
+    assert!(!w.valid_of(user, &on_top), "{on_top} was collected");
     assert_eq!(
         all_paths(&w, user),
         lower_paths,
@@ -245,7 +205,7 @@ fn round_trip(writer: &TestNix, user: &TestNix) {
         "the collector left nothing (no whiteout) in the upper: {:?}",
         upper_entries(&upper)
     );
-    verify_contents(&w, user);
+    verify_contents_of(&w, user);
 
     // Built again and kept by a root, then checked by the writer's Nix too:
     // the merged database as the user's Nix left it is one both accept.
@@ -278,7 +238,7 @@ fn round_trip(writer: &TestNix, user: &TestNix) {
         path_info(&w, writer, &everything),
         path_info(&w, user, &everything)
     );
-    verify_contents(&w, writer);
+    verify_contents_of(&w, writer);
     eprintln!(
         "merged database tables after both: {:?}",
         tables(&upper.join("var/nix/db/db.sqlite"))
@@ -293,7 +253,7 @@ fn round_trip(writer: &TestNix, user: &TestNix) {
     assert!(out.starts_with("sync: added 0, removed 0"), "{out}");
     for nix in [user, writer] {
         assert_eq!(all_paths(&w, nix), everything, "{nix:?} after a remount");
-        verify_contents(&w, nix);
+        verify_contents_of(&w, nix);
         w.nix_ok_of(nix, "nix-collect-garbage", ["-d"]);
         assert_eq!(
             all_paths(&w, nix),
@@ -333,7 +293,7 @@ ns_test! {
         let w = World::new();
         w.features.lock().unwrap().push_str("local-overlay-store read-only-local-store");
         let lower = w.path("lower");
-        let built = w.with_nix_at(&lower, || build(&w, &nix, &["app", "tool"]));
+        let built = w.with_nix_at(&lower, || w.build_of(&nix, &["app", "tool"]));
         let lower_paths = w.with_nix_at(&lower, || all_paths(&w, &nix));
         let upper = w.path("upper");
         w.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
@@ -392,7 +352,7 @@ ns_test! {
         assert!(out.status.success(), "{}", stderr(&out));
         let on_top = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         assert!(upper.join("store").join(base_name(&on_top)).is_dir());
-        assert!(!valid(&w, &TestNix::Host, &on_top), "the merged database does not have {on_top}");
+        assert!(!w.valid_of(&TestNix::Host, &on_top), "the merged database does not have {on_top}");
 
         // Its collector, with nothing rooted: the lower's files stay (no
         // whiteouts), but the pin of the merged database is deleted from
@@ -410,14 +370,25 @@ ns_test! {
             String::from_utf8_lossy(&out.stdout),
             stderr(&out)
         );
-        // This tool's verify notices the missing pin.
-        let out = w.tool(["verify"]);
-        assert!(!out.status.success(), "verify notices the pin is gone: {}", String::from_utf8_lossy(&out.stdout));
+        // This tool's verify notices the missing pin: valid in the merged
+        // database, absent from the upper (docs/verify-json.md).
+        let out = w.tool(["verify", "--json"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "verify notices the pin is gone: {text}{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["clean"], false, "{v}");
+        assert_eq!(v["problems"], 1, "the only problem: {v}");
+        let missing = v["categories"]["missing_content"].as_array().unwrap();
+        assert_eq!(
+            missing.as_slice(),
+            [serde_json::json!({"path": format!("/nix/store/{pin}"), "layer": "upper", "reason": "absent"})],
+            "{v}"
+        );
 
         // A lower written by Nix 2.8 has no SchemaMigrations table; 2.26
         // wants to create it and cannot in a read-only lower store.
         let old_lower = w.path("old-lower");
-        w.with_nix_at(&old_lower, || build(&w, &TestNix::Host, &["tool"]));
+        w.with_nix_at(&old_lower, || w.build_of(&TestNix::Host, &["tool"]));
         let out = run(&store_uri(&old_lower, false), "nix", &["path-info", "--all"]);
         assert!(!out.status.success() && stderr(&out).contains("readonly database"), "{}", stderr(&out));
     }

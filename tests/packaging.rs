@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nixfs_layer::config::Config;
+use nixfs_layer::config::{Config, FlakeFsConfig};
 
 fn repo(p: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -144,6 +144,19 @@ fn the_modules_rendered_config_is_what_the_tool_reads() {
         Some(Path::new("/var/lib/nixfs-layer/upper"))
     );
     assert_eq!(c.target.as_deref(), Some(Path::new("/nix")));
-    assert_eq!(c.flakefs.enable, Some(true));
-    assert_eq!(c.flakefs.mountpoint.as_deref(), Some(Path::new("/nixfs")));
+    // Every [flakefs] key given, and no other.
+    assert_eq!(
+        c.flakefs,
+        FlakeFsConfig {
+            enable: Some(true),
+            mountpoint: Some("/nixfs".into()),
+            allow: vec!["nixpkgs#*".into()],
+            deny: vec!["git+ssh:*".into()],
+            build_users: vec!["spark".into()],
+            max_parallel_builds: Some(3),
+            ttl: Some(600),
+            ..FlakeFsConfig::default()
+        },
+        "{text}"
+    );
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{sh, stderr, tree_digest, upper_entries, World};
+use common::{sh, stderr, tree_digest, upper_entries, verify_contents, Stack, World};
 
 fn lower_count(w: &World) -> u64 {
     let v: serde_json::Value = serde_json::from_str(&w.tool_ok(["status", "--json"])).unwrap();
@@ -13,16 +13,13 @@ fn lower_count(w: &World) -> u64 {
 
 ns_test! {
     fn promoted_paths_are_served_from_the_lower_after_sync_and_optimise() {
-        let w = World::new();
-        let lower = w.path("lower");
-        w.with_nix_at(&lower, || w.build(&["app", "tool"]));
-        let upper = w.path("upper");
-        let (l, u) = (lower.to_str().unwrap(), upper.to_str().unwrap());
-        w.tool_ok(["init", "--upper", u]);
-        w.tool_ok(["mount", "--lower", l, "--upper", u, "--no-flake-fs"]);
+        let s = Stack::new(&["app", "tool"]);
+        s.mount();
+        let (w, lower, upper) = (&s.w, &s.lower, &s.upper);
+        let l = lower.to_str().unwrap();
         let built = w.build(&["onTop", "extra"]);
         let (on_top, extra) = (&built[0], &built[1]);
-        let before = lower_count(&w);
+        let before = lower_count(w);
 
         // A reader syncing over and over while the promote runs.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -32,7 +29,7 @@ ns_test! {
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     let out = w.tool(["sync", "--quiet"]);
                     assert!(out.status.success(), "reader sync: {}", stderr(&out));
-                    seen.insert(lower_count(&w));
+                    seen.insert(lower_count(w));
                 }
                 seen
             });
@@ -48,27 +45,25 @@ ns_test! {
         assert!(seen.iter().all(|n| *n == before || *n == after), "only whole states seen: {seen:?}");
 
         // The lower's own Nix agrees: the paths are valid there and verify.
-        let lower_before_sync = tree_digest(&lower);
+        let lower_before_sync = tree_digest(lower);
         w.tool_ok(["sync"]);
-        assert_eq!(lower_count(&w), after);
+        assert_eq!(lower_count(w), after);
         let out = w.tool_ok(["optimise"]);
         assert!(out.contains("dropped 2"), "{out}");
-        let left = upper_entries(&upper);
+        let left = upper_entries(upper);
         assert!(left.iter().all(|e| e.ends_with(".drv")), "no upper copies left: {left:?}");
         assert_eq!(sh(&format!("{on_top}/bin/on-top")), "hello from on-top\n");
         let st: serde_json::Value = serde_json::from_str(&w.tool_ok(["status", "--json"])).unwrap();
         assert_eq!(st["lowers"][0]["provided_paths"], after, "{st}");
-        let out = w.nix("nix-store").args(["--verify", "--check-contents"]).output().unwrap();
-        assert!(out.status.success() && !stderr(&out).contains("error"), "{}", stderr(&out));
+        verify_contents(w);
         let v = w.tool(["verify", "--check-contents"]);
         assert!(v.status.success(), "{}{}", String::from_utf8_lossy(&v.stdout), stderr(&v));
-        assert_eq!(tree_digest(&lower), lower_before_sync, "readers do not write to the lower");
+        assert_eq!(tree_digest(lower), lower_before_sync, "readers do not write to the lower");
 
-        w.tool_ok(["umount"]);
-        w.with_nix_at(&lower, || {
-            let out = w.nix("nix-store").args(["--verify", "--check-contents"]).output().unwrap();
-            assert!(out.status.success() && !stderr(&out).contains("error"), "{}", stderr(&out));
-            assert!(w.nix("nix-store").args(["--check-validity", on_top]).status().unwrap().success());
+        s.umount();
+        w.with_nix_at(lower, || {
+            verify_contents(w);
+            assert!(w.valid(on_top), "{on_top} is valid in the lower");
             let refs = w.nix_ok("nix-store", ["-q", "--references", on_top]);
             assert!(refs.lines().any(|r| r.ends_with("-app")) && refs.lines().any(|r| r.ends_with("-tool")), "{refs}");
         });

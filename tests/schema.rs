@@ -16,6 +16,25 @@ fn schema(db: &std::path::Path) -> Vec<(String, String, Option<String>)> {
         .unwrap()
 }
 
+fn inode(p: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().ino()
+}
+
+/// ValidPaths rows: id, path, hash, registrationTime, narSize.
+fn valid_paths(db: &std::path::Path) -> Vec<(i64, String, String, i64, Option<i64>)> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let mut s = c
+        .prepare("select id, path, hash, registrationTime, narSize from ValidPaths order by id")
+        .unwrap();
+    s.query_map([], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
 ns_test! {
     fn init_creates_the_schema_nix_creates() {
         let w = World::new();
@@ -40,7 +59,16 @@ ns_test! {
         assert_eq!(strip(nix_part), strip(nix_made), "Nix's part matches statement for statement");
         assert!(own.len() >= 5, "provenance tables and triggers: {own:?}");
         assert_eq!(std::fs::read_to_string(upper.join("var/nix/db/schema")).unwrap(), "10");
-        // init again: idempotent, database kept.
+        // init again: idempotent, database kept (the same file, schema and
+        // rows: the pin's among them).
+        let db = upper.join("var/nix/db/db.sqlite");
+        let before = (inode(&db), schema(&db), valid_paths(&db));
+        assert!(
+            before.2.iter().any(|(_, p, ..)| p.ends_with(common::PIN_SUFFIX)),
+            "init registers the pin: {:?}",
+            before.2
+        );
         w.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
+        assert_eq!((inode(&db), schema(&db), valid_paths(&db)), before, "second init changed the database");
     }
 }

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{entries, mount_table, stderr, verify_contents, World};
+use common::{
+    base_name, entries, mount_table, stderr, valid_count, verify_contents, World, PIN_SUFFIX,
+};
 use nixfs_layer::synth::{self, Rng};
 use rusqlite::Connection;
 use wait_timeout::ChildExt;
@@ -19,9 +21,6 @@ use wait_timeout::ChildExt;
 /// Seed of the random kill delays (and of the synthetic lowers): fixed, so
 /// a failure replays the same schedule.
 const SEED: u64 = 0x5eed_2026;
-
-/// Store path suffix of the pin every upper holds.
-const PIN_SUFFIX: &str = "-nixfs-layer-lowers";
 
 /// A synthetic lower and an initialised upper.
 struct Stack {
@@ -161,13 +160,6 @@ fn assert_db_matches_lower(upper: &Path, lower: &Path, when: &str) {
         lower_n,
         "{when}: every lower path's provenance is the lower"
     );
-}
-
-fn valid_count(root: &Path) -> i64 {
-    Connection::open(db_of(root))
-        .unwrap()
-        .query_row("select count(*) from ValidPaths", [], |r| r.get(0))
-        .unwrap()
 }
 
 /// Snapshot copies a sync leaves in the upper's scratch directory.
@@ -467,7 +459,7 @@ ns_test! {
         // What each side made is there, from the right layer.
         assert!(valid(&s.w, &built), "the builds' outputs are valid");
         for p in &built {
-            let base = &p["/nix/store/".len()..];
+            let base = base_name(p);
             assert!(s.upper.join("store").join(base).is_dir(), "{p} is in the upper");
             assert!(!s.lower.join("store").join(base).exists(), "{p} is not in the lower");
         }

@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 use common::{base_name, sh, stderr, tree_digest, upper_entries, verify_contents, Stack};
@@ -28,15 +27,6 @@ impl Stack {
     /// Upper store entries other than the pin.
     fn upper_entries(&self) -> Vec<String> {
         upper_entries(&self.upper)
-    }
-    /// Names the upper store whites out.
-    fn whiteouts(&self) -> Vec<String> {
-        std::fs::read_dir(self.upper.join("store"))
-            .unwrap()
-            .map(|e| e.unwrap())
-            .filter(|e| e.file_type().unwrap().is_char_device())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect()
     }
     fn assert_lower_intact(&self) {
         self.assert_lower_paths_valid();

@@ -10,12 +10,8 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::hosts::{bridge, cable, wait_for, Host, Sshd};
+use common::hosts::{bridge, cable, fleet_nix, wait_for, Host, Sshd};
 use common::{base_name, fixture, sh, tree_digest, upper_entries, World};
-
-fn fleet_nix() -> String {
-    format!("{}/vm-tests/fixtures/fleet.nix", env!("CARGO_MANIFEST_DIR"))
-}
 
 /// A runner: sshfs of the publisher's root as its lower, an upper on its
 /// own disk, the stack mounted on its /nix.

@@ -11,12 +11,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Instant;
 
-use common::hosts::Host;
+use common::hosts::{fleet_nix, Host};
 use common::{base_name, fixture, World};
-
-fn fleet_nix() -> String {
-    format!("{}/vm-tests/fixtures/fleet.nix", env!("CARGO_MANIFEST_DIR"))
-}
 
 /// Boots the AppVM: a fresh host, the template's root bound read-only (as
 /// a template's volume is), the persistent upper mounted on it. Returns
@@ -133,6 +129,8 @@ ns_test! {
         // Plain sync keeps refusing to pretend: the rows stay, nothing changes.
         let sync = vm.tool(["sync"]);
         assert!(sync.status.success(), "{}", String::from_utf8_lossy(&sync.stderr));
+        let said = String::from_utf8_lossy(&sync.stdout);
+        assert!(said.starts_with("sync: added 0, removed 0, "), "sync changes nothing: {said}");
         assert!(vm.ok(&format!("nix-store --check-validity {tool}")), "the broken row is kept for verify to report");
         shutdown(vm);
 

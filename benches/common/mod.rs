@@ -1,4 +1,5 @@
-//! Shared by the benchmarks: running in a private namespace, shell steps.
+//! Shared by the benchmarks: running in a private namespace, shell steps,
+//! the environment Nix runs in.
 #![allow(dead_code)]
 
 use std::process::Command;
@@ -43,9 +44,33 @@ pub fn enter_private_namespace(mount_points: &[&str]) {
     std::process::exit(status.code().unwrap_or(1));
 }
 
+/// Sets the environment the benchmarks run Nix with on `c`: the local
+/// store at /nix, no daemon, no build users, no substituters, no sandbox,
+/// no NIX_PATH; `extra_config` (whole lines) is added to NIX_CONFIG.
+pub fn nix_env<'a>(c: &'a mut Command, extra_config: &str) -> &'a mut Command {
+    c.env("NIX_REMOTE", "local")
+        .env(
+            "NIX_CONFIG",
+            format!(
+                "build-users-group =\nsubstituters =\nsandbox = false\n\
+                 experimental-features = nix-command flakes\n{extra_config}"
+            ),
+        )
+        .env_remove("NIX_PATH")
+}
+
 /// Runs a shell script; panics with its stderr on failure; returns stdout.
 pub fn sh(script: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    run_sh(&mut Command::new("sh"), script)
+}
+
+/// [`sh`] with the Nix environment of [`nix_env`].
+pub fn nix_sh(script: &str) -> String {
+    run_sh(nix_env(&mut Command::new("sh"), ""), script)
+}
+
+fn run_sh(c: &mut Command, script: &str) -> String {
+    let out = c.arg("-c").arg(script).output().unwrap();
     assert!(
         out.status.success(),
         "`{script}` failed: {}",

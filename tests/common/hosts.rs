@@ -21,6 +21,12 @@ use super::World;
 /// tmpfs of its own on it, so builds are counted per host.
 pub const BUILDS: &str = "/run/nixfs-layer-test/builds";
 
+/// vm-tests/fixtures/fleet.nix: the scenarios' jobs, on top of
+/// tests/fixtures/store.nix.
+pub fn fleet_nix() -> String {
+    format!("{}/vm-tests/fixtures/fleet.nix", env!("CARGO_MANIFEST_DIR"))
+}
+
 pub struct Host {
     pub name: String,
     pid: u32,
@@ -73,11 +79,6 @@ impl Host {
              mount -t tmpfs {name}-builds /run/nixfs-layer-test && : > {BUILDS}"
         ));
         h
-    }
-
-    /// The holder's pid (its namespaces are the host's).
-    pub fn pid(&self) -> u32 {
-        self.pid
     }
 
     /// A command that runs in this host's namespaces, with the World's Nix

@@ -113,17 +113,6 @@ impl World {
         self.nix_of(&TestNix::from_env(), program)
     }
 
-    /// [`World::nix`] with the host's Nix, whatever the suite runs against.
-    pub fn host_nix(&self, program: &str) -> Command {
-        self.nix_of(&TestNix::Host, program)
-    }
-
-    /// [`World::nix`] with the modern Nix of the trixie chroot (built and
-    /// cached by scripts/modern-nix-chroot.sh if missing).
-    pub fn modern_nix(&self, program: &str) -> Command {
-        self.nix_of(&TestNix::Chroot(modern_chroot()), program)
-    }
-
     /// [`World::nix`] with a given Nix.
     pub fn nix_of(&self, which: &TestNix, program: &str) -> Command {
         let mut c = which.command(program);
@@ -174,20 +163,45 @@ impl World {
 
     /// Builds attributes of tests/fixtures/store.nix into whatever /nix is now.
     pub fn build(&self, attrs: &[&str]) -> Vec<String> {
-        self.build_from("store.nix", attrs)
+        self.build_of(&TestNix::from_env(), attrs)
+    }
+
+    /// [`World::build`] with a given Nix.
+    pub fn build_of(&self, which: &TestNix, attrs: &[&str]) -> Vec<String> {
+        self.build_from_of(which, "store.nix", attrs)
     }
 
     /// Builds attributes of a fixture file.
     pub fn build_from(&self, file: &str, attrs: &[&str]) -> Vec<String> {
+        self.build_from_of(&TestNix::from_env(), file, attrs)
+    }
+
+    /// [`World::build_from`] with a given Nix.
+    pub fn build_from_of(&self, which: &TestNix, file: &str, attrs: &[&str]) -> Vec<String> {
         let mut args = vec!["--no-out-link".to_owned(), fixture(file)];
         for a in attrs {
             args.push("-A".into());
             args.push((*a).into());
         }
-        self.nix_ok("nix-build", &args)
+        self.nix_ok_of(which, "nix-build", &args)
             .lines()
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Whether Nix holds `path` valid in the store at /nix.
+    pub fn valid(&self, path: &str) -> bool {
+        self.valid_of(&TestNix::from_env(), path)
+    }
+
+    /// [`World::valid`] with a given Nix.
+    pub fn valid_of(&self, which: &TestNix, path: &str) -> bool {
+        self.nix_of(which, "nix-store")
+            .args(["--check-validity", path])
+            .output()
+            .unwrap()
+            .status
+            .success()
     }
 
     /// Makes `dir` a lower built by real Nix: binds it on /nix for the
@@ -269,12 +283,6 @@ impl TestNix {
                 None => panic!("{TEST_NIX_VAR}={v}: want `host` or `chroot:DIR`"),
             },
         }
-    }
-
-    /// Whether this is a Nix that knows the `local-overlay` store and
-    /// `SchemaMigrations` (≥ 2.22); the chroot's is.
-    pub fn is_modern(&self) -> bool {
-        matches!(self, TestNix::Chroot(_))
     }
 
     /// A command running `program` of this Nix. Arguments added to it go
@@ -435,20 +443,51 @@ pub fn upper_entries(upper: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The names an upper's store whites out (overlayfs' 0/0 character
+/// devices), sorted.
+pub fn whiteouts(upper: &Path) -> Vec<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut v: Vec<String> = std::fs::read_dir(upper.join("store"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_char_device())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The number of valid paths in the database of a Nix root or an upper
+/// (`var/nix/db/db.sqlite` under `root`).
+pub fn valid_count(root: &Path) -> i64 {
+    rusqlite::Connection::open(root.join("var/nix/db/db.sqlite"))
+        .unwrap()
+        .query_row("select count(*) from ValidPaths", [], |r| r.get(0))
+        .unwrap()
+}
+
 /// Stock `nix-store --verify --check-contents` on /nix passes without a
 /// complaint.
 pub fn verify_contents(w: &World) {
+    verify_contents_of(w, &TestNix::from_env());
+}
+
+/// [`verify_contents`] with a given Nix.
+pub fn verify_contents_of(w: &World, which: &TestNix) {
     let out = w
-        .nix("nix-store")
+        .nix_of(which, "nix-store")
         .args(["--verify", "--check-contents"])
         .output()
         .unwrap();
     let err = stderr(&out);
-    assert!(out.status.success(), "nix-store --verify failed: {err}");
+    assert!(
+        out.status.success(),
+        "nix-store --verify ({which:?}) failed: {err}"
+    );
     for bad in ["error", "corrupt", "disappeared", "modified", "warning"] {
         assert!(
             !err.to_lowercase().contains(bad),
-            "nix-store --verify complains: {err}"
+            "nix-store --verify ({which:?}) complains: {err}"
         );
     }
 }
@@ -506,13 +545,12 @@ impl Stack {
 
     /// Whether Nix holds `path` valid in the store at /nix.
     pub fn valid(&self, path: &str) -> bool {
-        self.w
-            .nix("nix-store")
-            .args(["--check-validity", path])
-            .output()
-            .unwrap()
-            .status
-            .success()
+        self.w.valid(path)
+    }
+
+    /// Names the upper store whites out.
+    pub fn whiteouts(&self) -> Vec<String> {
+        whiteouts(&self.upper)
     }
 
     /// The lower path whose name ends with `-<name>`.
