@@ -234,13 +234,12 @@ impl<W: Write> Writer<W> {
         let actual = NarHash {
             sha256: tee.hasher.finalize().into(),
             size: tee.size,
-        }
-        .to_db_string();
-        if actual != meta.nar_hash {
+        };
+        if !actual.matches_db(meta.nar_hash) {
             return Err(ExportError::HashChanged {
                 path: meta.path.to_owned(),
                 recorded: meta.nar_hash.to_owned(),
-                actual,
+                actual: actual.to_db_string(),
             });
         }
         self.nar_bytes += tee.size;
@@ -253,7 +252,8 @@ impl<W: Write> Writer<W> {
         self.meta_str(meta.deriver.unwrap_or("").as_bytes())
             .map_err(io)?;
         self.meta_u64(0).map_err(io)?;
-        self.sums.push((meta.path.to_owned(), actual));
+        self.sums
+            .push((meta.path.to_owned(), actual.to_db_string()));
         Ok(())
     }
 

@@ -105,7 +105,7 @@ pub fn optimise(
     let mut moving: Vec<(&str, &LowerLayer, PathBuf)> = Vec::new();
     for ((path, recorded, lower), pair) in candidates.iter().zip(hashes.chunks(2)) {
         let reason = match (&pair[0], &pair[1]) {
-            (Ok(up), Ok(low)) if up == low && up.to_db_string() == *recorded => {
+            (Ok(up), Ok(low)) if up == low && up.matches_db(recorded) => {
                 moving.push((path, lower, upper.store().join(base_name(path))));
                 continue;
             }

@@ -139,14 +139,14 @@ pub fn promote(
         let tmp = lower.store().join(format!(".{base}.promote-tmp"));
         let _ = storecopy::remove_tree(&tmp);
         storecopy::copy_tree(&src, &tmp).map_err(io(&src))?;
-        let got = nar::hash_path(&tmp).map_err(io(&tmp))?.to_db_string();
-        if got != n.hash {
+        let got = nar::hash_path(&tmp).map_err(io(&tmp))?;
+        if !got.matches_db(&n.hash) {
             let _ = storecopy::remove_tree(&tmp);
             let _ = fs::remove_file(&tmp_db);
             return Err(PromoteError::HashMismatch {
                 path: n.path.clone(),
                 expected: n.hash.clone(),
-                actual: got,
+                actual: got.to_db_string(),
             });
         }
         fs::rename(&tmp, &dst).map_err(io(&dst))?;

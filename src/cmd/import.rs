@@ -51,14 +51,13 @@ fn check_against_store(
     let mut new = Vec::new();
     for e in &contents.entries {
         let path = e.path.to_absolute();
-        let ours = e.nar.to_db_string();
         match hash_of(&path)? {
-            Some(here) if here != ours => {
+            Some(here) if !e.nar.matches_db(&here) => {
                 return Err(ExportError::Conflict {
                     file: file.to_owned(),
                     path,
                     here,
-                    file_hash: ours,
+                    file_hash: e.nar.to_db_string(),
                 })
             }
             Some(_) => {}

@@ -87,7 +87,7 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
         let (src, dst) = (mounted.store().join(base), staging.join(base));
         storecopy::copy_tree(&src, &dst).map_err(io(src.clone()))?;
         let got = nar::hash_path(&dst).map_err(io(dst.clone()))?;
-        if got.to_db_string() != n.nar_hash {
+        if !got.matches_db(&n.nar_hash) {
             let _ = storecopy::remove_tree(&staging);
             return Err(Error::Io {
                 path: src,
