@@ -444,32 +444,16 @@ pub(crate) fn duplicates(layers: &Layers, upper: &UpperStore) -> Vec<Duplicate> 
     out
 }
 
-/// References whose referrer or reference is not a valid path: SQLite's
-/// foreign key check on Refs, and (the same, for a database whose foreign
-/// key definitions were lost) Refs rows with no ValidPaths row at either end.
+/// References whose referrer or reference is not a valid path: Refs rows
+/// with no ValidPaths row at either end. This is what SQLite's foreign key
+/// check on Refs reports for Nix's schema, and it also finds them in a
+/// database whose foreign key definitions were lost.
 pub fn dangling_references(
     conn: &Connection,
     db: &Path,
 ) -> Result<Vec<DanglingReference>, VerifyError> {
     let err = sql_err(db);
     let mut pairs: BTreeSet<(i64, i64)> = BTreeSet::new();
-    let rowids: Vec<i64> = conn
-        .prepare("pragma foreign_key_check(Refs)")
-        .and_then(|mut s| {
-            s.query_map([], |r| r.get::<_, i64>(1))?
-                .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .map_err(&err)?;
-    for rowid in rowids {
-        let pair = conn
-            .query_row(
-                "select referrer, reference from Refs where rowid = ?1",
-                [rowid],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map_err(&err)?;
-        pairs.insert(pair);
-    }
     conn.prepare(
         "select r.referrer, r.reference from Refs r
          where not exists (select 1 from ValidPaths v where v.id = r.reference)
