@@ -145,7 +145,7 @@ pub fn collect(
         .iter()
         .filter(|p| {
             before.get(*p).is_some_and(|i| i.layer != 0)
-                || lowers.iter().any(|l| l.store().join(base_name(p)).exists())
+                || lowers.iter().any(|l| l.has(base_name(p)))
         })
         .collect();
     if let Some(first) = lower_dead.first() {
@@ -261,7 +261,7 @@ impl RunRoots {
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         for (p, _) in valid.iter().filter(|(_, i)| i.layer == 0) {
             let name = base_name(p);
-            if lowers.iter().any(|l| l.store().join(name).exists()) {
+            if lowers.iter().any(|l| l.has(name)) {
                 symlink(p, dir.join(name)).map_err(io(&dir))?;
                 tracing::info!(path = %p, "a lower has this upper path too: kept for this run");
             }

@@ -83,10 +83,7 @@ pub fn optimise(
             continue;
         }
         // The overlay shows the first lower that has the entry.
-        if let Some(l) = lowers
-            .iter()
-            .find(|l| std::fs::symlink_metadata(l.store().join(name)).is_ok())
-        {
+        if let Some(l) = lowers.iter().find(|l| l.has(name)) {
             candidates.push((path, hash, l));
         }
     }

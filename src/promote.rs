@@ -133,9 +133,8 @@ pub fn promote(
         let n = &graph.nodes[i];
         let base = &n.path[STORE_DIR.len() + 1..];
         let (src, dst) = (store.join(base), lower.store().join(base));
-        if dst.exists() {
-            storecopy::remove_tree(&dst).map_err(io(&dst))?;
-        }
+        // An entry without a row (a dangling symlink included) goes.
+        storecopy::remove_tree(&dst).map_err(io(&dst))?;
         let tmp = lower.store().join(format!(".{base}.promote-tmp"));
         let _ = storecopy::remove_tree(&tmp);
         storecopy::copy_tree(&src, &tmp).map_err(io(&src))?;

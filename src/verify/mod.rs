@@ -63,7 +63,10 @@ impl LowerLayer {
     pub fn store(&self) -> PathBuf {
         self.dir.join("store")
     }
-    fn has(&self, name: &str) -> bool {
+    /// Whether this lower's store has an entry `name`, of any kind: a
+    /// symlink counts even when what it points to does not exist (its
+    /// entry is what overlayfs shows and what a whiteout would hide).
+    pub(crate) fn has(&self, name: &str) -> bool {
         fs::symlink_metadata(self.store().join(name)).is_ok()
     }
 }
@@ -585,6 +588,23 @@ mod tests {
             "3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5-done",
             &upper
         ));
+    }
+
+    #[test]
+    fn a_dangling_symlink_is_a_lower_entry() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir(t.path().join("store")).unwrap();
+        std::os::unix::fs::symlink(
+            "/nonexistent/target",
+            t.path().join("store/3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5-link"),
+        )
+        .unwrap();
+        let l = LowerLayer {
+            id: 1,
+            dir: t.path().to_owned(),
+        };
+        assert!(l.has("3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5-link"));
+        assert!(!l.has("3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5-absent"));
     }
 
     #[test]
