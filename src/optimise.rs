@@ -17,7 +17,8 @@ use serde::Serialize;
 use crate::layer::Upper;
 use crate::overlay::{self, MountError};
 use crate::pathdb::{pin, sql_err, DbError};
-use crate::verify::{apparent_size, hash_parallel, repair::remove_tree, LowerLayer, VerifyError};
+use crate::storecopy;
+use crate::verify::{apparent_size, hash_parallel, LowerLayer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OptimiseError {
@@ -26,7 +27,10 @@ pub enum OptimiseError {
     #[error(transparent)]
     Mount(#[from] MountError),
     #[error("{path}: {source}; the path is lower-provided now, `nixfs-layer verify --repair` removes the rest of the copy")]
-    Remove { path: PathBuf, source: VerifyError },
+    Remove {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// An upper copy that was removed.
@@ -148,7 +152,7 @@ pub fn optimise(
 
     for (path, lower, entry) in moving {
         let bytes = apparent_size(&entry);
-        remove_tree(&entry).map_err(|source| OptimiseError::Remove {
+        storecopy::remove_tree(&entry).map_err(|source| OptimiseError::Remove {
             path: entry.clone(),
             source,
         })?;

@@ -1,5 +1,7 @@
 //! Copying a store path's tree exactly (modes, symlinks, contents), so its
-//! NAR hash is unchanged: used to bring lower paths into the upper.
+//! NAR hash is unchanged: used to bring lower paths into the upper and
+//! upper paths into a lower. And removing a store entry, the one way every
+//! command does it.
 
 use std::fs;
 use std::io;
@@ -37,7 +39,10 @@ pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
     }
 }
 
-/// Removes a tree copied with [`copy_tree`] (making read-only dirs writable first).
+/// Removes a store entry: a directory tree (its read-only directories made
+/// writable first, as store directories are), a file or a symlink. An
+/// entry that is not there is no error. Errors do not name `p`: the caller
+/// says which entry it was removing.
 pub fn remove_tree(p: &Path) -> io::Result<()> {
     let meta = match fs::symlink_metadata(p) {
         Ok(m) => m,

@@ -253,13 +253,7 @@ pub fn mutate(
     let tx = conn.transaction()?;
     for p in &removed {
         tx.execute("delete from ValidPaths where path = ?1", [p])?;
-        let dir = store.join(&p[STORE_DIR.len() + 1..]);
-        make_writable(&dir)?;
-        if dir.is_dir() {
-            fs::remove_dir_all(&dir)?;
-        } else {
-            fs::remove_file(&dir)?;
-        }
+        crate::storecopy::remove_tree(&store.join(&p[STORE_DIR.len() + 1..]))?;
     }
     tx.commit()?;
     // New paths refer to surviving paths (by index into the survivors).
@@ -294,21 +288,6 @@ pub fn mutate(
         removed,
         all[base..].iter().map(|p| p.path.clone()).collect(),
     ))
-}
-
-fn make_writable(p: &Path) -> std::io::Result<()> {
-    for e in walkdir::WalkDir::new(p) {
-        let e = e.map_err(std::io::Error::other)?;
-        if !e.path_is_symlink() {
-            let mode = e
-                .metadata()
-                .map_err(std::io::Error::other)?
-                .permissions()
-                .mode();
-            fs::set_permissions(e.path(), fs::Permissions::from_mode(mode | 0o200))?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
