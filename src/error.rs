@@ -12,6 +12,7 @@ use crate::optimise::OptimiseError;
 use crate::overlay::MountError;
 use crate::pathdb::DbError;
 use crate::promote::PromoteError;
+use crate::storecopy::CopyError;
 use crate::verify::VerifyError;
 
 pub const EX_USAGE: u8 = 64;
@@ -111,6 +112,8 @@ impl Error {
                 PromoteError::HashMismatch { .. } => EX_DATAERR,
                 PromoteError::Sqlite { .. } => EX_SOFTWARE,
                 PromoteError::Io { .. } => EX_IOERR,
+                PromoteError::Copy(CopyError::Mismatch { .. }) => EX_DATAERR,
+                PromoteError::Copy(_) => EX_IOERR,
             },
             Error::Name(_) => EX_DATAERR,
             Error::Resolve(f) => match f.errno {

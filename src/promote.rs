@@ -23,8 +23,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::closure::Graph;
 use crate::layer::Lower;
-use crate::nar;
-use crate::storecopy;
+use crate::storecopy::{self, CopyError};
 use crate::storepath::STORE_DIR;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +33,10 @@ pub enum PromoteError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Copying a path's contents into the lower failed (reading the
+    /// merged store or writing the lower).
+    #[error(transparent)]
+    Copy(CopyError),
     #[error("{path}: {source}")]
     Sqlite {
         path: PathBuf,
@@ -137,15 +140,17 @@ pub fn promote(
         storecopy::remove_tree(&dst).map_err(io(&dst))?;
         let tmp = lower.store().join(format!(".{base}.promote-tmp"));
         let _ = storecopy::remove_tree(&tmp);
-        storecopy::copy_tree(&src, &tmp).map_err(io(&src))?;
-        let got = nar::hash_path(&tmp).map_err(io(&tmp))?;
-        if !got.matches_db(&n.hash) {
-            let _ = storecopy::remove_tree(&tmp);
+        if let Err(e) = storecopy::copy_verified(&src, &tmp, &n.hash) {
             let _ = fs::remove_file(&tmp_db);
-            return Err(PromoteError::HashMismatch {
-                path: n.path.clone(),
-                expected: n.hash.clone(),
-                actual: got.to_db_string(),
+            return Err(match e {
+                CopyError::Mismatch {
+                    expected, actual, ..
+                } => PromoteError::HashMismatch {
+                    path: n.path.clone(),
+                    expected,
+                    actual,
+                },
+                e => PromoteError::Copy(e),
             });
         }
         fs::rename(&tmp, &dst).map_err(io(&dst))?;
