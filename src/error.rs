@@ -114,6 +114,7 @@ impl Error {
                 PromoteError::Io { .. } => EX_IOERR,
                 PromoteError::Copy(CopyError::Mismatch { .. }) => EX_DATAERR,
                 PromoteError::Copy(_) => EX_IOERR,
+                PromoteError::Db(e) => Error::db_code(e),
             },
             Error::Name(_) => EX_DATAERR,
             Error::Resolve(f) => match f.errno {

@@ -18,11 +18,13 @@ use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::closure::Graph;
 use crate::layer::Lower;
+use crate::pathdb::{adopt, DbError};
 use crate::storecopy::{self, CopyError};
 use crate::storepath::STORE_DIR;
 
@@ -48,6 +50,8 @@ pub enum PromoteError {
         expected: String,
         actual: String,
     },
+    #[error(transparent)]
+    Db(#[from] DbError),
     #[error("{0} is not a valid path of the mounted store; name a store path (or a link to one) that `nix-store --check-validity` accepts")]
     NotValid(String),
 }
@@ -68,12 +72,14 @@ pub struct Promoted {
 
 /// Copies the closure of `roots` (indexes into `graph`) that `lower` lacks
 /// from the merged store at `store` into `lower`, and registers it there.
-/// `merged_db` is the merged database (for rows' full metadata).
+/// `merged` is the merged database, opened from `merged_db` (for rows'
+/// full metadata).
 pub fn promote(
     graph: &Graph,
     roots: &[usize],
     store: &Path,
     merged: &Connection,
+    merged_db: &Path,
     lower: &Lower,
 ) -> Result<Promoted, PromoteError> {
     let db = lower.db();
@@ -89,11 +95,22 @@ pub fn promote(
         .write(true)
         .open(&lock_path)
         .map_err(io(&lock_path))?;
-    let _lock =
-        Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| PromoteError::Io {
-            path: lock_path.clone(),
-            source: e.into(),
-        })?;
+    let lock_err = |e: Errno| PromoteError::Io {
+        path: lock_path.clone(),
+        source: e.into(),
+    };
+    let _lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((file, Errno::EWOULDBLOCK)) => {
+            tracing::warn!(
+                lock = %lock_path.display(),
+                "Nix processes of this lower hold its big lock; waiting until none does: stop the nix-daemon and Nix commands that use {}",
+                lower.dir().display()
+            );
+            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| lock_err(e))?
+        }
+        Err((_, e)) => return Err(lock_err(e)),
+    };
     {
         let c = Connection::open(&db).map_err(sql(&db))?;
         c.busy_timeout(std::time::Duration::from_secs(60))
@@ -110,7 +127,7 @@ pub fn promote(
     let order = graph.export_order(&items);
     let tmp_db = lower.db_dir().join("db.sqlite.promote-tmp");
     let _ = fs::remove_file(&tmp_db);
-    fs::copy(&db, &tmp_db).map_err(io(&db))?;
+    storecopy::copy_entry(&db, &tmp_db).map_err(PromoteError::Copy)?;
     let mut conn = Connection::open(&tmp_db).map_err(sql(&tmp_db))?;
     conn.pragma_update(None, "journal_mode", "delete")
         .map_err(sql(&tmp_db))?;
@@ -176,7 +193,9 @@ pub fn promote(
                     ))
                 },
             )
-            .map_err(|_| PromoteError::NotValid(n.path.clone()))?;
+            .optional()
+            .map_err(sql(merged_db))?
+            .ok_or_else(|| PromoteError::NotValid(n.path.clone()))?;
         tx.execute(
             "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca)
              values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -199,7 +218,7 @@ pub fn promote(
                 "select o.id, o.path from DerivationOutputs o join ValidPaths v on v.id = o.drv where v.path = ?1",
             )
             .and_then(|mut s| s.query_map([&n.path], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
-            .map_err(sql(&tmp_db))?;
+            .map_err(sql(merged_db))?;
         for (id, path) in outputs {
             tx.execute(
                 "insert or ignore into DerivationOutputs (drv, id, path)
@@ -215,14 +234,6 @@ pub fn promote(
     File::open(&tmp_db)
         .and_then(|f| f.sync_all())
         .map_err(io(&tmp_db))?;
-    fs::rename(&tmp_db, &db).map_err(io(&db))?;
-    for suffix in ["-wal", "-shm"] {
-        let mut side = db.as_os_str().to_owned();
-        side.push(suffix);
-        let _ = fs::remove_file(PathBuf::from(side));
-    }
-    File::open(lower.db_dir())
-        .and_then(|d| d.sync_all())
-        .map_err(io(&lower.db_dir()))?;
+    adopt::replace_db(&tmp_db, &db)?;
     Ok(out)
 }

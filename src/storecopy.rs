@@ -45,11 +45,16 @@ fn write_err(path: &Path) -> impl FnOnce(io::Error) -> CopyError + '_ {
 
 /// Copies the tree at `src` to `dst` (which must not exist).
 pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
-    let mut buf = vec![0u8; 256 * 1024];
-    copy_node(src, dst, &mut buf).map_err(|e| match e {
+    copy_entry(src, dst).map_err(|e| match e {
         CopyError::Read { source, .. } | CopyError::Write { source, .. } => source,
         CopyError::Mismatch { .. } => unreachable!("copying does not hash"),
     })
+}
+
+/// Copies the file, symlink or tree at `src` to `dst` (which must not
+/// exist), modes included; errors name the side that failed.
+pub fn copy_entry(src: &Path, dst: &Path) -> Result<(), CopyError> {
+    copy_node(src, dst, &mut vec![0u8; 256 * 1024])
 }
 
 /// Copies the tree at `src` to `dst` (which must not exist) and checks that
