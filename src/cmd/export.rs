@@ -71,7 +71,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     let order = graph.export_order(&items);
 
     let out = Output::create(&args.output, args.compress)?;
-    let mut w = Writer::new(out);
+    let mut w = Writer::new(out, &args.output);
     for &i in &order {
         let n = &graph.nodes[i];
         let base = n.path.rsplit('/').next().unwrap_or(&n.path);
