@@ -99,7 +99,7 @@ impl Error {
                 ExportError::NotValid { .. } => EX_NOINPUT,
                 ExportError::TargetNotNix { .. } => EX_USAGE,
                 ExportError::Spawn { .. } => EX_UNAVAILABLE,
-                ExportError::Nix { .. } => EX_SOFTWARE,
+                ExportError::Nix { .. } | ExportError::NotRegistered { .. } => EX_SOFTWARE,
                 ExportError::Db(e) => Error::db_code(e),
             },
             Error::Optimise(e) => match e {

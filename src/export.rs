@@ -147,6 +147,8 @@ pub enum ExportError {
         status: ExitStatus,
         message: String,
     },
+    #[error("`nix-store --import` succeeded, but {path} is not a valid path of the stack mounted at /nix; the Nix in use may be writing to a different store (check for a nix-daemon in another mount namespace, NIX_REMOTE, and the `store` setting of nix.conf)")]
+    NotRegistered { path: String },
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("{path}: {source}")]
