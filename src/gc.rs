@@ -25,9 +25,10 @@ use std::process::{Command, ExitStatus};
 use rusqlite::Connection;
 use serde::Serialize;
 
+use crate::export::last_line;
 use crate::layer::Upper;
 use crate::pathdb::{self, sql_err, DbError};
-use crate::storepath::STORE_DIR;
+use crate::storepath::{base_name, STORE_DIR};
 use crate::verify::{apparent_size, LowerLayer};
 
 /// Where the roots that keep shared paths alive during a run live.
@@ -199,10 +200,6 @@ pub fn collect(
     })
 }
 
-fn base_name(path: &str) -> &str {
-    path.rsplit('/').next().unwrap_or(path)
-}
-
 /// Refuses a stack where a lower's store holds entries the merged database
 /// does not list as valid (and no whiteout already hides): Nix would
 /// delete them.
@@ -298,12 +295,7 @@ fn run_nix_store(args: &[&str]) -> Result<String, GcError> {
         return Err(GcError::Nix {
             command,
             status: out.status,
-            message: stderr
-                .lines()
-                .rfind(|l| !l.trim().is_empty())
-                .unwrap_or("no message")
-                .trim()
-                .to_owned(),
+            message: last_line(&out.stderr),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())

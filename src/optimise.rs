@@ -18,6 +18,7 @@ use crate::layer::Upper;
 use crate::overlay::{self, MountError};
 use crate::pathdb::{pin, sql_err, DbError};
 use crate::storecopy;
+use crate::storepath::base_name;
 use crate::verify::{apparent_size, hash_parallel, LowerLayer};
 
 #[derive(Debug, thiserror::Error)]
@@ -56,10 +57,6 @@ pub struct Optimised {
     pub kept: Vec<Kept>,
     pub bytes_freed: u64,
     pub remounted: bool,
-}
-
-fn base_name(path: &str) -> &str {
-    path.rsplit('/').next().unwrap_or(path)
 }
 
 /// Optimises the stack mounted with `store` as its `TARGET/store`. The

@@ -26,7 +26,7 @@ use crate::closure::Graph;
 use crate::layer::Lower;
 use crate::pathdb::{adopt, DbError};
 use crate::storecopy::{self, CopyError};
-use crate::storepath::STORE_DIR;
+use crate::storepath::base_name;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PromoteError {
@@ -151,7 +151,7 @@ pub fn promote(
     // 2. Contents, each checked against its recorded hash.
     for &i in &todo {
         let n = &graph.nodes[i];
-        let base = &n.path[STORE_DIR.len() + 1..];
+        let base = base_name(&n.path);
         let (src, dst) = (store.join(base), lower.store().join(base));
         // An entry without a row (a dangling symlink included) goes.
         storecopy::remove_tree(&dst).map_err(io(&dst))?;

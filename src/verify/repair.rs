@@ -26,7 +26,7 @@ use crate::pathdb::merge::{self, Needed, SyncOptions};
 use crate::pathdb::sql_err;
 use crate::refscan;
 use crate::storecopy;
-use crate::storepath::StorePath;
+use crate::storepath::{base_name, StorePath};
 
 /// A problem `--repair` looked at and left alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -115,10 +115,6 @@ pub fn repair(
     }
     register(conn, layers, found, &mut out)?;
     Ok(out)
-}
-
-fn base_name(path: &str) -> &str {
-    path.rsplit('/').next().unwrap_or(path)
 }
 
 fn remove_duplicates(
