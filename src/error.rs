@@ -12,6 +12,7 @@ use crate::optimise::OptimiseError;
 use crate::overlay::MountError;
 use crate::pathdb::DbError;
 use crate::promote::PromoteError;
+use crate::storecopy::CopyError;
 use crate::verify::VerifyError;
 
 pub const EX_USAGE: u8 = 64;
@@ -98,7 +99,7 @@ impl Error {
                 ExportError::NotValid { .. } => EX_NOINPUT,
                 ExportError::TargetNotNix { .. } => EX_USAGE,
                 ExportError::Spawn { .. } => EX_UNAVAILABLE,
-                ExportError::Nix { .. } => EX_SOFTWARE,
+                ExportError::Nix { .. } | ExportError::NotRegistered { .. } => EX_SOFTWARE,
                 ExportError::Db(e) => Error::db_code(e),
             },
             Error::Optimise(e) => match e {
@@ -111,6 +112,9 @@ impl Error {
                 PromoteError::HashMismatch { .. } => EX_DATAERR,
                 PromoteError::Sqlite { .. } => EX_SOFTWARE,
                 PromoteError::Io { .. } => EX_IOERR,
+                PromoteError::Copy(CopyError::Mismatch { .. }) => EX_DATAERR,
+                PromoteError::Copy(_) => EX_IOERR,
+                PromoteError::Db(e) => Error::db_code(e),
             },
             Error::Name(_) => EX_DATAERR,
             Error::Resolve(f) => match f.errno {

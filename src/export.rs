@@ -147,6 +147,8 @@ pub enum ExportError {
         status: ExitStatus,
         message: String,
     },
+    #[error("`nix-store --import` succeeded, but {path} is not a valid path of the stack mounted at /nix; the Nix in use may be writing to a different store (check for a nix-daemon in another mount namespace, NIX_REMOTE, and the `store` setting of nix.conf)")]
+    NotRegistered { path: String },
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("{path}: {source}")]
@@ -165,22 +167,27 @@ pub struct PathMeta<'a> {
     pub nar_hash: &'a str,
 }
 
-/// Hashes and counts what passes through to `out`.
+/// Hashes and counts what passes through to `out`, and remembers whether
+/// `out` failed (so a failed NAR dump can be told from a failed write).
 struct Tee<'a, W: Write> {
     out: &'a mut W,
     hasher: Sha256,
     size: u64,
+    out_failed: bool,
 }
 
 impl<W: Write> Write for Tee<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.out.write(buf)?;
+        let n = self
+            .out
+            .write(buf)
+            .inspect_err(|_| self.out_failed = true)?;
         self.hasher.update(&buf[..n]);
         self.size += n as u64;
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+        self.out.flush().inspect_err(|_| self.out_failed = true)
     }
 }
 
@@ -188,6 +195,8 @@ impl<W: Write> Write for Tee<'_, W> {
 /// them in dependency order.
 pub struct Writer<W: Write> {
     out: W,
+    /// What `out` writes to, for errors.
+    name: PathBuf,
     /// Everything outside the NARs.
     meta: Sha256,
     sums: Vec<(String, String)>,
@@ -195,9 +204,12 @@ pub struct Writer<W: Write> {
 }
 
 impl<W: Write> Writer<W> {
-    pub fn new(out: W) -> Self {
+    /// `name` is what `out` writes to (the output file), named when
+    /// writing fails.
+    pub fn new(out: W, name: &Path) -> Self {
         Writer {
             out,
+            name: name.to_owned(),
             meta: Sha256::new(),
             sums: Vec::new(),
             nar_bytes: 0,
@@ -220,40 +232,52 @@ impl<W: Write> Writer<W> {
     /// seen in the merged store), then its metadata. The NAR goes straight
     /// to the output; nothing of it is held.
     pub fn path(&mut self, content: &Path, meta: &PathMeta<'_>) -> Result<(), ExportError> {
-        let io = |source| ExportError::Io {
-            path: content.to_owned(),
+        let name = self.name.clone();
+        let written = |source| ExportError::Io {
+            path: name.clone(),
             source,
         };
-        self.meta_u64(1).map_err(io)?;
+        self.meta_u64(1).map_err(written)?;
         let mut tee = Tee {
             out: &mut self.out,
             hasher: Sha256::new(),
             size: 0,
+            out_failed: false,
         };
-        nar::dump(content, &mut tee).map_err(io)?;
+        if let Err(source) = nar::dump(content, &mut tee) {
+            return Err(if tee.out_failed {
+                written(source)
+            } else {
+                ExportError::Io {
+                    path: content.to_owned(),
+                    source,
+                }
+            });
+        }
         let actual = NarHash {
             sha256: tee.hasher.finalize().into(),
             size: tee.size,
-        }
-        .to_db_string();
-        if actual != meta.nar_hash {
+        };
+        if !actual.matches_db(meta.nar_hash) {
             return Err(ExportError::HashChanged {
                 path: meta.path.to_owned(),
                 recorded: meta.nar_hash.to_owned(),
-                actual,
+                actual: actual.to_db_string(),
             });
         }
         self.nar_bytes += tee.size;
-        self.meta_u64(EXPORT_MAGIC).map_err(io)?;
-        self.meta_str(meta.path.as_bytes()).map_err(io)?;
-        self.meta_u64(meta.references.len() as u64).map_err(io)?;
+        self.meta_u64(EXPORT_MAGIC).map_err(written)?;
+        self.meta_str(meta.path.as_bytes()).map_err(written)?;
+        self.meta_u64(meta.references.len() as u64)
+            .map_err(written)?;
         for r in &meta.references {
-            self.meta_str(r.as_bytes()).map_err(io)?;
+            self.meta_str(r.as_bytes()).map_err(written)?;
         }
         self.meta_str(meta.deriver.unwrap_or("").as_bytes())
-            .map_err(io)?;
-        self.meta_u64(0).map_err(io)?;
-        self.sums.push((meta.path.to_owned(), actual));
+            .map_err(written)?;
+        self.meta_u64(0).map_err(written)?;
+        self.sums
+            .push((meta.path.to_owned(), actual.to_db_string()));
         Ok(())
     }
 
@@ -836,7 +860,7 @@ mod tests {
         fs::write(p.join("bin/x"), "hello").unwrap();
         std::os::unix::fs::symlink("bin/x", p.join("l")).unwrap();
         let h = nar::hash_path(&p).unwrap().to_db_string();
-        let mut w = Writer::new(Vec::new());
+        let mut w = Writer::new(Vec::new(), Path::new("memory"));
         let path = "/nix/store/3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5-p";
         let dep = "/nix/store/0mdqa9w1p6cmli6976v4wi0sw9r4p5pr-dep";
         w.path(
@@ -851,6 +875,55 @@ mod tests {
         .unwrap();
         let bytes = w.finish(true).unwrap();
         (t, bytes)
+    }
+
+    /// Accepts `room` bytes, then fails as a full disk does.
+    struct Full {
+        room: usize,
+    }
+
+    impl Write for Full {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn errors_name_the_side_that_failed() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("p");
+        fs::write(&p, "x".repeat(10_000)).unwrap();
+        let h = nar::hash_path(&p).unwrap().to_db_string();
+        let meta = PathMeta {
+            path: "/nix/store/3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5-p",
+            references: vec![],
+            deriver: None,
+            nar_hash: &h,
+        };
+        let out = Path::new("/srv/out.nixexport");
+        // Writing fails: inside the NAR, and in the metadata after it.
+        for room in [100, 10_200] {
+            let mut w = Writer::new(Full { room }, out);
+            match w.path(&p, &meta) {
+                Err(ExportError::Io { path, .. }) => assert_eq!(path, out, "room {room}"),
+                r => panic!("room {room}: {r:?}"),
+            }
+        }
+        // Reading fails.
+        let gone = t.path().join("gone");
+        let mut w = Writer::new(Vec::new(), out);
+        match w.path(&gone, &meta) {
+            Err(ExportError::Io { path, .. }) => assert_eq!(path, gone),
+            r => panic!("{r:?}"),
+        }
     }
 
     #[test]

@@ -25,9 +25,10 @@ use std::process::{Command, ExitStatus};
 use rusqlite::Connection;
 use serde::Serialize;
 
+use crate::export::last_line;
 use crate::layer::Upper;
 use crate::pathdb::{self, sql_err, DbError};
-use crate::storepath::STORE_DIR;
+use crate::storepath::{base_name, STORE_DIR};
 use crate::verify::{apparent_size, LowerLayer};
 
 /// Where the roots that keep shared paths alive during a run live.
@@ -145,7 +146,7 @@ pub fn collect(
         .iter()
         .filter(|p| {
             before.get(*p).is_some_and(|i| i.layer != 0)
-                || lowers.iter().any(|l| l.store().join(base_name(p)).exists())
+                || lowers.iter().any(|l| l.has(base_name(p)))
         })
         .collect();
     if let Some(first) = lower_dead.first() {
@@ -197,10 +198,6 @@ pub fn collect(
         bytes: paths.iter().map(|f| f.bytes).sum(),
         paths,
     })
-}
-
-fn base_name(path: &str) -> &str {
-    path.rsplit('/').next().unwrap_or(path)
 }
 
 /// Refuses a stack where a lower's store holds entries the merged database
@@ -261,7 +258,7 @@ impl RunRoots {
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         for (p, _) in valid.iter().filter(|(_, i)| i.layer == 0) {
             let name = base_name(p);
-            if lowers.iter().any(|l| l.store().join(name).exists()) {
+            if lowers.iter().any(|l| l.has(name)) {
                 symlink(p, dir.join(name)).map_err(io(&dir))?;
                 tracing::info!(path = %p, "a lower has this upper path too: kept for this run");
             }
@@ -298,12 +295,7 @@ fn run_nix_store(args: &[&str]) -> Result<String, GcError> {
         return Err(GcError::Nix {
             command,
             status: out.status,
-            message: stderr
-                .lines()
-                .rfind(|l| !l.trim().is_empty())
-                .unwrap_or("no message")
-                .trim()
-                .to_owned(),
+            message: last_line(&out.stderr),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())

@@ -20,6 +20,8 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+use crate::storepath::nixbase32_encode;
+
 const PAD: [u8; 8] = [0; 8];
 
 /// A Nix wire string: u64 little-endian length, the bytes, zero padding to
@@ -112,6 +114,21 @@ impl NarHash {
             s.push_str(&format!("{b:02x}"));
         }
         s
+    }
+
+    /// Whether `db`, a `hash` column of Nix's ValidPaths, names this hash:
+    /// `sha256:` then base16 (in either case) or nixbase32, the forms Nix
+    /// reads there. Every comparison of content against a recorded narHash
+    /// goes through here, so no caller rejects a row for its spelling.
+    pub fn matches_db(&self, db: &str) -> bool {
+        let Some(rest) = db.strip_prefix("sha256:") else {
+            return false;
+        };
+        match rest.len() {
+            64 => rest.eq_ignore_ascii_case(&self.to_db_string()["sha256:".len()..]),
+            52 => rest == nixbase32_encode(&self.sha256),
+            _ => false,
+        }
     }
 }
 
@@ -248,6 +265,29 @@ mod tests {
         fs::write(&f, "twelve bytes").unwrap();
         fs::set_permissions(&f, fs::Permissions::from_mode(0o444)).unwrap();
         assert_eq!(hash_file_contents(b"twelve bytes"), hash_path(&f).unwrap());
+    }
+
+    #[test]
+    fn hash_column_spellings_all_match() {
+        let h = NarHash {
+            sha256: [7; 32],
+            size: 1,
+        };
+        assert!(h.matches_db(&h.to_db_string()));
+        assert!(h.matches_db(&format!(
+            "sha256:{}",
+            h.to_db_string()["sha256:".len()..].to_uppercase()
+        )));
+        assert!(h.matches_db(&format!("sha256:{}", nixbase32_encode(&h.sha256))));
+        let other = NarHash {
+            sha256: [8; 32],
+            size: 1,
+        };
+        assert!(!h.matches_db(&other.to_db_string()));
+        assert!(!h.matches_db(&format!("sha256:{}", nixbase32_encode(&other.sha256))));
+        assert!(!h.matches_db("md5:abc"));
+        assert!(!h.matches_db(&h.to_db_string()["sha256:".len()..]));
+        assert!(!h.matches_db("sha256:"));
     }
 
     #[test]

@@ -17,7 +17,9 @@ use serde::Serialize;
 use crate::layer::Upper;
 use crate::overlay::{self, MountError};
 use crate::pathdb::{pin, sql_err, DbError};
-use crate::verify::{apparent_size, hash_parallel, repair::remove_tree, LowerLayer, VerifyError};
+use crate::storecopy;
+use crate::storepath::base_name;
+use crate::verify::{apparent_size, hash_parallel, LowerLayer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OptimiseError {
@@ -26,7 +28,10 @@ pub enum OptimiseError {
     #[error(transparent)]
     Mount(#[from] MountError),
     #[error("{path}: {source}; the path is lower-provided now, `nixfs-layer verify --repair` removes the rest of the copy")]
-    Remove { path: PathBuf, source: VerifyError },
+    Remove {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// An upper copy that was removed.
@@ -54,10 +59,6 @@ pub struct Optimised {
     pub remounted: bool,
 }
 
-fn base_name(path: &str) -> &str {
-    path.rsplit('/').next().unwrap_or(path)
-}
-
 /// Optimises the stack mounted with `store` as its `TARGET/store`. The
 /// caller holds the upper's lock.
 pub fn optimise(
@@ -83,10 +84,7 @@ pub fn optimise(
             continue;
         }
         // The overlay shows the first lower that has the entry.
-        if let Some(l) = lowers
-            .iter()
-            .find(|l| std::fs::symlink_metadata(l.store().join(name)).is_ok())
-        {
+        if let Some(l) = lowers.iter().find(|l| l.has(name)) {
             candidates.push((path, hash, l));
         }
     }
@@ -105,7 +103,7 @@ pub fn optimise(
     let mut moving: Vec<(&str, &LowerLayer, PathBuf)> = Vec::new();
     for ((path, recorded, lower), pair) in candidates.iter().zip(hashes.chunks(2)) {
         let reason = match (&pair[0], &pair[1]) {
-            (Ok(up), Ok(low)) if up == low && up.to_db_string() == *recorded => {
+            (Ok(up), Ok(low)) if up == low && up.matches_db(recorded) => {
                 moving.push((path, lower, upper.store().join(base_name(path))));
                 continue;
             }
@@ -151,7 +149,7 @@ pub fn optimise(
 
     for (path, lower, entry) in moving {
         let bytes = apparent_size(&entry);
-        remove_tree(&entry).map_err(|source| OptimiseError::Remove {
+        storecopy::remove_tree(&entry).map_err(|source| OptimiseError::Remove {
             path: entry.clone(),
             source,
         })?;

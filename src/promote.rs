@@ -18,14 +18,15 @@ use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::closure::Graph;
 use crate::layer::Lower;
-use crate::nar;
-use crate::storecopy;
-use crate::storepath::STORE_DIR;
+use crate::pathdb::{adopt, DbError};
+use crate::storecopy::{self, CopyError};
+use crate::storepath::base_name;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PromoteError {
@@ -34,6 +35,10 @@ pub enum PromoteError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Copying a path's contents into the lower failed (reading the
+    /// merged store or writing the lower).
+    #[error(transparent)]
+    Copy(CopyError),
     #[error("{path}: {source}")]
     Sqlite {
         path: PathBuf,
@@ -45,6 +50,8 @@ pub enum PromoteError {
         expected: String,
         actual: String,
     },
+    #[error(transparent)]
+    Db(#[from] DbError),
     #[error("{0} is not a valid path of the mounted store; name a store path (or a link to one) that `nix-store --check-validity` accepts")]
     NotValid(String),
 }
@@ -65,12 +72,14 @@ pub struct Promoted {
 
 /// Copies the closure of `roots` (indexes into `graph`) that `lower` lacks
 /// from the merged store at `store` into `lower`, and registers it there.
-/// `merged_db` is the merged database (for rows' full metadata).
+/// `merged` is the merged database, opened from `merged_db` (for rows'
+/// full metadata).
 pub fn promote(
     graph: &Graph,
     roots: &[usize],
     store: &Path,
     merged: &Connection,
+    merged_db: &Path,
     lower: &Lower,
 ) -> Result<Promoted, PromoteError> {
     let db = lower.db();
@@ -86,11 +95,22 @@ pub fn promote(
         .write(true)
         .open(&lock_path)
         .map_err(io(&lock_path))?;
-    let _lock =
-        Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| PromoteError::Io {
-            path: lock_path.clone(),
-            source: e.into(),
-        })?;
+    let lock_err = |e: Errno| PromoteError::Io {
+        path: lock_path.clone(),
+        source: e.into(),
+    };
+    let _lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((file, Errno::EWOULDBLOCK)) => {
+            tracing::warn!(
+                lock = %lock_path.display(),
+                "Nix processes of this lower hold its big lock; waiting until none does: stop the nix-daemon and Nix commands that use {}",
+                lower.dir().display()
+            );
+            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| lock_err(e))?
+        }
+        Err((_, e)) => return Err(lock_err(e)),
+    };
     {
         let c = Connection::open(&db).map_err(sql(&db))?;
         c.busy_timeout(std::time::Duration::from_secs(60))
@@ -107,7 +127,7 @@ pub fn promote(
     let order = graph.export_order(&items);
     let tmp_db = lower.db_dir().join("db.sqlite.promote-tmp");
     let _ = fs::remove_file(&tmp_db);
-    fs::copy(&db, &tmp_db).map_err(io(&db))?;
+    storecopy::copy_entry(&db, &tmp_db).map_err(PromoteError::Copy)?;
     let mut conn = Connection::open(&tmp_db).map_err(sql(&tmp_db))?;
     conn.pragma_update(None, "journal_mode", "delete")
         .map_err(sql(&tmp_db))?;
@@ -131,22 +151,23 @@ pub fn promote(
     // 2. Contents, each checked against its recorded hash.
     for &i in &todo {
         let n = &graph.nodes[i];
-        let base = &n.path[STORE_DIR.len() + 1..];
+        let base = base_name(&n.path);
         let (src, dst) = (store.join(base), lower.store().join(base));
-        if dst.exists() {
-            storecopy::remove_tree(&dst).map_err(io(&dst))?;
-        }
+        // An entry without a row (a dangling symlink included) goes.
+        storecopy::remove_tree(&dst).map_err(io(&dst))?;
         let tmp = lower.store().join(format!(".{base}.promote-tmp"));
         let _ = storecopy::remove_tree(&tmp);
-        storecopy::copy_tree(&src, &tmp).map_err(io(&src))?;
-        let got = nar::hash_path(&tmp).map_err(io(&tmp))?.to_db_string();
-        if got != n.hash {
-            let _ = storecopy::remove_tree(&tmp);
+        if let Err(e) = storecopy::copy_verified(&src, &tmp, &n.hash) {
             let _ = fs::remove_file(&tmp_db);
-            return Err(PromoteError::HashMismatch {
-                path: n.path.clone(),
-                expected: n.hash.clone(),
-                actual: got,
+            return Err(match e {
+                CopyError::Mismatch {
+                    expected, actual, ..
+                } => PromoteError::HashMismatch {
+                    path: n.path.clone(),
+                    expected,
+                    actual,
+                },
+                e => PromoteError::Copy(e),
             });
         }
         fs::rename(&tmp, &dst).map_err(io(&dst))?;
@@ -172,7 +193,9 @@ pub fn promote(
                     ))
                 },
             )
-            .map_err(|_| PromoteError::NotValid(n.path.clone()))?;
+            .optional()
+            .map_err(sql(merged_db))?
+            .ok_or_else(|| PromoteError::NotValid(n.path.clone()))?;
         tx.execute(
             "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca)
              values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -195,7 +218,7 @@ pub fn promote(
                 "select o.id, o.path from DerivationOutputs o join ValidPaths v on v.id = o.drv where v.path = ?1",
             )
             .and_then(|mut s| s.query_map([&n.path], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
-            .map_err(sql(&tmp_db))?;
+            .map_err(sql(merged_db))?;
         for (id, path) in outputs {
             tx.execute(
                 "insert or ignore into DerivationOutputs (drv, id, path)
@@ -211,14 +234,6 @@ pub fn promote(
     File::open(&tmp_db)
         .and_then(|f| f.sync_all())
         .map_err(io(&tmp_db))?;
-    fs::rename(&tmp_db, &db).map_err(io(&db))?;
-    for suffix in ["-wal", "-shm"] {
-        let mut side = db.as_os_str().to_owned();
-        side.push(suffix);
-        let _ = fs::remove_file(PathBuf::from(side));
-    }
-    File::open(lower.db_dir())
-        .and_then(|d| d.sync_all())
-        .map_err(io(&lower.db_dir()))?;
+    adopt::replace_db(&tmp_db, &db)?;
     Ok(out)
 }

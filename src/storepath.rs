@@ -27,6 +27,13 @@ pub enum StorePathError {
     BadName(String),
 }
 
+/// The base name (`<hash>-<name>`, its entry in a store directory) of a
+/// store path held as a string, such as a `/nix/store/…` database row:
+/// its last component.
+pub fn base_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
 /// A valid store path, kept as its base name (`<hash>-<name>`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StorePath {
@@ -229,6 +236,14 @@ mod tests {
             String::from_utf8(b32.stdout).unwrap().trim(),
             nixbase32_encode(&h.sha256)
         );
+    }
+
+    #[test]
+    fn base_name_of_a_path_string() {
+        let p = format!("/nix/store/{H}-hello-2.12.1");
+        assert_eq!(base_name(&p), format!("{H}-hello-2.12.1"));
+        assert_eq!(base_name(&p), StorePath::parse(&p).unwrap().base_name());
+        assert_eq!(base_name("plain"), "plain");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use rusqlite::{params, Connection};
 
 use crate::nar;
 use crate::pathdb::NIX_SCHEMA_SQL;
-use crate::storepath::{NIXBASE32_ALPHABET, STORE_DIR};
+use crate::storepath::{base_name, NIXBASE32_ALPHABET, STORE_DIR};
 
 /// A small deterministic generator (splitmix64): fixtures must be the same
 /// for the same seed on every machine.
@@ -140,7 +140,7 @@ pub fn plan(n: usize, seed: u64, name_prefix: &str) -> SynthLower {
 /// directory with an executable and a data file naming its references.
 fn write_contents(store: &Path, i: usize, all: &[SynthPath]) -> std::io::Result<()> {
     let p = &all[i];
-    let base = &p.path[STORE_DIR.len() + 1..];
+    let base = base_name(&p.path);
     let dir = store.join(base);
     let refs: String = p
         .references
@@ -196,7 +196,7 @@ fn add_paths(
         let first = all.len() - new.len();
         for (k, p) in new.iter().enumerate() {
             write_contents(store, first + k, all)?;
-            let h = nar::hash_path(&store.join(&p.path[STORE_DIR.len() + 1..]))?;
+            let h = nar::hash_path(&store.join(base_name(&p.path)))?;
             let deriver = p.deriver.map(|d| all[d].path.as_str());
             insert.execute(params![
                 p.path,
@@ -253,13 +253,7 @@ pub fn mutate(
     let tx = conn.transaction()?;
     for p in &removed {
         tx.execute("delete from ValidPaths where path = ?1", [p])?;
-        let dir = store.join(&p[STORE_DIR.len() + 1..]);
-        make_writable(&dir)?;
-        if dir.is_dir() {
-            fs::remove_dir_all(&dir)?;
-        } else {
-            fs::remove_file(&dir)?;
-        }
+        crate::storecopy::remove_tree(&store.join(base_name(p)))?;
     }
     tx.commit()?;
     // New paths refer to surviving paths (by index into the survivors).
@@ -294,21 +288,6 @@ pub fn mutate(
         removed,
         all[base..].iter().map(|p| p.path.clone()).collect(),
     ))
-}
-
-fn make_writable(p: &Path) -> std::io::Result<()> {
-    for e in walkdir::WalkDir::new(p) {
-        let e = e.map_err(std::io::Error::other)?;
-        if !e.path_is_symlink() {
-            let mode = e
-                .metadata()
-                .map_err(std::io::Error::other)?
-                .permissions()
-                .mode();
-            fs::set_permissions(e.path(), fs::Permissions::from_mode(mode | 0o200))?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

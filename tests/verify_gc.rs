@@ -181,6 +181,67 @@ ns_test! {
 }
 
 ns_test! {
+    fn repair_with_check_contents_hashes_again_only_what_it_changed() {
+        let s = stack();
+        s.mount();
+        let on_top = s.w.build(&["onTop"]).remove(0);
+        let c = s.db();
+        c.execute("delete from Refs where referrer = (select id from ValidPaths where path = ?1)", [&on_top]).unwrap();
+        c.execute("delete from ValidPaths where path = ?1", [&on_top]).unwrap();
+        drop(c);
+        let tool = s.lower_path("tool");
+        let libb = s.lower_path("libb");
+        let app = s.lower_path("app");
+        s.umount();
+        // A whiteout over tool, whose content changed behind it; a
+        // duplicate of libb; app changed (a mismatch before and after).
+        sh(&format!("mknod {}/store/{} c 0 0", s.upper.display(), base_name(&tool)));
+        sh(&format!("cp -a {}/store/{} {}/store/", s.lower.display(), base_name(&libb), s.upper.display()));
+        for p in [&tool, &app] {
+            let name = s.lower.join("store").join(base_name(p)).join("share/name");
+            sh(&format!("printf X | dd of={} bs=1 count=1 conv=notrunc status=none", name.display()));
+        }
+        s.mount();
+
+        let out = s
+            .w
+            .tool_command()
+            .env("NIXFS_LAYER_LOG", "nixfs_layer=info")
+            .args(["verify", "--json", "--check-contents", "--repair"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let rep = &doc["repaired"];
+        assert_eq!(rep["whiteouts_removed"], serde_json::json!([tool]), "{doc}");
+        assert_eq!(rep["duplicates_removed"], serde_json::json!([libb]), "{doc}");
+        assert_eq!(rep["registered"], serde_json::json!([on_top]), "{doc}");
+        // The change the whiteout hid is found, the one before is kept.
+        let mut mismatched = vec![app.clone(), tool.clone()];
+        mismatched.sort();
+        assert_eq!(paths_of(&doc, "hash_mismatches"), mismatched, "{doc}");
+        for c in CATEGORIES {
+            assert_eq!(doc["categories"][c], serde_json::json!([]), "{c}: {doc}");
+        }
+        // Every valid path was hashed once, then only the uncovered one.
+        let hashed: Vec<usize> = stderr(&out)
+            .lines()
+            .filter(|l| l.contains("hashing contents"))
+            .map(|l| l.rsplit("paths=").next().unwrap().trim().parse().unwrap())
+            .collect();
+        assert_eq!(hashed.len(), 2, "{}", stderr(&out));
+        assert!(hashed[0] >= 4, "{hashed:?}");
+        assert_eq!(hashed[1], 1, "{hashed:?}");
+
+        // A check from scratch agrees.
+        let (code, again) = s.verify(&["--check-contents"]);
+        assert_eq!(code, 1, "{again}");
+        assert_eq!(again["categories"], doc["categories"]);
+    }
+}
+
+ns_test! {
     fn verify_reports_what_it_cannot_repair() {
         let s = stack();
         s.mount();

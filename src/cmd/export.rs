@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::export::{ExportError, Output, PathMeta, Writer};
 use crate::gcroots;
 use crate::pathdb;
-use crate::storepath::STORE_DIR;
+use crate::storepath::{base_name, STORE_DIR};
 
 use super::{require_mounted, resolve_target};
 
@@ -71,10 +71,9 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     let order = graph.export_order(&items);
 
     let out = Output::create(&args.output, args.compress)?;
-    let mut w = Writer::new(out);
+    let mut w = Writer::new(out, &args.output);
     for &i in &order {
         let n = &graph.nodes[i];
-        let base = n.path.rsplit('/').next().unwrap_or(&n.path);
         let meta = PathMeta {
             path: &n.path,
             references: n
@@ -85,7 +84,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
             deriver: n.deriver.as_deref(),
             nar_hash: &n.hash,
         };
-        w.path(&store.join(base), &meta)?;
+        w.path(&store.join(base_name(&n.path)), &meta)?;
     }
     let nar_bytes = w.nar_bytes;
     let out = w.finish(true).map_err(|source| ExportError::Io {

@@ -51,14 +51,13 @@ fn check_against_store(
     let mut new = Vec::new();
     for e in &contents.entries {
         let path = e.path.to_absolute();
-        let ours = e.nar.to_db_string();
         match hash_of(&path)? {
-            Some(here) if here != ours => {
+            Some(here) if !e.nar.matches_db(&here) => {
                 return Err(ExportError::Conflict {
                     file: file.to_owned(),
                     path,
                     here,
-                    file_hash: ours,
+                    file_hash: e.nar.to_db_string(),
                 })
             }
             Some(_) => {}
@@ -141,23 +140,14 @@ pub fn run(args: &ImportArgs) -> Result<()> {
     }
     let db = mounted.upper.db();
     let conn = pathdb::open_read_only(&db)?;
+    let err = sql_err(&db);
+    let mut valid = conn
+        .prepare("select 1 from ValidPaths where path = ?1")
+        .map_err(&err)
+        .map_err(ExportError::from)?;
     for p in &new {
-        let valid: bool = conn
-            .query_row(
-                "select count(*) from ValidPaths where path = ?1",
-                [p],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(sql_err(&db))
-            .map_err(ExportError::from)?
-            > 0;
-        if !valid {
-            return Err(ExportError::Nix {
-                command: "nix-store --import".into(),
-                status: std::process::ExitStatus::default(),
-                message: format!("{p} is not valid after the import"),
-            }
-            .into());
+        if !valid.exists([p]).map_err(&err).map_err(ExportError::from)? {
+            return Err(ExportError::NotRegistered { path: p.clone() }.into());
         }
     }
     println!(

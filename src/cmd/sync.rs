@@ -12,7 +12,7 @@ use crate::overlay;
 use crate::pathdb::merge::{self, SyncOptions};
 use crate::pathdb::{self, keep, ClosureBroken, DbError};
 use crate::storecopy;
-use crate::storepath::STORE_DIR;
+use crate::storepath::base_name;
 
 use super::{lock_upper, require_mounted, resolve_target, Mounted, Progress};
 
@@ -83,11 +83,11 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
     let io = |path: PathBuf| move |source| Error::Io { path, source };
     std::fs::create_dir_all(&staging).map_err(io(staging.clone()))?;
     for n in &missing {
-        let base = &n.path[STORE_DIR.len() + 1..];
+        let base = base_name(&n.path);
         let (src, dst) = (mounted.store().join(base), staging.join(base));
         storecopy::copy_tree(&src, &dst).map_err(io(src.clone()))?;
         let got = nar::hash_path(&dst).map_err(io(dst.clone()))?;
-        if got.to_db_string() != n.nar_hash {
+        if !got.matches_db(&n.nar_hash) {
             let _ = storecopy::remove_tree(&staging);
             return Err(Error::Io {
                 path: src,
@@ -147,7 +147,7 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
     let kept: Vec<String> = missing.iter().map(|n| n.path.clone()).collect();
     let adopted = (|| -> Result<()> {
         for n in &missing {
-            let base = &n.path[STORE_DIR.len() + 1..];
+            let base = base_name(&n.path);
             let (from, to) = (staging.join(base), upper.store().join(base));
             std::fs::rename(&from, &to).map_err(io(to.clone()))?;
         }

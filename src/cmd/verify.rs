@@ -66,15 +66,15 @@ pub fn run(args: &VerifyArgs) -> Result<()> {
     let layers = Layers::read(&conn, &upper, mounted_store.as_deref())?;
     let found = verify::check(&conn, &layers, args.check_contents)?;
     let (problems, repaired) = if args.repair {
-        let done = repair::repair(&mut conn, &layers, &found)?;
+        let done = repair::repair(&mut conn, &layers, &found.problems)?;
         let after = if done.changed() || done.resynced {
-            verify::check(&conn, &layers, args.check_contents)?
+            verify::check_after_repair(&conn, &layers, &found, &done)?
         } else {
-            found
+            found.problems
         };
         (after, Some(done))
     } else {
-        (found, None)
+        (found.problems, None)
     };
     let report = Report {
         format: VERIFY_FORMAT,

@@ -181,7 +181,7 @@ pub fn adopt(
 /// Puts `new` in place of the database at `target` (same filesystem),
 /// dropping the old one's WAL and shared-memory files first so SQLite never
 /// applies them to the new file.
-fn replace_db(new: &Path, target: &Path) -> Result<(), DbError> {
+pub(crate) fn replace_db(new: &Path, target: &Path) -> Result<(), DbError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| DbError::Io { path, source }

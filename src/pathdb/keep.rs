@@ -107,7 +107,7 @@ pub fn missing_from(
             .prepare("select 1 from ValidPaths where path = ?1")
             .map_err(&err)?;
         for p in paths {
-            let base = &p.path[crate::storepath::STORE_DIR.len() + 1..];
+            let base = crate::storepath::base_name(&p.path);
             let present = std::fs::symlink_metadata(lower.store().join(base)).is_ok();
             if present && q.exists([&p.path]).map_err(&err)? {
                 have.insert(p.path.clone());

@@ -24,7 +24,7 @@ use crate::layer::{LayerError, Upper};
 use crate::nar::{self, NarHash};
 use crate::overlay::MountError;
 use crate::pathdb::{sql_err, DbError};
-use crate::storepath::{nixbase32_encode, StorePath, STORE_DIR};
+use crate::storepath::{StorePath, STORE_DIR};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -63,7 +63,10 @@ impl LowerLayer {
     pub fn store(&self) -> PathBuf {
         self.dir.join("store")
     }
-    fn has(&self, name: &str) -> bool {
+    /// Whether this lower's store has an entry `name`, of any kind: a
+    /// symlink counts even when what it points to does not exist (its
+    /// entry is what overlayfs shows and what a whiteout would hide).
+    pub(crate) fn has(&self, name: &str) -> bool {
         fs::symlink_metadata(self.store().join(name)).is_ok()
     }
 }
@@ -288,34 +291,133 @@ impl Problems {
     }
 }
 
+/// What [`check`] found, with the valid paths it looked at: what
+/// [`check_after_repair`] needs to hash only what a repair changed.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub problems: Problems,
+    /// Sorted by path.
+    rows: Vec<Row>,
+}
+
 /// Runs every check.
 pub fn check(
     conn: &Connection,
     layers: &Layers,
     check_contents: bool,
-) -> Result<Problems, VerifyError> {
-    let db = layers.upper.db();
+) -> Result<Checked, VerifyError> {
     let upper = scan_upper(&layers.upper.store())?;
-    let rows = valid_rows(conn, &db)?;
+    let mut rows = valid_rows(conn, &layers.upper.db())?;
+    rows.sort_by(|a, b| a.path.cmp(&b.path));
     let missing = missing_content(layers, &upper, &rows);
-    let hash_mismatches = if check_contents {
+    let hash_mismatches = check_contents.then(|| {
         let skip: HashSet<&str> = missing.iter().map(|m| m.path.as_str()).collect();
         let todo: Vec<&Row> = rows
             .iter()
             .filter(|r| !skip.contains(r.path.to_absolute().as_str()))
             .collect();
-        Some(hash_mismatches(layers, &upper, &todo))
-    } else {
-        None
-    };
+        hash_mismatches(layers, &upper, &todo)
+    });
+    let problems = problems(conn, layers, &upper, &rows, missing, hash_mismatches)?;
+    Ok(Checked { problems, rows })
+}
+
+/// Runs every check again after `done` repaired what `before` found. The
+/// result is what [`check`] would say now, but contents are hashed only
+/// where they may have changed: valid paths the first check could not hash
+/// (their content was missing, or hidden by a whiteout the repair removed)
+/// and rows that are new or whose recorded hash or layer changed (a
+/// re-read of the lowers); the first check's verdicts stand for the rest.
+pub fn check_after_repair(
+    conn: &Connection,
+    layers: &Layers,
+    before: &Checked,
+    done: &repair::Repairs,
+) -> Result<Problems, VerifyError> {
+    let upper = scan_upper(&layers.upper.store())?;
+    let rows = valid_rows(conn, &layers.upper.db())?;
+    let missing = missing_content(layers, &upper, &rows);
+    let hash_mismatches =
+        before.problems.hash_mismatches.as_deref().map(|found| {
+            mismatches_after_repair(layers, &upper, &rows, &missing, before, found, done)
+        });
+    problems(conn, layers, &upper, &rows, missing, hash_mismatches)
+}
+
+/// The checks that hash nothing, around the two that may.
+fn problems(
+    conn: &Connection,
+    layers: &Layers,
+    upper: &UpperStore,
+    rows: &[Row],
+    missing_content: Vec<MissingContent>,
+    hash_mismatches: Option<Vec<HashMismatch>>,
+) -> Result<Problems, VerifyError> {
     Ok(Problems {
-        unregistered: unregistered(layers, &upper, &rows),
-        hidden: hidden(conn, layers, &upper, &rows)?,
-        duplicates: duplicates(layers, &upper),
-        dangling_references: dangling_references(conn, &db)?,
-        missing_content: missing,
+        unregistered: unregistered(layers, upper, rows),
+        hidden: hidden(conn, layers, upper, rows)?,
+        duplicates: duplicates(layers, upper),
+        dangling_references: dangling_references(conn, &layers.upper.db())?,
+        missing_content,
         hash_mismatches,
     })
+}
+
+/// Hash mismatches after a repair: the first check's verdict for content
+/// that is what it hashed then, a fresh hash for the rest.
+fn mismatches_after_repair(
+    layers: &Layers,
+    upper: &UpperStore,
+    rows: &[Row],
+    missing: &[MissingContent],
+    before: &Checked,
+    found: &[HashMismatch],
+    done: &repair::Repairs,
+) -> Vec<HashMismatch> {
+    let missing_now: HashSet<&str> = missing.iter().map(|m| m.path.as_str()).collect();
+    let missing_before: HashSet<&str> = before
+        .problems
+        .missing_content
+        .iter()
+        .map(|m| m.path.as_str())
+        .collect();
+    let registered: HashSet<&str> = done.registered.iter().map(String::as_str).collect();
+    let removed: HashSet<&str> = done.duplicates_removed.iter().map(String::as_str).collect();
+    let found: HashMap<&str, &HashMismatch> = found.iter().map(|m| (m.path.as_str(), m)).collect();
+    let mut out = Vec::new();
+    let mut todo = Vec::new();
+    for row in rows {
+        let path = row.path.to_absolute();
+        // Nothing to hash, or registered just now with the hash of this
+        // very content.
+        if missing_now.contains(path.as_str()) || registered.contains(path.as_str()) {
+            continue;
+        }
+        let hashed_before = !missing_before.contains(path.as_str())
+            && before
+                .rows
+                .binary_search_by(|b| b.path.cmp(&row.path))
+                .is_ok_and(|i| {
+                    before.rows[i].hash == row.hash && before.rows[i].layer == row.layer
+                });
+        match (hashed_before, found.get(path.as_str())) {
+            (false, _) => todo.push(row),
+            // It hashed right then. So does a removed upper copy's lower
+            // copy: the repair removes a copy only where both hash alike.
+            (true, None) => {}
+            // A removed copy's mismatch may have been its unreadability.
+            (true, Some(_)) if removed.contains(path.as_str()) => todo.push(row),
+            (true, Some(m)) => out.push(HashMismatch {
+                path,
+                layer: layers.label(row.layer),
+                expected: row.hash.clone(),
+                actual: m.actual.clone(),
+            }),
+        }
+    }
+    out.extend(hash_mismatches(layers, upper, &todo));
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
 }
 
 /// Whether some lower has `name` and no whiteout in the upper hides it.
@@ -444,32 +546,16 @@ pub(crate) fn duplicates(layers: &Layers, upper: &UpperStore) -> Vec<Duplicate> 
     out
 }
 
-/// References whose referrer or reference is not a valid path: SQLite's
-/// foreign key check on Refs, and (the same, for a database whose foreign
-/// key definitions were lost) Refs rows with no ValidPaths row at either end.
+/// References whose referrer or reference is not a valid path: Refs rows
+/// with no ValidPaths row at either end. This is what SQLite's foreign key
+/// check on Refs reports for Nix's schema, and it also finds them in a
+/// database whose foreign key definitions were lost.
 pub fn dangling_references(
     conn: &Connection,
     db: &Path,
 ) -> Result<Vec<DanglingReference>, VerifyError> {
     let err = sql_err(db);
     let mut pairs: BTreeSet<(i64, i64)> = BTreeSet::new();
-    let rowids: Vec<i64> = conn
-        .prepare("pragma foreign_key_check(Refs)")
-        .and_then(|mut s| {
-            s.query_map([], |r| r.get::<_, i64>(1))?
-                .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .map_err(&err)?;
-    for rowid in rowids {
-        let pair = conn
-            .query_row(
-                "select referrer, reference from Refs where rowid = ?1",
-                [rowid],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map_err(&err)?;
-        pairs.insert(pair);
-    }
     conn.prepare(
         "select r.referrer, r.reference from Refs r
          where not exists (select 1 from ValidPaths v where v.id = r.reference)
@@ -518,19 +604,6 @@ fn content_location(layers: &Layers, upper: &UpperStore, row: &Row) -> Option<Pa
         .map(|l| l.store().join(name))
 }
 
-/// Whether a database `hash` column (`sha256:` + base16 or nixbase32)
-/// names this hash.
-pub(crate) fn hash_matches(db: &str, h: &NarHash) -> bool {
-    let Some(rest) = db.strip_prefix("sha256:") else {
-        return false;
-    };
-    match rest.len() {
-        64 => rest.eq_ignore_ascii_case(&h.to_db_string()["sha256:".len()..]),
-        52 => rest == nixbase32_encode(&h.sha256),
-        _ => false,
-    }
-}
-
 /// NAR-hashes `paths` on every core; results in input order.
 pub(crate) fn hash_parallel(paths: &[PathBuf]) -> Vec<io::Result<NarHash>> {
     let workers = std::thread::available_parallelism()
@@ -575,7 +648,7 @@ fn hash_mismatches(layers: &Layers, upper: &UpperStore, rows: &[&Row]) -> Vec<Ha
         .zip(hashes)
         .filter_map(|((row, _), h)| {
             let actual = match h {
-                Ok(h) if hash_matches(&row.hash, &h) => return None,
+                Ok(h) if h.matches_db(&row.hash) => return None,
                 Ok(h) => h.to_db_string(),
                 Err(e) => format!("unreadable: {e}"),
             };
@@ -592,29 +665,6 @@ fn hash_mismatches(layers: &Layers, upper: &UpperStore, rows: &[&Row]) -> Vec<Ha
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hash_column_forms_both_match() {
-        let h = NarHash {
-            sha256: [7; 32],
-            size: 1,
-        };
-        assert!(hash_matches(&h.to_db_string(), &h));
-        assert!(hash_matches(
-            &h.to_db_string().to_uppercase().replace("SHA256", "sha256"),
-            &h
-        ));
-        assert!(hash_matches(
-            &format!("sha256:{}", nixbase32_encode(&h.sha256)),
-            &h
-        ));
-        let other = NarHash {
-            sha256: [8; 32],
-            size: 1,
-        };
-        assert!(!hash_matches(&other.to_db_string(), &h));
-        assert!(!hash_matches("md5:abc", &h));
-    }
 
     #[test]
     fn bookkeeping_entries_are_not_store_content() {
@@ -637,6 +687,102 @@ mod tests {
             "3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5-done",
             &upper
         ));
+    }
+
+    #[test]
+    fn after_a_repair_only_changed_contents_are_hashed() {
+        const H: &str = "3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5";
+        let t = tempfile::tempdir().unwrap();
+        let layers = Layers {
+            upper: Upper::init(&t.path().join("upper")).unwrap(),
+            lowers: vec![LowerLayer {
+                id: 1,
+                dir: t.path().join("lower"),
+            }],
+            mounted_store: None,
+        };
+        fs::create_dir_all(layers.lowers[0].store()).unwrap();
+        let good = nar::hash_file_contents(b"good").to_db_string();
+        // Each row's content (in the lower, or the upper for `d`) and
+        // whether it hashes to the row's recorded hash; hashing a row whose
+        // verdict is reused would change the answer.
+        let path = |n: &str| StorePath::parse(&format!("/nix/store/{H}-{n}")).unwrap();
+        let row = |n: &str, layer: i64| Row {
+            path: path(n),
+            hash: good.clone(),
+            layer,
+        };
+        for (n, content) in [
+            ("a", "changed behind our back"), // hashed fine before: not again
+            ("b", "good"),                    // mismatched before: stays so
+            ("c", "bad"),                     // was behind a whiteout: hashed
+            ("e", "changed too"),             // removed duplicate, fine before
+            ("f", "good"),                    // a new row: hashed
+            ("g", "bad"),                     // a new row: hashed
+        ] {
+            fs::write(layers.lowers[0].store().join(path(n).base_name()), content).unwrap();
+        }
+        fs::write(layers.upper.store().join(path("d").base_name()), "unhashed").unwrap();
+        let mismatch = |n: &str, actual: &str| HashMismatch {
+            path: path(n).to_absolute(),
+            layer: layers.label(1),
+            expected: good.clone(),
+            actual: actual.into(),
+        };
+        let before = Checked {
+            problems: Problems {
+                missing_content: vec![MissingContent {
+                    path: path("c").to_absolute(),
+                    layer: layers.label(1),
+                    reason: MissingReason::Whiteout,
+                }],
+                hash_mismatches: Some(vec![mismatch("b", "sha256:as-found-then")]),
+                ..Default::default()
+            },
+            rows: ["a", "b", "c", "e"].map(|n| row(n, 1)).to_vec(),
+        };
+        let done = repair::Repairs {
+            whiteouts_removed: vec![path("c").to_absolute()],
+            duplicates_removed: vec![path("e").to_absolute()],
+            registered: vec![path("d").to_absolute()],
+            ..Default::default()
+        };
+        let rows: Vec<Row> = ["a", "b", "c"]
+            .map(|n| row(n, 1))
+            .into_iter()
+            .chain([row("d", 0)])
+            .chain(["e", "f", "g"].map(|n| row(n, 1)))
+            .collect();
+        let upper = scan_upper(&layers.upper.store()).unwrap();
+        let missing = missing_content(&layers, &upper, &rows);
+        assert_eq!(missing, vec![]);
+        let found = before.problems.hash_mismatches.as_deref().unwrap();
+        let bad = nar::hash_file_contents(b"bad").to_db_string();
+        assert_eq!(
+            mismatches_after_repair(&layers, &upper, &rows, &missing, &before, found, &done),
+            vec![
+                mismatch("b", "sha256:as-found-then"),
+                mismatch("c", &bad),
+                mismatch("g", &bad),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dangling_symlink_is_a_lower_entry() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir(t.path().join("store")).unwrap();
+        std::os::unix::fs::symlink(
+            "/nonexistent/target",
+            t.path().join("store/3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5-link"),
+        )
+        .unwrap();
+        let l = LowerLayer {
+            id: 1,
+            dir: t.path().to_owned(),
+        };
+        assert!(l.has("3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5-link"));
+        assert!(!l.has("3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5-absent"));
     }
 
     #[test]

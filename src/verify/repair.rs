@@ -12,7 +12,7 @@
 //! Missing lower content and hash mismatches cannot be fixed here.
 
 use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -25,7 +25,8 @@ use crate::overlay;
 use crate::pathdb::merge::{self, Needed, SyncOptions};
 use crate::pathdb::sql_err;
 use crate::refscan;
-use crate::storepath::StorePath;
+use crate::storecopy;
+use crate::storepath::{base_name, StorePath};
 
 /// A problem `--repair` looked at and left alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -116,10 +117,6 @@ pub fn repair(
     Ok(out)
 }
 
-fn base_name(path: &str) -> &str {
-    path.rsplit('/').next().unwrap_or(path)
-}
-
 fn remove_duplicates(
     layers: &Layers,
     found: &Problems,
@@ -141,7 +138,7 @@ fn remove_duplicates(
             (Ok(up), Ok(low)) if up == low => {
                 let entry = store.join(base_name(&d.path));
                 let bytes = apparent_size(&entry);
-                remove_tree(&entry)?;
+                storecopy::remove_tree(&entry).map_err(super::io_err(&entry))?;
                 tracing::info!(path = %d.path, bytes, "removed the upper copy of a lower path");
                 out.bytes_freed += bytes;
                 out.duplicates_removed.push(d.path.clone());
@@ -157,21 +154,6 @@ fn remove_duplicates(
         }
     }
     Ok(())
-}
-
-/// Removes a store entry; store directories are read-only, so they are
-/// made writable first.
-pub(crate) fn remove_tree(path: &Path) -> Result<(), VerifyError> {
-    let meta = fs::symlink_metadata(path).map_err(super::io_err(path))?;
-    if !meta.is_dir() {
-        return fs::remove_file(path).map_err(super::io_err(path));
-    }
-    for e in walkdir::WalkDir::new(path).into_iter().flatten() {
-        if e.file_type().is_dir() {
-            let _ = fs::set_permissions(e.path(), fs::Permissions::from_mode(0o755));
-        }
-    }
-    fs::remove_dir_all(path).map_err(super::io_err(path))
 }
 
 fn now() -> i64 {
