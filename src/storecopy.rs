@@ -43,14 +43,6 @@ fn write_err(path: &Path) -> impl FnOnce(io::Error) -> CopyError + '_ {
     }
 }
 
-/// Copies the tree at `src` to `dst` (which must not exist).
-pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
-    copy_entry(src, dst).map_err(|e| match e {
-        CopyError::Read { source, .. } | CopyError::Write { source, .. } => source,
-        CopyError::Mismatch { .. } => unreachable!("copying does not hash"),
-    })
-}
-
 /// Copies the file, symlink or tree at `src` to `dst` (which must not
 /// exist), modes included; errors name the side that failed.
 pub fn copy_entry(src: &Path, dst: &Path) -> Result<(), CopyError> {
@@ -175,7 +167,7 @@ mod tests {
         symlink("bin/x", src.join("link")).unwrap();
         fs::set_permissions(src.join("bin"), fs::Permissions::from_mode(0o555)).unwrap();
         let dst = t.path().join("dst");
-        copy_tree(&src, &dst).unwrap();
+        copy_entry(&src, &dst).unwrap();
         assert_eq!(
             crate::nar::hash_path(&src).unwrap(),
             crate::nar::hash_path(&dst).unwrap()

@@ -7,11 +7,10 @@ use crate::cli::{ConfigArg, MountArgs, SyncArgs, TargetArgs};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layer::Stack;
-use crate::nar;
 use crate::overlay;
 use crate::pathdb::merge::{self, SyncOptions};
 use crate::pathdb::{self, keep, ClosureBroken, DbError};
-use crate::storecopy;
+use crate::storecopy::{self, CopyError};
 use crate::storepath::base_name;
 
 use super::{lock_upper, require_mounted, resolve_target, Mounted, Progress};
@@ -85,17 +84,20 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
     for n in &missing {
         let base = base_name(&n.path);
         let (src, dst) = (mounted.store().join(base), staging.join(base));
-        storecopy::copy_tree(&src, &dst).map_err(io(src.clone()))?;
-        let got = nar::hash_path(&dst).map_err(io(dst.clone()))?;
-        if !got.matches_db(&n.nar_hash) {
+        if let Err(e) = storecopy::copy_verified(&src, &dst, &n.nar_hash) {
             let _ = storecopy::remove_tree(&staging);
-            return Err(Error::Io {
-                path: src,
-                source: std::io::Error::other(format!(
-                    "its contents do not match its recorded hash {} (got {}); nothing was switched, run `nixfs-layer verify --check-contents`",
-                    n.nar_hash,
-                    got.to_db_string()
-                )),
+            return Err(match e {
+                CopyError::Mismatch {
+                    expected, actual, ..
+                } => Error::Io {
+                    path: src,
+                    source: std::io::Error::other(format!(
+                        "its contents do not match its recorded hash {expected} (got {actual}); nothing was switched, run `nixfs-layer verify --check-contents`"
+                    )),
+                },
+                CopyError::Read { path, source } | CopyError::Write { path, source } => {
+                    Error::Io { path, source }
+                }
             });
         }
     }
