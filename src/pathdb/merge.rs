@@ -123,7 +123,8 @@ impl std::fmt::Display for SyncSummary {
     }
 }
 
-fn now() -> i64 {
+/// Unix time in seconds (0 if the clock is before 1970).
+pub(crate) fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

@@ -14,7 +14,6 @@
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, TransactionBehavior};
 use serde::Serialize;
@@ -156,12 +155,6 @@ fn remove_duplicates(
     Ok(())
 }
 
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 /// Registers the upper entries that are not valid paths, in one transaction.
 fn register(
     conn: &mut Connection,
@@ -210,7 +203,7 @@ fn register(
     for (p, h, _) in &scanned {
         tx.execute(
             "insert into ValidPaths (path, hash, registrationTime, narSize, ultimate) values (?1, ?2, ?3, ?4, 1)",
-            params![p.to_absolute(), h.to_db_string(), now(), h.size as i64],
+            params![p.to_absolute(), h.to_db_string(), merge::now(), h.size as i64],
         )
         .map_err(&err)?;
     }
