@@ -80,6 +80,7 @@ impl Error {
                 GcError::TargetNotNix(_) => EX_USAGE,
                 GcError::Spawn { .. } => EX_UNAVAILABLE,
                 GcError::Nix { .. } => EX_SOFTWARE,
+                GcError::LowerChanged { .. } => EX_TEMPFAIL,
                 GcError::LowerEntriesInvalid { .. } | GcError::LowerPathsDead { .. } => EX_DATAERR,
                 GcError::Db(e) => Error::db_code(e),
                 GcError::Io { .. } => EX_IOERR,
@@ -164,9 +165,10 @@ impl Error {
     fn mount_code(e: &MountError) -> u8 {
         match e {
             MountError::NotPermitted(_) => EX_NOPERM,
-            MountError::OverlayUnavailable => EX_UNAVAILABLE,
+            MountError::OverlayUnavailable | MountError::SealUnsupported { .. } => EX_UNAVAILABLE,
             MountError::AlreadyMounted(..)
             | MountError::UpperInUse { .. }
+            | MountError::HeldElsewhere { .. }
             | MountError::Busy(_) => EX_TEMPFAIL,
             MountError::NotMounted(_) => EXIT_NOT_MOUNTED,
             MountError::LowerSeesTarget { .. } => EX_USAGE,

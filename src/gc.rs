@@ -6,8 +6,11 @@
 //! paths. Two cases the pin does not cover are handled here, before Nix runs:
 //!
 //! * an entry of a lower's store that is not a valid path of the merged
-//!   store: Nix deletes invalid store entries, and through overlayfs that is
-//!   a whiteout hiding the lower's copy. Such a stack is refused.
+//!   store (a publisher is copying paths in, its database comes last): Nix
+//!   deletes invalid store entries. The sealed overlay (`overlay::seal`)
+//!   refuses that, so Nix's collector would stop there with EPERM, having
+//!   unregistered nothing of the lowers; such a stack is refused up front,
+//!   and a lower that gains entries while Nix runs gets the same message.
 //! * a path registered through the merged store that a lower has as well:
 //!   deleting it would white out the lower's copy. It gets a GC root for the
 //!   length of the run (under `var/nix/gcroots/nixfs-layer-gc/`).
@@ -49,12 +52,14 @@ pub enum GcError {
         status: ExitStatus,
         message: String,
     },
-    #[error("lower {lower}: {count} store entr(y/ies) are not valid paths of the merged store (first: {first}); Nix's collector would hide them with whiteouts, so nothing was collected: run `nixfs-layer sync --force`, or remove them from the lower")]
+    #[error("lower {lower}: {count} store entr(y/ies) are not valid paths of the merged store (first: {first}); Nix's collector would try to delete them (the overlay refuses), so nothing was collected: run `nixfs-layer sync` once the lower's database lists them (`sync --force` if it already does), or remove them from the lower")]
     LowerEntriesInvalid {
         lower: PathBuf,
         count: usize,
         first: String,
     },
+    #[error("Nix's collector stopped at {entry}, which a lower holds but the merged database does not list (the lower gained it while the collector ran); the overlay kept it, nothing of the lowers was touched: run `nixfs-layer sync` and `nixfs-layer gc` again")]
+    LowerChanged { entry: String },
     #[error("Nix's collector counts {count} lower path(s) as dead (first: {first}), so nothing was collected; run `nixfs-layer sync --force` to restore the pin and try again")]
     LowerPathsDead { count: usize, first: String },
     #[error(transparent)]
@@ -174,7 +179,7 @@ pub fn collect(
         if let Some(m) = &max {
             args.extend(["--max-freed", m]);
         }
-        run_nix_store(&args)?;
+        run_nix_store(&args).map_err(refused_by_seal)?;
         let after = valid_paths(&conn, &db)?;
         let candidates: BTreeSet<&String> = dead
             .iter()
@@ -198,6 +203,21 @@ pub fn collect(
         bytes: paths.iter().map(|f| f.bytes).sum(),
         paths,
     })
+}
+
+/// A collector run that the sealed overlay stopped: Nix tried to delete
+/// (or make writable, before deleting) an entry a lower holds.
+fn refused_by_seal(e: GcError) -> GcError {
+    if let GcError::Nix { message, .. } = &e {
+        if message.ends_with("Operation not permitted") {
+            if let Some(entry) = message.split('\'').find(|s| s.starts_with(STORE_DIR)) {
+                return GcError::LowerChanged {
+                    entry: entry.to_owned(),
+                };
+            }
+        }
+    }
+    e
 }
 
 /// Refuses a stack where a lower's store holds entries the merged database

@@ -69,9 +69,10 @@ pub fn optimise(
 ) -> Result<Optimised, OptimiseError> {
     let db = upper.db();
     let err = sql_err(&db);
-    // Upper-registered paths with an upper entry that a current lower has.
+    // Registered paths (upper or lower, not the pin) with an upper entry
+    // that a current lower has too.
     let rows: Vec<(String, String)> = conn
-        .prepare("select o.path, v.hash from NixfsLayerOrigin o join ValidPaths v on v.path = o.path where o.layer = 0 order by o.path")
+        .prepare("select o.path, v.hash from NixfsLayerOrigin o join ValidPaths v on v.path = o.path where o.layer >= 0 order by o.path")
         .and_then(|mut s| {
             s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()

@@ -40,6 +40,19 @@ pub enum MountError {
         "unmounting {target} failed: {errno}; see `findmnt {target}` for what is mounted there"
     )]
     Umount { target: PathBuf, errno: Errno },
+    #[error("upper {upper}: its file system cannot make {dir} immutable ({errno}); nixfs-layer needs that to keep overlayfs from copying up or whiting out lower paths: put the upper on ext4, xfs, btrfs or tmpfs (Linux 6.0 or later)")]
+    SealUnsupported {
+        upper: PathBuf,
+        dir: PathBuf,
+        errno: Errno,
+    },
+    #[error("upper {upper} is still mounted at {at} in another mount namespace (pid {pid}, {command}); stop that process (a build or a service holding the store) and try again")]
+    HeldElsewhere {
+        upper: PathBuf,
+        at: PathBuf,
+        pid: u32,
+        command: String,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -232,12 +245,26 @@ pub fn overlay_options(lowers: &[Lower], upper: &Upper) -> String {
     )
 }
 
-/// Mounts the overlay on `target_store`.
+/// Mounts the overlay on `target_store`, sealed (see [`seal`]): the upper
+/// is prepared for it first, and if the seal cannot be set the overlay is
+/// unmounted again.
 pub fn mount_overlay(
     lowers: &[Lower],
     upper: &Upper,
     target_store: &Path,
 ) -> Result<(), MountError> {
+    prepare_upper(upper, lowers)?;
+    mount_unsealed(lowers, upper, target_store)?;
+    if let Err(e) = seal(upper) {
+        if let Err(u) = unmount(target_store) {
+            tracing::error!(target = %target_store.display(), error = %u, "could not undo the overlay mount after the seal failed");
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn mount_unsealed(lowers: &[Lower], upper: &Upper, target_store: &Path) -> Result<(), MountError> {
     let opts = overlay_options(lowers, upper);
     tracing::debug!(target = %target_store.display(), %opts, "mounting overlayfs");
     mount(
@@ -304,6 +331,225 @@ pub fn refresh(target_store: &Path) -> Result<(), MountError> {
         errno,
         hint: "",
     })
+}
+
+// The seal.
+//
+// Through the merged store, overlayfs changes a lower entry only by first
+// copying it up (chmod, a hard link, a write) or by whiting it out (a
+// delete, a rename away), and it makes both in its work directory
+// (`UPPER/work/work`) before moving them into the upper. While that
+// directory is immutable, the kernel refuses every such step with EPERM,
+// whoever asks (root included): stock `nix-store --delete`, the collector,
+// `nix-store --optimise` cannot hide, copy or change anything a lower
+// holds, while everything that only touches the upper (builds, imports,
+// deleting upper paths) works as before. overlayfs itself clears and
+// recreates the work directory when it mounts, so the seal is lifted just
+// before each mount and set right after it.
+
+/// FS_IMMUTABLE_FL of linux/fs.h (`chattr +i`).
+const FS_IMMUTABLE_FL: libc::c_int = 0x10;
+
+/// The directory overlayfs makes its copy-ups and whiteouts in.
+pub fn seal_dir(upper: &Upper) -> PathBuf {
+    upper.work().join("work")
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> MountError + '_ {
+    move |source| MountError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Sets or clears the immutable flag of `dir`.
+fn set_immutable(dir: &Path, on: bool) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(dir).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int to the pointer.
+    if unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) } != 0 {
+        return Err(Errno::last());
+    }
+    let new = if on {
+        flags | FS_IMMUTABLE_FL
+    } else {
+        flags & !FS_IMMUTABLE_FL
+    };
+    // SAFETY: FS_IOC_SETFLAGS reads one int from the pointer.
+    if new != flags && unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &new) } != 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// Whether the upper's work directory is sealed now.
+pub fn is_sealed(upper: &Upper) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = fs::File::open(seal_dir(upper)) else {
+        return false;
+    };
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int to the pointer.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
+    rc == 0 && flags & FS_IMMUTABLE_FL != 0
+}
+
+/// Seals the work directory of a mounted overlay.
+pub fn seal(upper: &Upper) -> Result<(), MountError> {
+    let dir = seal_dir(upper);
+    set_immutable(&dir, true).map_err(|errno| match errno {
+        Errno::ENOTTY | Errno::EOPNOTSUPP | Errno::EINVAL => MountError::SealUnsupported {
+            upper: upper.dir().to_owned(),
+            dir: dir.clone(),
+            errno,
+        },
+        errno => MountError::Io {
+            path: dir.clone(),
+            source: errno.into(),
+        },
+    })
+}
+
+/// Lifts the seal (before a mount, or once no overlay uses the upper, so
+/// that the upper can be removed like any directory).
+pub fn unseal(upper: &Upper) -> Result<(), MountError> {
+    let dir = seal_dir(upper);
+    match set_immutable(&dir, false) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        // A file system that cannot seal was never sealed.
+        Err(Errno::ENOTTY | Errno::EOPNOTSUPP | Errno::EINVAL) => Ok(()),
+        Err(errno) => Err(MountError::Io {
+            path: dir,
+            source: errno.into(),
+        }),
+    }
+}
+
+/// Readies an unmounted upper for a sealed mount: no seal left over from
+/// an earlier mount (overlayfs would fall back to read-only), an opaque
+/// `store/.links` (Nix's hard-link directory: a lower's would otherwise
+/// make Nix link lower files, a copy-up, whenever it optimises), and no
+/// whiteout that hides nothing (creating a path over a whiteout needs the
+/// work directory).
+fn prepare_upper(upper: &Upper, lowers: &[Lower]) -> Result<(), MountError> {
+    unseal(upper)?;
+    let links = upper.store().join(".links");
+    match fs::create_dir(&links) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_at(&links)(e)),
+    }
+    set_opaque(&links)?;
+    remove_idle_whiteouts(upper, lowers)
+}
+
+fn set_opaque(dir: &Path) -> Result<(), MountError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| MountError::Io {
+        path: dir.to_owned(),
+        source: std::io::ErrorKind::InvalidInput.into(),
+    })?;
+    // SAFETY: NUL-terminated strings and a one-byte value.
+    let rc = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(io_at(dir)(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Removes whiteouts in the upper's store that no lower entry lies under.
+fn remove_idle_whiteouts(upper: &Upper, lowers: &[Lower]) -> Result<(), MountError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let store = upper.store();
+    for e in fs::read_dir(&store).map_err(io_at(&store))? {
+        let e = e.map_err(io_at(&store))?;
+        let Ok(meta) = e.metadata() else { continue };
+        if !(meta.file_type().is_char_device() && meta.rdev() == 0) {
+            continue;
+        }
+        let name = e.file_name();
+        // Only where every lower says "no such entry": a lower that cannot
+        // be read now keeps its whiteouts.
+        let covers_nothing = lowers.iter().all(|l| {
+            matches!(fs::symlink_metadata(l.store().join(&name)), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+        });
+        if covers_nothing {
+            let p = e.path();
+            fs::remove_file(&p).map_err(io_at(&p))?;
+        }
+    }
+    Ok(())
+}
+
+/// A process whose mount namespace (other than this one) still has an
+/// overlay of `upper` mounted: where, and who.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    pub command: String,
+    pub mount_point: PathBuf,
+}
+
+/// The other mount namespaces holding an overlay of `upper` (one process
+/// each), found through /proc. A build in a namespace of its own (Nix 2.8's
+/// sandbox) keeps the overlay alive there after this namespace unmounted it.
+pub fn holders_elsewhere(upper: &Upper) -> Vec<Holder> {
+    let upper_store = upper.store();
+    let own = fs::read_link("/proc/self/ns/mnt").ok();
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(ns) = fs::read_link(p.path().join("ns/mnt")) else {
+            continue;
+        };
+        if Some(&ns) == own.as_ref() || !seen.insert(ns) {
+            continue;
+        }
+        let Ok(text) = fs::read_to_string(p.path().join("mountinfo")) else {
+            continue;
+        };
+        if let Some(m) = parse_mountinfo(&text).into_iter().find(|m| {
+            m.fs_type == "overlay" && m.option("upperdir").map(Path::new) == Some(&upper_store)
+        }) {
+            let command = fs::read_to_string(p.path().join("comm"))
+                .map(|c| c.trim().to_owned())
+                .unwrap_or_default();
+            out.push(Holder {
+                pid,
+                command,
+                mount_point: m.mount_point,
+            });
+        }
+    }
+    out
+}
+
+/// Refuses an upper that another mount namespace still has mounted.
+pub fn check_not_held_elsewhere(upper: &Upper) -> Result<(), MountError> {
+    match holders_elsewhere(upper).into_iter().next() {
+        Some(h) => Err(MountError::HeldElsewhere {
+            upper: upper.dir().to_owned(),
+            at: h.mount_point,
+            pid: h.pid,
+            command: h.command,
+        }),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -212,6 +212,7 @@ fn check_target_free(target: &Path, stack: &Stack) -> Result<()> {
             return Err(MountError::AlreadyMounted(p, target.to_owned()).into());
         }
     }
+    overlay::check_not_held_elsewhere(&stack.upper)?;
     let upper_store = stack.upper.store();
     if let Some(m) = mounts.iter().find(|m| {
         m.fs_type == "overlay"

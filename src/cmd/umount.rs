@@ -45,6 +45,17 @@ pub fn unmount_stack(mounted: &Mounted, stop_tree: bool) -> Result<()> {
         return Err(e.into());
     }
     let _ = std::fs::remove_file(mounted.upper.mount_record());
+    // The seal stays while another namespace still has the overlay (a
+    // build in a namespace of its own): it protects the lowers there.
+    match overlay::holders_elsewhere(&mounted.upper).first() {
+        None => overlay::unseal(&mounted.upper)?,
+        Some(h) => tracing::warn!(
+            pid = h.pid,
+            command = %h.command,
+            "upper {} is still mounted in another mount namespace; its overlay work directory stays sealed",
+            mounted.upper.dir().display()
+        ),
+    }
     Ok(())
 }
 

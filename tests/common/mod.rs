@@ -77,6 +77,20 @@ pub struct World {
     pub nix_conf: std::sync::Mutex<String>,
 }
 
+impl Drop for World {
+    /// Lifts the seal `mount` puts on each upper's overlay work directory
+    /// (a test may end with its stack mounted), so the scratch directory
+    /// can be removed.
+    fn drop(&mut self) {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg("find \"$1\" -maxdepth 4 -path '*/work/work' -exec chattr -i {} + 2>/dev/null")
+            .arg("sh")
+            .arg(self.tmp.path())
+            .status();
+    }
+}
+
 impl World {
     pub fn new() -> World {
         let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ns-tests");
@@ -435,11 +449,15 @@ pub fn base_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap()
 }
 
-/// An upper's store entries, but for the pin.
+/// An upper's store entries, but for the pin and an empty `.links` (the
+/// opaque directory `mount` makes for Nix's hard links).
 pub fn upper_entries(upper: &Path) -> Vec<String> {
-    entries(&upper.join("store"))
+    let store = upper.join("store");
+    let links = store.join(".links");
+    let links_empty = !links.is_dir() || entries(&links).is_empty();
+    entries(&store)
         .into_iter()
-        .filter(|e| !e.ends_with(PIN_SUFFIX))
+        .filter(|e| !(e.ends_with(PIN_SUFFIX) || (e == ".links" && links_empty)))
         .collect()
 }
 
