@@ -92,7 +92,7 @@ ns_test! {
 }
 
 ns_test! {
-    fn a_mount_after_a_crash_lifts_the_old_seal_and_is_writable() {
+    fn a_crash_around_the_seal_is_mended_by_the_next_mount_or_sync() {
         let s = Stack::new(&["app"]);
         s.mount();
         // As if the mount's owner died: the kernel mounts go, the seal and
@@ -103,6 +103,20 @@ ns_test! {
         let built = s.w.build(&["extra"]);
         assert!(s.valid(&built[0]), "the new mount is writable, not a read-only fallback");
         assert!(is_immutable(&s.upper.join("work/work")));
+        let sealed = || -> serde_json::Value {
+            serde_json::from_str::<serde_json::Value>(&s.w.tool_ok(["status", "--json"])).unwrap()["sealed"].clone()
+        };
+        assert_eq!(sealed(), true);
+        // As if a mount was killed between its mount call and the seal:
+        // status says so, and sync seals.
+        sh(&format!("chattr -i {}", s.upper.join("work/work").display()));
+        assert_eq!(sealed(), false);
+        assert!(s.w.tool_ok(["status"]).contains("not sealed"), "status text warns");
+        s.w.tool_ok(["sync"]);
+        assert_eq!(sealed(), true, "sync seals the overlay");
+        assert!(is_immutable(&s.upper.join("work/work")));
+        s.umount();
+        assert_eq!(sealed(), serde_json::Value::Null, "nothing mounted: no seal to report");
     }
 }
 

@@ -24,6 +24,9 @@ pub struct Status {
     pub lowers: Vec<stats::LowerStats>,
     /// Valid paths in the merged database (null when no upper is known).
     pub valid_paths: Option<u64>,
+    /// Whether the mounted overlay's work directory is sealed (null when
+    /// nothing is mounted): see `overlay::seal`.
+    pub sealed: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,6 +67,9 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                 stats: s.upper.clone(),
             }),
         lowers: db_stats.map(|s| s.lowers).unwrap_or_default(),
+        sealed: mounted
+            .as_ref()
+            .map(|m| crate::overlay::is_sealed(&m.upper)),
     };
     if args.json {
         super::print_json(&status);
@@ -99,6 +105,9 @@ fn print_text(s: &Status) {
     }
     if let Some(n) = s.valid_paths {
         println!("  valid paths: {n}");
+    }
+    if s.sealed == Some(false) {
+        println!("  not sealed: lower paths can be copied up or whited out through the store; run `nixfs-layer sync` to seal it");
     }
 }
 

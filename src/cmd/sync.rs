@@ -25,6 +25,11 @@ pub fn run(args: &SyncArgs, quiet: bool) -> Result<()> {
         return switch_lowers(args, &mounted, quiet);
     }
     let _lock = lock_upper(&mounted.upper)?;
+    if !overlay::is_sealed(&mounted.upper) {
+        // A mount killed between its mount call and the seal.
+        overlay::seal(&mounted.upper)?;
+        tracing::warn!(upper = %mounted.upper.dir().display(), "the overlay was not sealed; sealed it");
+    }
     let lowers = mounted.lowers()?;
     let progress = Progress::new(quiet, "syncing lower databases");
     let phase = |p: &str| progress.phase(p);
