@@ -31,6 +31,7 @@ suite_nix_tests=(
   fault_guard     # Stack, stock nix-store --delete/--gc/--optimise through World::nix
   flake_tree      # the lower is built and evaluated with World::nix_ok
   layered_store   # Stack and World::nix throughout
+  lifecycle       # Stack, racing mounts through the tool
   promote         # builds with World::build, nix-store --verify on both sides
   schema          # compares init's schema with the one World::nix makes
   sync_robustness # lowers built with World::nix, verify_contents

@@ -37,9 +37,13 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     overlay::check_privileges("mount")?;
     overlay::check_overlay_available()?;
     let stack = Stack::open(&lowers, &upper)?;
+    // The locks first (target, then upper, always in that order): two
+    // mounts racing on one upper or one target must not both find it free;
+    // the second waits, then finds it mounted.
+    let _target_lock = super::lock_target(&target)?;
+    let _lock = lock_upper(&stack.upper)?;
     check_target_free(&target, &stack)?;
 
-    let _lock = lock_upper(&stack.upper)?;
     let progress = Progress::new(quiet, "merging lower databases");
     let phase = |p: &str| progress.phase(p);
     let summary = merge::sync(
@@ -116,6 +120,7 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     }
     write_record(&rec_path, &record)?;
     guard.disarm();
+    drop(_target_lock);
     if !quiet {
         eprintln!(
             "mounted {} lower(s) and upper {} at {} ({summary}){}",

@@ -1,0 +1,99 @@
+//! The mount lifecycle under races: one live stack per upper and per
+//! target, whatever runs at the same time.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::{mountinfo, stderr, Stack};
+
+/// Overlays of ours mounted in this namespace: (mount point, upperdir).
+fn overlays() -> Vec<(String, String)> {
+    mountinfo()
+        .lines()
+        .filter(|l| l.contains(" - overlay nixfs-layer "))
+        .map(|l| {
+            let point = l.split(' ').nth(4).unwrap().to_owned();
+            let upper = l
+                .split(',')
+                .find_map(|o| o.strip_prefix("upperdir="))
+                .unwrap()
+                .to_owned();
+            (point, upper)
+        })
+        .collect()
+}
+
+fn mount_cmd(s: &Stack, lowers: &[&Path], upper: &Path, target: &Path, flake: bool) -> Command {
+    let mut c = s.w.tool_command();
+    c.arg("mount");
+    for l in lowers {
+        c.arg("--lower").arg(l);
+    }
+    c.arg("--upper").arg(upper).arg("--target").arg(target);
+    if !flake {
+        c.arg("--no-flake-fs");
+    }
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Runs both at once; their outputs.
+fn race(mut a: Command, mut b: Command) -> (Output, Output) {
+    let (a, b) = (a.spawn().unwrap(), b.spawn().unwrap());
+    (a.wait_with_output().unwrap(), b.wait_with_output().unwrap())
+}
+
+ns_test! {
+    fn racing_mounts_leave_exactly_one_stack() {
+        let s = Stack::new(&["app"]);
+        let second_lower = s.w.path("lower2");
+        common::sh(&format!("cp -a {} {}", s.lower.display(), second_lower.display()));
+        let other_upper = s.w.path("upper2");
+        s.w.tool_ok(["init", "--upper", other_upper.to_str().unwrap()]);
+        let other_target = s.w.path("target2");
+        std::fs::create_dir_all(&other_target).unwrap();
+        let nix = PathBuf::from("/nix");
+        let l1: &[&Path] = &[s.lower.as_path()];
+        let l2: &[&Path] = &[second_lower.as_path()];
+        let u1 = s.upper.as_path();
+        let u2 = other_upper.as_path();
+        // (what, first mount, second mount); each case runs twice, the
+        // same-target one three times.
+        type Case<'a> = (&'a str, (&'a [&'a Path], &'a Path, &'a Path, bool), (&'a [&'a Path], &'a Path, &'a Path, bool));
+        let cases: Vec<Case> = vec![
+            ("one upper, one target", (l1, u1, &nix, false), (l1, u1, &nix, false)),
+            ("one upper, another target", (l1, u1, &nix, false), (l1, u1, &other_target, false)),
+            ("one upper, with the flake tree", (l1, u1, &nix, true), (l1, u1, &nix, true)),
+            ("one upper, two different lowers", (l1, u1, &nix, false), (l2, u1, &nix, false)),
+            ("two uppers, one target", (l1, u1, &nix, false), (l1, u2, &nix, false)),
+        ];
+        let mut pairs = 0;
+        for (what, a, b) in &cases {
+            for _ in 0..if *what == "one upper, one target" { 3 } else { 2 } {
+                let (oa, ob) = race(mount_cmd(&s, a.0, a.1, a.2, a.3), mount_cmd(&s, b.0, b.1, b.2, b.3));
+                pairs += 1;
+                let codes = [oa.status.code(), ob.status.code()];
+                let won = codes.iter().filter(|c| **c == Some(0)).count();
+                assert_eq!(won, 1, "{what}: exactly one mount wins: {codes:?}\n{}\n{}", stderr(&oa), stderr(&ob));
+                let loser = if codes[0] == Some(0) { &ob } else { &oa };
+                assert_eq!(loser.status.code(), Some(75), "{what}: the loser says busy: {}", stderr(loser));
+                let errors = stderr(loser).lines().filter(|l| l.starts_with("nixfs-layer: ")).count();
+                assert_eq!(errors, 1, "{what}: one error line: {}", stderr(loser));
+                let ovl = overlays();
+                assert_eq!(ovl.len(), 1, "{what}: one overlay: {ovl:?}");
+                // One umount takes the whole stack down; a new mount works.
+                let winner_target = if codes[0] == Some(0) { a.2 } else { b.2 };
+                s.w.tool_ok(["umount", "--target", winner_target.to_str().unwrap()]);
+                assert!(overlays().is_empty(), "{what}: nothing left after one umount: {:?}", overlays());
+                assert!(!mountinfo().contains(" /nixfs "), "{what}: no flake tree left");
+            }
+        }
+        assert!(pairs >= 9, "{pairs} racing pairs");
+        s.mount();
+        assert!(s.valid(&s.lower_path("app")));
+    }
+}
