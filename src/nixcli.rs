@@ -85,13 +85,74 @@ fn running() -> &'static Mutex<HashSet<u32>> {
     RUNNING.get_or_init(Default::default)
 }
 
+/// util-linux's `unshare`, when it can start a process as the init of a
+/// PID namespace of its own here (as root): then everything `nix` starts
+/// (builders, which Nix 2.8 puts in mount namespaces of their own, where
+/// they keep the stack's overlay alive) ends when `nix` ends, SIGKILL
+/// included. Checked once.
+fn pid_namespace_launcher() -> Option<&'static std::path::Path> {
+    static LAUNCHER: OnceLock<Option<PathBuf>> = OnceLock::new();
+    LAUNCHER
+        .get_or_init(|| {
+            if !nix::unistd::geteuid().is_root() {
+                return None;
+            }
+            let unshare = ["/usr/bin/unshare", "/bin/unshare"]
+                .into_iter()
+                .map(PathBuf::from)
+                .find(|p| p.is_file())?;
+            let works = Command::new(&unshare)
+                .args(["--pid", "--fork", "--kill-child", "--", "true"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !works {
+                tracing::info!("cannot start nix in a PID namespace of its own here; its builders may outlive it");
+            }
+            works.then_some(unshare)
+        })
+        .as_deref()
+}
+
+/// Makes the child get SIGKILL when the thread that started it ends, so
+/// that a `nix` started for the flake tree never outlives its server (a
+/// server killed with SIGKILL included). The thread waits for the child,
+/// so it lives as long as the child should.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Asks every running `nix` child to stop (they stop their builders).
 pub fn terminate_all() {
     for pid in running().lock().unwrap().iter() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(*pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), stop_signal());
+    }
+}
+
+/// How to stop a running child: SIGTERM, so that Nix stops its builders;
+/// SIGKILL when it runs in a PID namespace of its own, whose launcher does
+/// not pass SIGTERM on and whose end takes the builders along.
+fn stop_signal() -> nix::sys::signal::Signal {
+    if pid_namespace_launcher().is_some() {
+        nix::sys::signal::Signal::SIGKILL
+    } else {
+        nix::sys::signal::Signal::SIGTERM
     }
 }
 
@@ -186,16 +247,24 @@ impl Nix {
         installable: &str,
         timeout: Duration,
     ) -> Result<String, NixError> {
-        let mut child = Command::new(&self.program)
-            .args(args)
+        let mut cmd = match pid_namespace_launcher() {
+            Some(unshare) => {
+                let mut c = Command::new(unshare);
+                c.args(["--pid", "--fork", "--kill-child", "--"])
+                    .arg(&self.program);
+                c
+            }
+            None => Command::new(&self.program),
+        };
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| NixError::Spawn {
-                program: self.program.display().to_string(),
-                message: e.to_string(),
-            })?;
+            .stderr(Stdio::piped());
+        die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().map_err(|e| NixError::Spawn {
+            program: self.program.display().to_string(),
+            message: e.to_string(),
+        })?;
         let pid = child.id();
         running().lock().unwrap().insert(pid);
         let result = wait_output(&mut child, timeout);
@@ -219,8 +288,8 @@ impl Nix {
     }
 }
 
-/// Waits for the child, collecting its output; on timeout stops it (SIGTERM
-/// so Nix stops its builder, then SIGKILL) and returns None.
+/// Waits for the child, collecting its output; on timeout stops it
+/// ([`stop_signal`], then SIGKILL) and returns None.
 fn wait_output(
     child: &mut Child,
     timeout: Duration,
@@ -241,7 +310,7 @@ fn wait_output(
         Ok(Some(s)) => Some(s),
         _ => {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(pid, stop_signal());
             if !matches!(child.wait_timeout(Duration::from_secs(5)), Ok(Some(_))) {
                 let _ = child.kill();
                 let _ = child.wait();

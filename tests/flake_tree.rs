@@ -710,3 +710,36 @@ ns_test! {
         assert_eq!(v["mounted"], false);
     }
 }
+
+ns_test! {
+    fn a_killed_server_takes_its_nix_children_along_and_a_new_one_starts_clean() {
+        let s = setup("");
+        let slow = std::thread::spawn(|| std::fs::read_link(str_("myflake#slow")));
+        let started = Instant::now();
+        while !s.builds().contains(&"slow".to_owned()) {
+            assert!(started.elapsed() < Duration::from_secs(20), "the slow build never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Live ones: the test is the namespace's init and reaps nothing.
+        // Nix and its builders (the fixture's: sh, sleep).
+        let nix_running = || sh("ps -eo stat=,comm= | awk '$1 !~ /^Z/ && ($2 == \"nix\" || $2 == \"sleep\")'").lines().count();
+        assert!(nix_running() > 0, "a nix build runs for the tree");
+        // SIGKILL: the server gets no chance to stop anything itself.
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(s.upper.join("nixfs-layer/mount.json")).unwrap()).unwrap();
+        let pid = record["flakefs"]["pid"].as_u64().unwrap();
+        sh(&format!("kill -9 {pid}"));
+        let t = Instant::now();
+        while nix_running() > 0 {
+            assert!(t.elapsed() < Duration::from_secs(2), "nix or its builder outlived the server: {}", sh("ps -ef"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = slow.join();
+        // The tree is gone with its server; a new mount serves it again
+        // and the same reference resolves (no stale handle).
+        s.tool_ok(&["umount"]);
+        s.mount();
+        assert_eq!(&target(&str_("myflake#hello")), &s.out["hello"]);
+        assert_eq!(&target(&str_("myflake#slow")), &s.out["slow"]);
+    }
+}
