@@ -31,8 +31,8 @@ pub enum Command {
     Init(InitArgs),
     /// Mount lowers and an upper as one Nix store at the target.
     Mount(MountArgs),
-    /// Unmount what `mount` mounted at the target.
-    Umount(TargetArgs),
+    /// Unmount what `mount` mounted at the target, all of it or nothing.
+    Umount(UmountArgs),
     /// Show whether the target is mounted and what each layer holds.
     Status(StatusArgs),
     /// Re-read the lower databases and apply what changed to the merged database.
@@ -138,6 +138,16 @@ pub struct TargetArgs {
     pub target: Option<PathBuf>,
     #[command(flatten)]
     pub config: ConfigArg,
+}
+
+#[derive(Debug, Args)]
+pub struct UmountArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// While processes still use the stack (a running build), wait up to
+    /// this many seconds for them to end instead of refusing at once.
+    #[arg(long, value_name = "SECONDS")]
+    pub wait: Option<u64>,
 }
 
 #[derive(Debug, Args)]

@@ -169,6 +169,7 @@ impl Error {
             MountError::AlreadyMounted(..)
             | MountError::UpperInUse { .. }
             | MountError::HeldElsewhere { .. }
+            | MountError::InUse { .. }
             | MountError::Busy(_) => EX_TEMPFAIL,
             MountError::NotMounted(_) => EXIT_NOT_MOUNTED,
             MountError::LowerSeesTarget { .. } => EX_USAGE,

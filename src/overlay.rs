@@ -53,6 +53,8 @@ pub enum MountError {
         pid: u32,
         command: String,
     },
+    #[error("{target} is in use by {holders}; nothing was unmounted: stop them, or pass --wait SECONDS to wait for them")]
+    InUse { target: PathBuf, holders: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -537,6 +539,83 @@ pub fn holders_elsewhere(upper: &Upper) -> Vec<Holder> {
         }
     }
     out
+}
+
+/// Processes of this mount namespace that use files under `target` (their
+/// working or root directory, executable, open files or mapped files),
+/// but for this process and the processes `exclude` says to leave out.
+pub fn users_of(target: &Path, exclude: impl Fn(u32) -> bool) -> Vec<Holder> {
+    let own_ns = fs::read_link("/proc/self/ns/mnt").ok();
+    let me = std::process::id();
+    let under = |p: &Path| p.starts_with(target);
+    let mut out = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me || exclude(pid) || fs::read_link(p.path().join("ns/mnt")).ok() != own_ns {
+            continue;
+        }
+        let dir = p.path();
+        let mut hit = ["cwd", "root", "exe"]
+            .iter()
+            .filter_map(|l| fs::read_link(dir.join(l)).ok())
+            .find(|t| under(t) && t != Path::new("/"));
+        if hit.is_none() {
+            hit = fs::read_dir(dir.join("fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|fd| fs::read_link(fd.path()).ok())
+                .find(|t| under(t));
+        }
+        if hit.is_none() {
+            hit = fs::read_to_string(dir.join("maps"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(5).map(PathBuf::from))
+                .find(|t| under(t));
+        }
+        if let Some(at) = hit {
+            out.push(Holder {
+                pid,
+                command: fs::read_to_string(dir.join("comm"))
+                    .map(|c| c.trim().to_owned())
+                    .unwrap_or_default(),
+                mount_point: at,
+            });
+        }
+    }
+    out
+}
+
+/// Whether `pid` is `ancestor` or one of its descendants.
+pub fn descends_from(pid: u32, ancestor: u32) -> bool {
+    let mut p = pid;
+    for _ in 0..64 {
+        if p == ancestor {
+            return true;
+        }
+        let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else {
+            return false;
+        };
+        let Some(ppid) = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            return false;
+        };
+        if ppid <= 1 {
+            return false;
+        }
+        p = ppid;
+    }
+    false
 }
 
 /// Refuses an upper that another mount namespace still has mounted.

@@ -97,3 +97,64 @@ ns_test! {
         assert!(s.valid(&s.lower_path("app")));
     }
 }
+
+ns_test! {
+    fn umount_during_a_build_refuses_naming_it_or_waits_for_it() {
+        let s = Stack::new(&["app"]);
+        s.mount();
+        let mounts_before = overlays();
+        let mut build = s.w.nix("nix-build");
+        build
+            .args(["--no-out-link", &common::fixture("slow.nix"), "-A", "c", "--argstr", "salt", "umount"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let build = build.spawn().unwrap();
+        // Wait until Nix has the store open.
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let out = s.w.tool(["umount"]);
+        assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(&format!("pid {}", build.id())) && err.contains("nix-build"), "names the build: {err}");
+        assert!(err.contains("nothing was unmounted") && err.contains("--wait"), "{err}");
+        assert_eq!(overlays(), mounts_before, "the stack stays whole");
+        assert!(mountinfo().contains(" /nix/var "), "the state bind stays");
+        // With --wait, umount waits for the build and then goes.
+        let t = std::time::Instant::now();
+        let out = s.w.tool(["umount", "--wait", "60"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let built = build.wait_with_output().unwrap();
+        assert!(built.status.success(), "the build finished undisturbed: {}", stderr(&built));
+        eprintln!("umount --wait returned after {:?}", t.elapsed());
+        assert!(overlays().is_empty());
+        // The next mount and build see no stale handle.
+        s.mount();
+        let path = String::from_utf8(built.stdout).unwrap().trim().to_owned();
+        assert!(s.valid(&path), "the build done before the umount is registered");
+        let again = s.w.build(&["extra"]);
+        assert!(s.valid(&again[0]));
+    }
+}
+
+ns_test! {
+    fn a_busy_umount_tears_nothing_down() {
+        let s = Stack::new(&["app"]);
+        // With the flake tree this time.
+        s.w.tool_ok(["mount", "--lower", s.lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap()]);
+        assert!(mountinfo().contains(" /nixfs "));
+        let app = s.lower_path("app");
+        let mut shell = Command::new("sh").arg("-c").arg("exec sleep 600").current_dir(&app).spawn().unwrap();
+        let out = s.w.tool(["umount"]);
+        assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+        assert!(stderr(&out).contains(&format!("pid {} (sleep", shell.id())), "{}", stderr(&out));
+        assert!(mountinfo().contains(" /nixfs "), "the flake tree stays up");
+        assert_eq!(overlays().len(), 1, "the store stays mounted");
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(s.upper.join("nixfs-layer/mount.json")).unwrap()).unwrap();
+        let server = record["flakefs"]["pid"].as_u64().unwrap();
+        assert!(Path::new(&format!("/proc/{server}")).exists(), "its server runs on");
+        shell.kill().unwrap();
+        shell.wait().unwrap();
+        s.w.tool_ok(["umount"]);
+        assert!(overlays().is_empty() && !mountinfo().contains(" /nixfs "));
+    }
+}

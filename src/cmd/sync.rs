@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::cli::{ConfigArg, MountArgs, SyncArgs, TargetArgs};
+use crate::cli::{ConfigArg, MountArgs, SyncArgs, TargetArgs, UmountArgs};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layer::Stack;
@@ -121,7 +121,11 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
             config: args.target.config.config.clone(),
         },
     };
-    if let Err(e) = super::umount::run(&target_args) {
+    let umount_args = UmountArgs {
+        target: target_args,
+        wait: None,
+    };
+    if let Err(e) = super::umount::run(&umount_args) {
         let _ = storecopy::remove_tree(&staging);
         return Err(e);
     }

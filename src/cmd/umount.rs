@@ -1,6 +1,6 @@
 //! `nixfs-layer umount [--target DIR]`
 
-use crate::cli::TargetArgs;
+use crate::cli::UmountArgs;
 use crate::config::Config;
 use crate::error::Result;
 use crate::flakefs::daemon;
@@ -11,15 +11,52 @@ use crate::overlay::{self, MountError};
 
 use super::{lock_upper, require_mounted, resolve_target, Mounted};
 
-pub fn run(args: &TargetArgs) -> Result<()> {
-    let config = Config::load(args.config.config.as_deref())?;
-    let target = resolve_target(args.target.as_deref(), &config)?;
+pub fn run(args: &UmountArgs) -> Result<()> {
+    let config = Config::load(args.target.config.config.as_deref())?;
+    let target = resolve_target(args.target.target.as_deref(), &config)?;
     overlay::check_privileges("umount")?;
     let mounted = require_mounted(&target)?;
     let _lock = lock_upper(&mounted.upper)?;
+    wait_until_unused(&mounted, args.wait.map(Duration::from_secs))?;
     unmount_stack(&mounted, true)?;
     eprintln!("unmounted {}", target.display());
     Ok(())
+}
+
+/// What keeps a stack from going: processes of this namespace using the
+/// target (but the flake tree's server and what it started: they are
+/// stopped first), and other mount namespaces holding the overlay (a
+/// build in a namespace of its own). Nothing at all is torn down while
+/// any remains: after `wait`, if given, it is an error naming them.
+fn wait_until_unused(mounted: &Mounted, wait: Option<Duration>) -> Result<()> {
+    let server = mounted.record.flakefs.as_ref().map(|f| f.pid);
+    let deadline = wait.map(|w| Instant::now() + w);
+    loop {
+        let mut holders = overlay::users_of(&mounted.target, |pid| {
+            server.is_some_and(|s| overlay::descends_from(pid, s))
+        });
+        holders.extend(overlay::holders_elsewhere(&mounted.upper));
+        if holders.is_empty() {
+            return Ok(());
+        }
+        if deadline.is_some_and(|d| Instant::now() < d) {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        let mut named: Vec<String> = holders
+            .iter()
+            .take(5)
+            .map(|h| format!("pid {} ({}, {})", h.pid, h.command, h.mount_point.display()))
+            .collect();
+        if holders.len() > 5 {
+            named.push(format!("{} more", holders.len() - 5));
+        }
+        return Err(MountError::InUse {
+            target: mounted.target.clone(),
+            holders: named.join(", "),
+        }
+        .into());
+    }
 }
 
 /// Unmounts a stack (the caller holds the upper's lock): the flake tree
