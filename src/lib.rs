@@ -12,6 +12,7 @@ pub mod cmd;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod failpoint;
 pub mod flakefs;
 pub mod gc;
 pub mod gcroots;

@@ -257,6 +257,7 @@ pub fn mount_overlay(
 ) -> Result<(), MountError> {
     prepare_upper(upper, lowers)?;
     mount_unsealed(lowers, upper, target_store)?;
+    crate::failpoint::hit("mount:overlay-unsealed");
     if let Err(e) = seal(upper) {
         if let Err(u) = unmount(target_store) {
             tracing::error!(target = %target_store.display(), error = %u, "could not undo the overlay mount after the seal failed");

@@ -158,3 +158,98 @@ ns_test! {
         assert!(overlays().is_empty() && !mountinfo().contains(" /nixfs "));
     }
 }
+
+/// Nothing of a stack is left: no overlay, no state bind, no flake tree,
+/// no server, no scratch database; the seal is off.
+fn assert_nothing_left(s: &Stack, when: &str) {
+    let mi = mountinfo();
+    assert!(
+        overlays().is_empty(),
+        "{when}: no overlay: {:?}",
+        overlays()
+    );
+    assert!(!mi.contains(" /nix/var "), "{when}: no state bind");
+    assert!(!mi.contains(" /nixfs "), "{when}: no flake tree");
+    // (A zombie's command line is empty.)
+    let servers = common::sh("ps -eo args= | grep '[f]lakefs --mountpoint' || true");
+    assert!(servers.trim().is_empty(), "{when}: no server: {servers}");
+    let scratch: Vec<String> = common::entries(&s.upper.join("nixfs-layer"))
+        .into_iter()
+        .filter(|e| e.ends_with(".sqlite") || e.contains("tmp-"))
+        .collect();
+    assert!(
+        scratch.is_empty(),
+        "{when}: no scratch database: {scratch:?}"
+    );
+}
+
+fn integrity(upper: &Path) -> String {
+    common::sh(&format!(
+        "sqlite3 {}/var/nix/db/db.sqlite 'pragma integrity_check'",
+        upper.display()
+    ))
+    .trim()
+    .to_owned()
+}
+
+ns_test! {
+    // `mount` killed right after each of its steps, then at random moments:
+    // one `umount` clears what is left, `status` said what was wrong, and
+    // the next `mount` works with a sound database.
+    fn a_killed_mount_is_cleared_by_one_umount() {
+        let s = Stack::new(&["app"]);
+        let built = {
+            s.mount();
+            let b = s.w.build(&["extra"]);
+            s.umount();
+            b
+        };
+        let mount = || {
+            let mut c = s.w.tool_command();
+            c.args(["mount", "--lower", s.lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap()]);
+            c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+            c
+        };
+        let points = ["mount:merged", "mount:recorded", "mount:overlay-unsealed", "mount:overlay", "mount:var", "mount:server", "mount:done"];
+        let mut kills = 0;
+        let check = |when: &str| {
+            let status = s.w.tool(["status", "--json"]);
+            let doc: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap_or_default();
+            if doc["mounted"] == true && !when.ends_with("mount:done") {
+                // Mid-way is reported as such where something is missing.
+                let complete = doc["state"] == "mounted";
+                eprintln!("{when}: status says {} {}", doc["state"], doc["problems"]);
+                assert!(complete || !doc["problems"].as_array().unwrap().is_empty(), "{when}: {doc}");
+            }
+            let out = s.w.tool(["umount"]);
+            assert!(matches!(out.status.code(), Some(0) | Some(1)), "{when}: umount clears it: {}", stderr(&out));
+            assert_nothing_left(&s, when);
+            assert_eq!(integrity(&s.upper), "ok", "{when}: the database is sound");
+            s.w.tool_ok(["mount", "--lower", s.lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap()]);
+            assert!(s.valid(&built[0]) && s.valid(&s.lower_path("app")), "{when}: paths are valid again");
+            s.w.tool_ok(["umount"]);
+            assert_nothing_left(&s, when);
+        };
+        for p in points {
+            let out = mount().env("NIXFS_LAYER_KILL_AT", p).output().unwrap();
+            assert_eq!(std::os::unix::process::ExitStatusExt::signal(&out.status), Some(9), "{p}: killed there: {}", stderr(&out));
+            kills += 1;
+            check(p);
+        }
+        // At random moments (the merge, mounting, starting the server).
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for i in 0..24 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let delay = std::time::Duration::from_micros(seed % 40_000);
+            let mut child = mount().spawn().unwrap();
+            std::thread::sleep(delay);
+            let _ = child.kill();
+            let _ = child.wait();
+            kills += 1;
+            check(&format!("random kill {i} after {delay:?}"));
+        }
+        assert!(kills >= 30, "{kills} kills");
+    }
+}

@@ -59,6 +59,7 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
         },
     )?;
     drop(progress);
+    crate::failpoint::hit("mount:merged");
     tracing::info!(%summary, "merged database up to date");
     for p in &summary.broken {
         eprintln!("nixfs-layer: warning: {p} left the lowers but upper paths need it; its content is missing (see `nixfs-layer verify`)");
@@ -81,14 +82,17 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     };
     let rec_path = stack.upper.mount_record();
     write_record(&rec_path, &record)?;
+    crate::failpoint::hit("mount:recorded");
     let mut guard = MountGuard {
         mounts: Vec::new(),
         record: Some(rec_path.clone()),
     };
     overlay::mount_overlay(&stack.lowers, &stack.upper, &store)?;
     guard.mounts.push(store.clone());
+    crate::failpoint::hit("mount:overlay");
     overlay::bind(&stack.upper.var(), &var)?;
     guard.mounts.push(var.clone());
+    crate::failpoint::hit("mount:var");
     let flake = !args.no_flake_fs && config.flakefs.enable.unwrap_or(true);
     let mountpoint = flakefs::mountpoint(args.flake_mount.as_deref(), &config);
     let mut serve_here = None;
@@ -110,6 +114,7 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
         );
         match spawned {
             Ok(pid) => {
+                crate::failpoint::hit("mount:server");
                 record.flakefs = Some(FlakeFsRecord {
                     pid,
                     mountpoint: mountpoint.clone(),
@@ -121,6 +126,7 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     write_record(&rec_path, &record)?;
     guard.disarm();
     drop(_target_lock);
+    crate::failpoint::hit("mount:done");
     if !quiet {
         eprintln!(
             "mounted {} lower(s) and upper {} at {} ({summary}){}",

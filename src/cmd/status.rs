@@ -27,6 +27,24 @@ pub struct Status {
     /// Whether the mounted overlay's work directory is sealed (null when
     /// nothing is mounted): see `overlay::seal`.
     pub sealed: Option<bool>,
+    /// "mounted", "half-mounted" (a command was killed midway: see
+    /// `problems`) or "not mounted".
+    pub state: &'static str,
+    /// What is wrong with a half-mounted stack, each with what to run.
+    pub problems: Vec<String>,
+    /// The flake tree served with the mounted stack, if any.
+    pub flake_tree: Option<FlakeTreeStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FlakeTreeStatus {
+    pub mountpoint: String,
+    /// The server's pid (null when none runs).
+    pub pid: Option<u32>,
+    /// Mounted and served by a running server.
+    pub alive: bool,
+    /// Results of locked references kept across restarts.
+    pub locked_results: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -54,6 +72,10 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         }
         None => None,
     };
+    let (state, problems, flake_tree) = match &mounted {
+        Some(m) => health(m),
+        None => ("not mounted", Vec::new(), None),
+    };
     let status = Status {
         format: STATUS_FORMAT,
         target: target.display().to_string(),
@@ -70,6 +92,9 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         sealed: mounted
             .as_ref()
             .map(|m| crate::overlay::is_sealed(&m.upper)),
+        state,
+        problems,
+        flake_tree,
     };
     if args.json {
         super::print_json(&status);
@@ -79,12 +104,77 @@ pub fn run(args: &StatusArgs) -> Result<()> {
     Ok(())
 }
 
+/// What a mounted stack is missing: the state bind, its flake tree or the
+/// tree's server (a `mount` or `sync --lower` killed midway).
+fn health(m: &super::Mounted) -> (&'static str, Vec<String>, Option<FlakeTreeStatus>) {
+    let mut problems = Vec::new();
+    let var = m.target.join("var");
+    let mounts = crate::overlay::mounts().unwrap_or_default();
+    if crate::overlay::mount_at(&mounts, &var).is_none() {
+        problems.push(format!(
+            "{} is not bound (Nix there would use an empty state): run `nixfs-layer umount --target {}`, then mount again",
+            var.display(),
+            m.target.display()
+        ));
+    }
+    let servers = crate::flakefs::daemon::servers_for(&m.target);
+    let tree = m.record.flakefs.as_ref().map(|f| {
+        let server = servers.iter().find(|s| s.mountpoint == f.mountpoint);
+        let mounted = crate::flakefs::daemon::is_mounted(&f.mountpoint);
+        let locked_results = std::fs::read_to_string(crate::flakefs::cache_file(&m.target))
+            .map(|t| t.lines().count() as u64)
+            .unwrap_or(0);
+        FlakeTreeStatus {
+            mountpoint: f.mountpoint.display().to_string(),
+            pid: server.map(|s| s.pid),
+            alive: mounted && server.is_some(),
+            locked_results,
+        }
+    });
+    if let Some(t) = &tree {
+        if !t.alive {
+            problems.push(format!(
+                "the flake tree at {} has no running server: run `nixfs-layer umount --target {}`, then mount again",
+                t.mountpoint,
+                m.target.display()
+            ));
+        }
+    }
+    for s in &servers {
+        if m.record.flakefs.as_ref().map(|f| &f.mountpoint) != Some(&s.mountpoint) {
+            problems.push(format!(
+                "a flake tree server (pid {}) serves this store at {} without a record: run `nixfs-layer umount --target {}`",
+                s.pid,
+                s.mountpoint.display(),
+                m.target.display()
+            ));
+        }
+    }
+    let state = if problems.is_empty() {
+        "mounted"
+    } else {
+        "half-mounted"
+    };
+    (state, problems, tree)
+}
+
 fn print_text(s: &Status) {
-    println!(
-        "{}: {}",
-        s.target,
-        if s.mounted { "mounted" } else { "not mounted" }
-    );
+    println!("{}: {}", s.target, s.state);
+    for p in &s.problems {
+        println!("  problem: {p}");
+    }
+    if let Some(t) = &s.flake_tree {
+        println!(
+            "  flake tree {}: {}, {} locked result(s) kept",
+            t.mountpoint,
+            match t.pid {
+                Some(pid) if t.alive => format!("served by pid {pid}"),
+                Some(pid) => format!("server pid {pid}, not mounted"),
+                None => "no server running".to_owned(),
+            },
+            t.locked_results
+        );
+    }
     if let Some(u) = &s.upper {
         println!(
             "  upper {}: {} paths, {} ({} upper-only)",

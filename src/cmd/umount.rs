@@ -29,11 +29,11 @@ pub fn run(args: &UmountArgs) -> Result<()> {
 /// build in a namespace of its own). Nothing at all is torn down while
 /// any remains: after `wait`, if given, it is an error naming them.
 fn wait_until_unused(mounted: &Mounted, wait: Option<Duration>) -> Result<()> {
-    let server = mounted.record.flakefs.as_ref().map(|f| f.pid);
+    let servers: Vec<u32> = servers(mounted).iter().map(|s| s.pid).collect();
     let deadline = wait.map(|w| Instant::now() + w);
     loop {
         let mut holders = overlay::users_of(&mounted.target, |pid| {
-            server.is_some_and(|s| overlay::descends_from(pid, s))
+            servers.iter().any(|s| overlay::descends_from(pid, *s))
         });
         holders.extend(overlay::holders_elsewhere(&mounted.upper));
         if holders.is_empty() {
@@ -64,8 +64,17 @@ fn wait_until_unused(mounted: &Mounted, wait: Option<Duration>) -> Result<()> {
 /// then the state bind and the overlay; if the overlay is busy, the state
 /// is bound again so nothing is left half-unmounted.
 pub fn unmount_stack(mounted: &Mounted, stop_tree: bool) -> Result<()> {
-    if let (true, Some(f)) = (stop_tree, &mounted.record.flakefs) {
-        daemon::stop(Some(f.pid), &f.mountpoint)?;
+    if stop_tree {
+        let running = servers(mounted);
+        for s in &running {
+            daemon::stop(Some(s.pid), &s.mountpoint)?;
+        }
+        // A tree whose server died is still mounted (and answers ENOTCONN).
+        if let Some(f) = &mounted.record.flakefs {
+            if !running.iter().any(|s| s.mountpoint == f.mountpoint) {
+                daemon::stop(None, &f.mountpoint)?;
+            }
+        }
     }
     let var = mounted.target.join("var");
     let store = mounted.store();
@@ -94,6 +103,12 @@ pub fn unmount_stack(mounted: &Mounted, stop_tree: bool) -> Result<()> {
         ),
     }
     Ok(())
+}
+
+/// The flake tree's servers of this stack, running: any serving its
+/// target (also one a `mount` killed before recording it).
+fn servers(mounted: &Mounted) -> Vec<daemon::Server> {
+    daemon::servers_for(&mounted.target)
 }
 
 /// Unmounts `target`, retrying EBUSY for a moment: processes that just

@@ -195,6 +195,59 @@ pub fn serve(opts: &ServeOptions) -> Result<(), FlakeFsError> {
     })
 }
 
+/// A running server of the tree for a store, found by its command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub pid: u32,
+    pub mountpoint: PathBuf,
+}
+
+/// The tree's servers in this mount namespace that serve the store at
+/// `target`: what [`spawn`] started (`nixfs-layer flakefs --mountpoint M
+/// --target T … --foreground`), whether or not a mount record names them
+/// (a `mount` killed between starting one and recording it).
+pub fn servers_for(target: &Path) -> Vec<Server> {
+    let own_ns = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me || std::fs::read_link(p.path().join("ns/mnt")).ok() != own_ns {
+            continue;
+        }
+        let ours = std::fs::read_link(p.path().join("exe")).is_ok_and(|e| {
+            e.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("nixfs-layer"))
+        });
+        if !ours {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let value = |flag: &str| {
+            args.iter()
+                .position(|a| *a == flag.as_bytes())
+                .and_then(|i| args.get(i + 1))
+                .map(|v| PathBuf::from(String::from_utf8_lossy(v).into_owned()))
+        };
+        let serving =
+            args.contains(&b"flakefs".as_slice()) && args.contains(&b"--foreground".as_slice());
+        if serving && value("--target").as_deref() == Some(target) {
+            if let Some(mountpoint) = value("--mountpoint") {
+                out.push(Server { pid, mountpoint });
+            }
+        }
+    }
+    out
+}
+
 /// Starts `nixfs-layer <args> --foreground` detached, with its output in
 /// `log`, and returns its pid once the tree is mounted at `mountpoint`.
 pub fn spawn(args: &[OsString], mountpoint: &Path, log: &Path) -> Result<u32, FlakeFsError> {
