@@ -253,3 +253,89 @@ ns_test! {
         assert!(kills >= 30, "{kills} kills");
     }
 }
+
+ns_test! {
+    // `sync --lower NEW --keep-needed` killed after each of its steps and
+    // at random moments: one `umount` clears what is left; mounting the new
+    // lower then works, the upper's rooted build and everything it needs
+    // are valid with their content (what the switch had copied becomes the
+    // upper's), and the database is sound.
+    fn a_killed_switch_to_new_lowers_is_cleared_by_one_umount() {
+        let s = Stack::new(&["app", "tool"]);
+        s.mount();
+        let root = s.w.path("on-top-root");
+        let on_top = s
+            .w
+            .nix_ok("nix-build", ["-o", root.to_str().unwrap(), &common::fixture("store.nix"), "-A", "onTop"])
+            .trim()
+            .to_owned();
+        let closure: Vec<String> = s.w.nix_ok("nix-store", ["-qR", &on_top]).lines().map(str::to_owned).collect();
+        s.umount();
+        // The next generation lacks `tool`, which on-top needs.
+        let new_lower = s.w.path("lower-v2");
+        s.w.with_nix_at(&new_lower, || s.w.build(&["app", "extra"]));
+        let pristine = s.w.path("upper-pristine");
+        common::sh(&format!("cp -a {} {}", s.upper.display(), pristine.display()));
+        let nl = new_lower.to_str().unwrap().to_owned();
+        let switch = || {
+            let mut c = s.w.tool_command();
+            c.args(["sync", "--lower", &nl, "--keep-needed"]);
+            c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+            c
+        };
+        let reset = || {
+            common::sh(&format!("rm -rf {u} && cp -a {p} {u}", u = s.upper.display(), p = pristine.display()));
+            s.mount();
+        };
+        let tool = s.lower_path("tool");
+        let check = |when: &str| {
+            // Killed before its copies were verified, the switch is undone
+            // (the stack stays on the old lower); after, it is completed.
+            let pending = s.upper.join("nixfs-layer/switch.json").exists();
+            let committed = pending || s.upper.join("store").join(common::base_name(&tool)).exists();
+            if pending {
+                let text = s.w.tool_ok(["status", "--upper", s.upper.to_str().unwrap()]);
+                assert!(text.contains("cut short") && text.contains("nixfs-layer mount"), "{when}: status says what to run: {text}");
+            }
+            let out = s.w.tool(["umount"]);
+            assert!(matches!(out.status.code(), Some(0) | Some(1)), "{when}: umount clears it: {}", stderr(&out));
+            assert_nothing_left(&s, when);
+            let lower = if committed { nl.clone() } else { s.lower.to_str().unwrap().to_owned() };
+            eprintln!("{when}: {}", if committed { "completed" } else { "undone" });
+            let out = s.w.tool(["mount", "--lower", &lower, "--upper", s.upper.to_str().unwrap(), "--no-flake-fs"]);
+            assert!(out.status.success(), "{when}: mount of {lower}: {}", stderr(&out));
+            assert!(!stderr(&out).contains("content is missing"), "{when}: nothing the upper needs is missing: {}", stderr(&out));
+            for p in &closure {
+                assert!(s.valid(p), "{when}: {p} is valid");
+                assert!(Path::new(p).exists(), "{when}: {p} has its content");
+            }
+            assert_eq!(integrity(&s.upper), "ok", "{when}: the database is sound");
+            common::verify_contents(&s.w);
+            s.w.tool_ok(["umount"]);
+            assert!(!common::entries(&s.upper.join("nixfs-layer")).iter().any(|e| e == "staging" || e == "switch.json"), "{when}: no staging left");
+        };
+        let mut kills = 0;
+        for p in ["sync-lower:copied", "sync-lower:journaled", "sync-lower:unmounted", "sync-lower:moved", "sync-lower:adopted", "mount:overlay", "mount:done"] {
+            reset();
+            let out = switch().env("NIXFS_LAYER_KILL_AT", p).output().unwrap();
+            assert_eq!(std::os::unix::process::ExitStatusExt::signal(&out.status), Some(9), "{p}: killed there: {}", stderr(&out));
+            kills += 1;
+            check(p);
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        for i in 0..14 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            reset();
+            let delay = std::time::Duration::from_micros(seed % 25_000);
+            let mut child = switch().spawn().unwrap();
+            std::thread::sleep(delay);
+            let _ = child.kill();
+            let _ = child.wait();
+            kills += 1;
+            check(&format!("random kill {i} after {delay:?}"));
+        }
+        assert!(kills >= 20, "{kills} kills");
+    }
+}

@@ -15,6 +15,7 @@ use crate::flakefs::daemon::{self, ServeOptions};
 use crate::flakefs::log_file;
 use crate::layer::Stack;
 use crate::overlay::{self, MountError};
+use crate::pathdb::keep;
 use crate::pathdb::merge::{self, Needed, SyncOptions};
 
 use super::flakefs;
@@ -43,6 +44,15 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     let _target_lock = super::lock_target(&target)?;
     let _lock = lock_upper(&stack.upper)?;
     check_target_free(&target, &stack)?;
+    // A switch to new lowers cut short: its verified copies become the
+    // upper's, whichever lowers are mounted now.
+    let finished = keep::finish_switch(&stack.upper)?;
+    if !finished.is_empty() {
+        tracing::warn!(
+            count = finished.len(),
+            "finished an interrupted `sync --lower`: the paths it had copied are the upper's now"
+        );
+    }
 
     let progress = Progress::new(quiet, "merging lower databases");
     let phase = |p: &str| progress.phase(p);

@@ -72,10 +72,19 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         }
         None => None,
     };
-    let (state, problems, flake_tree) = match &mounted {
+    let (mut state, mut problems, flake_tree) = match &mounted {
         Some(m) => health(m),
         None => ("not mounted", Vec::new(), None),
     };
+    if let Some(u) = upper.as_ref().filter(|u| pathdb::keep::switch_pending(u)) {
+        problems.push(format!(
+            "a `sync --lower` on {} was cut short after copying what the upper needs: the next `nixfs-layer mount` of this upper finishes it",
+            u.dir().display()
+        ));
+        if state == "mounted" {
+            state = "half-mounted";
+        }
+    }
     let status = Status {
         format: STATUS_FORMAT,
         target: target.display().to_string(),

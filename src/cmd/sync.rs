@@ -81,16 +81,18 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
         .into());
     }
 
-    // Copy what is missing, through the merged view, and check it.
-    let staging = upper.tool_dir().join("staging");
-    let _ = storecopy::remove_tree(&staging);
+    // Copy what is missing, through the merged view, and check it. A
+    // journal left by a switch killed before it unmounted (the stack is
+    // still on its old lowers) is dropped with its copies.
+    let staging = keep::staging_dir(upper);
+    keep::abandon_switch(upper);
     let io = |path: PathBuf| move |source| Error::Io { path, source };
     std::fs::create_dir_all(&staging).map_err(io(staging.clone()))?;
     for n in &missing {
         let base = base_name(&n.path);
         let (src, dst) = (mounted.store().join(base), staging.join(base));
         if let Err(e) = storecopy::copy_verified(&src, &dst, &n.nar_hash) {
-            let _ = storecopy::remove_tree(&staging);
+            keep::abandon_switch(upper);
             return Err(match e {
                 CopyError::Mismatch {
                     expected, actual, ..
@@ -106,6 +108,12 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
             });
         }
     }
+    crate::failpoint::hit("sync-lower:copied");
+    let kept: Vec<String> = missing.iter().map(|n| n.path.clone()).collect();
+    // From here on the copies are good: whatever stops this process, the
+    // next mount of this upper makes them the upper's (keep::finish_switch).
+    keep::begin_switch(upper, &kept)?;
+    crate::failpoint::hit("sync-lower:journaled");
 
     // Unmount, make the copies the upper's, mount with the new lowers.
     let flake_mount = mounted
@@ -126,7 +134,8 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
         wait: None,
     };
     if let Err(e) = super::umount::run(&umount_args) {
-        let _ = storecopy::remove_tree(&staging);
+        // Still on the old lowers: nothing to finish.
+        keep::abandon_switch(upper);
         return Err(e);
     }
     let mount_args = |lowers: Vec<PathBuf>| MountArgs {
@@ -155,19 +164,14 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
         }
         e
     };
-    let kept: Vec<String> = missing.iter().map(|n| n.path.clone()).collect();
+    crate::failpoint::hit("sync-lower:unmounted");
     let adopted = (|| -> Result<()> {
-        for n in &missing {
-            let base = base_name(&n.path);
-            let (from, to) = (staging.join(base), upper.store().join(base));
-            std::fs::rename(&from, &to).map_err(io(to.clone()))?;
-        }
-        let _ = storecopy::remove_tree(&staging);
-        let mut conn = pathdb::open(&upper.db())?;
-        keep::adopt_into_upper(&mut conn, upper, &kept)?;
+        let _lock = lock_upper(upper)?;
+        keep::finish_switch(upper)?;
         Ok(())
     })();
     adopted.map_err(restore)?;
+    crate::failpoint::hit("sync-lower:adopted");
     if !quiet && !kept.is_empty() {
         eprintln!(
             "kept {} path(s) the upper needs and the new lowers lack: {}",

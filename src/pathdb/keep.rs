@@ -158,3 +158,88 @@ pub fn adopt_into_upper(
     pin::pin_tops(&tx, pin_id, "kept_refs").map_err(&err)?;
     tx.commit().map_err(&err)
 }
+
+/// Where a switch to new lowers keeps its verified copies until they are
+/// the upper's.
+pub fn staging_dir(upper: &Upper) -> std::path::PathBuf {
+    upper.tool_dir().join("staging")
+}
+
+/// The journal of a switch to new lowers: written once the copies of the
+/// paths the upper needs are verified in [`staging_dir`], removed once they
+/// are the upper's. Its presence means: these copies are good, make them
+/// the upper's (see [`finish_switch`]).
+fn switch_journal(upper: &Upper) -> std::path::PathBuf {
+    upper.tool_dir().join("switch.json")
+}
+
+fn journal_io(path: &Path) -> impl FnOnce(std::io::Error) -> DbError + '_ {
+    move |source| DbError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Whether a switch to new lowers was cut short after verifying its
+/// copies: the next `mount` of the upper finishes it.
+pub fn switch_pending(upper: &Upper) -> bool {
+    switch_journal(upper).exists()
+}
+
+/// Drops a switch's journal and copies (a switch that cannot go on while
+/// its stack is still on the old lowers).
+pub fn abandon_switch(upper: &Upper) {
+    let _ = std::fs::remove_file(switch_journal(upper));
+    let _ = crate::storecopy::remove_tree(&staging_dir(upper));
+}
+
+/// Records that the copies of `kept` in [`staging_dir`] are verified.
+pub fn begin_switch(upper: &Upper, kept: &[String]) -> Result<(), DbError> {
+    let path = switch_journal(upper);
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec(kept).expect("a list of strings serialises");
+    std::fs::write(&tmp, text).map_err(journal_io(&tmp))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(journal_io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(journal_io(&path))
+}
+
+/// Finishes a switch that was cut short (or completes the current one):
+/// moves the verified copies still in [`staging_dir`] into the upper's
+/// store, records them as the upper's own, then drops the journal and the
+/// staging directory. With no journal it only removes a staging directory
+/// left by a switch that never got as far as verifying its copies. The
+/// upper must not be mounted, and the caller holds its lock. Returns the
+/// paths made the upper's.
+pub fn finish_switch(upper: &Upper) -> Result<Vec<String>, DbError> {
+    let journal = switch_journal(upper);
+    let staging = staging_dir(upper);
+    let kept: Vec<String> = match std::fs::read(&journal) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let _ = crate::storecopy::remove_tree(&staging);
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(journal_io(&journal)(e)),
+    };
+    let mut adopted = Vec::new();
+    for p in &kept {
+        let base = crate::storepath::base_name(p);
+        let (from, to) = (staging.join(base), upper.store().join(base));
+        if std::fs::symlink_metadata(&to).is_err() {
+            if std::fs::symlink_metadata(&from).is_err() {
+                continue;
+            }
+            std::fs::rename(&from, &to).map_err(journal_io(&to))?;
+        }
+        adopted.push(p.clone());
+    }
+    crate::failpoint::hit("sync-lower:moved");
+    let mut conn = super::open(&upper.db())?;
+    adopt_into_upper(&mut conn, upper, &adopted)?;
+    drop(conn);
+    std::fs::remove_file(&journal).map_err(journal_io(&journal))?;
+    let _ = crate::storecopy::remove_tree(&staging);
+    Ok(adopted)
+}
