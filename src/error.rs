@@ -152,7 +152,8 @@ impl Error {
             | LayerError::LowerSchema { .. } => EX_DATAERR,
             LayerError::UpperForeign(_) => EX_CANTCREAT,
             LayerError::Io { .. } | LayerError::LowerUnreadable { .. } => EX_IOERR,
-            LayerError::SameDir(_)
+            LayerError::SameDir { .. }
+            | LayerError::TargetOverlap { .. }
             | LayerError::Overlap { .. }
             | LayerError::DuplicateLower(_)
             | LayerError::UnmountablePath(_)

@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::flakefs::daemon::{self, ServeOptions};
 use crate::flakefs::log_file;
-use crate::layer::Stack;
+use crate::layer::{self, Stack};
 use crate::overlay::{self, MountError};
 use crate::pathdb::merge::{self, Needed, SyncOptions};
 
@@ -37,6 +37,7 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     overlay::check_privileges("mount")?;
     overlay::check_overlay_available()?;
     let stack = Stack::open(&lowers, &upper)?;
+    layer::check_target(&target, &stack.lowers, &stack.upper)?;
     check_target_free(&target, &stack)?;
 
     let _lock = lock_upper(&stack.upper)?;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::cli::{ConfigArg, MountArgs, SyncArgs, TargetArgs};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::layer::Stack;
+use crate::layer::{self, Stack};
 use crate::overlay;
 use crate::pathdb::merge::{self, SyncOptions};
 use crate::pathdb::{self, keep, ClosureBroken, DbError};
@@ -60,6 +60,7 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
     let upper = &mounted.upper;
     let lock = lock_upper(upper)?;
     let new = Stack::open(&args.lowers, upper.dir())?;
+    layer::check_target(&mounted.target, &new.lowers, upper)?;
     let conn = pathdb::open(&upper.db())?;
     let needed = keep::needed(&conn, upper)?;
     let missing = keep::missing_from(&new.lowers, &upper.tmp_dir(), &needed)?;

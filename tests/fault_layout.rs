@@ -1,0 +1,172 @@
+//! Faults in how the layers are laid out or where they live: a target that
+//! overlaps a layer, a full upper file system, what an interrupted import
+//! leaves in the upper.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// Runs the tool, expects it to fail with `code`, a one-line message
+/// holding every one of `says`, and the mount table as it was.
+fn refused(w: &World, args: &[&str], code: i32, says: &[&str]) -> String {
+    let before = mount_table();
+    let out = w.tool(args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+    for s in says {
+        assert!(err.contains(s), "{args:?}: expected '{s}' in: {err}");
+    }
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("nixfs-layer: "), "{err}");
+    assert_eq!(mount_table(), before, "{args:?} left mounts behind");
+    err
+}
+
+fn mount_args<'a>(lower: &'a str, upper: &'a str, target: Option<&'a str>) -> Vec<&'a str> {
+    let mut a = vec!["mount", "--lower", lower, "--upper", upper, "--no-flake-fs"];
+    if let Some(t) = target {
+        a.extend(["--target", t]);
+    }
+    a
+}
+
+ns_test! {
+    /// A target that is, holds or lies inside a lower or the upper is
+    /// refused before anything is mounted (or created in a layer).
+    fn a_target_overlapping_a_layer_is_refused() {
+        let s = Stack::new(&["app"]);
+        let w = &s.w;
+        let (lower, upper) = (s.lower.to_str().unwrap(), s.upper.to_str().unwrap());
+        let lower_before = tree_digest(&s.lower);
+        let upper_var = s.upper.join("var");
+        let in_lower = s.lower.join("sub");
+        let link = w.path("link-to-lower");
+        std::os::unix::fs::symlink(&s.lower, &link).unwrap();
+        let scratch = w.path("");
+        let cases: [(&Path, &str, &str, &str); 6] = [
+            (&s.lower, "lower", lower, "they are the same directory"),
+            (&s.upper, "upper", upper, "they are the same directory"),
+            (&upper_var, "upper", upper, "the target lies inside the upper"),
+            (&in_lower, "lower", lower, "the target lies inside the lower"),
+            // The target given as a symlink to the lower.
+            (&link, "lower", lower, "they are the same directory"),
+            // A target holding both layers.
+            (&scratch, "upper", upper, "the upper lies inside the target"),
+        ];
+        for (target, kind, layer, how) in cases {
+            let t = target.to_str().unwrap();
+            let err = refused(w, &mount_args(lower, upper, Some(t)), 64, &[how]);
+            let resolved = std::fs::canonicalize(target)
+                .unwrap_or_else(|_| target.to_owned());
+            assert!(err.contains(&format!("target {}", resolved.display())), "{err}");
+            assert!(err.contains(&format!("{kind} {layer}")), "{err}");
+        }
+        assert!(!in_lower.exists(), "nothing is created in a lower");
+        assert_eq!(tree_digest(&s.lower), lower_before, "the lower is untouched");
+        assert!(!s.upper.join("nixfs-layer/mount.json").exists());
+
+        // A lower given as a symlink to the target.
+        let link = w.path("link-to-nix");
+        std::os::unix::fs::symlink("/nix", &link).unwrap();
+        sh(&format!("mount --bind {lower} /nix"));
+        refused(
+            w,
+            &mount_args(link.to_str().unwrap(), upper, None),
+            64,
+            &["target /nix and lower /nix overlap (they are the same directory)"],
+        );
+        sh("umount /nix");
+    }
+}
+
+ns_test! {
+    /// `mount --bind L /nix` then `--lower /nix`: the lower is the target.
+    /// Mounted, the lower's path would show the stack, and `verify` would
+    /// take the upper's own builds for copies of lower paths.
+    fn a_lower_bound_on_the_target_is_refused_as_a_lower() {
+        let s = Stack::new(&["app"]);
+        let upper = s.upper.to_str().unwrap();
+        sh(&format!("mount --bind {} /nix", s.lower.display()));
+        let before = tree_digest(Path::new("/nix"));
+        refused(
+            &s.w,
+            &mount_args("/nix", upper, None),
+            64,
+            &["target /nix and lower /nix overlap", "they are the same directory"],
+        );
+        // So is the upper bound on the target.
+        sh("umount /nix");
+        sh(&format!("mount --bind {upper} /nix"));
+        refused(
+            &s.w,
+            &mount_args(s.lower.to_str().unwrap(), upper, None),
+            64,
+            &[&format!("target /nix and upper {upper} overlap (they are the same directory)")],
+        );
+        sh("umount /nix");
+        sh(&format!("mount --bind {} /nix", s.lower.display()));
+        assert_eq!(tree_digest(Path::new("/nix")), before, "the lower is untouched");
+        sh("umount /nix");
+    }
+}
+
+ns_test! {
+    /// A lower and an upper that are one directory through a bind mount.
+    fn a_lower_bound_on_the_upper_is_refused() {
+        let s = Stack::new(&["app"]);
+        let bound = s.w.path("upper-again");
+        std::fs::create_dir_all(&bound).unwrap();
+        sh(&format!("mount --bind {} {}", s.upper.display(), bound.display()));
+        // The upper holds store/ and a schema-10 database: it would pass
+        // as a lower by itself.
+        refused(
+            &s.w,
+            &mount_args(bound.to_str().unwrap(), s.upper.to_str().unwrap(), None),
+            64,
+            &[
+                &format!("lower {} and upper {} are the same directory", bound.display(), s.upper.display()),
+            ],
+        );
+    }
+}
+
+ns_test! {
+    /// `sync --lower` to a new generation that is the target itself is
+    /// refused before anything changes; the stack stays mounted as it was.
+    fn switching_to_the_target_as_a_lower_is_refused() {
+        let s = Stack::new(&["app"]);
+        s.mount();
+        let app = s.lower_path("app");
+        let mounted = mount_table();
+        refused(
+            &s.w,
+            &["sync", "--lower", "/nix", "--keep-needed"],
+            64,
+            &["target /nix and lower /nix overlap"],
+        );
+        assert_eq!(mount_table(), mounted);
+        assert!(s.valid(&app));
+        s.umount();
+    }
+}
+
+ns_test! {
+    /// What stays allowed: layers apart from the target (and the target's
+    /// own directory bound privately elsewhere as a lower, the machine's
+    /// own /nix stacked over itself: layered_store.rs). A build in the
+    /// upper is then no "copy of a lower path" to verify.
+    fn a_layout_apart_from_the_target_mounts() {
+        let s = Stack::new(&["app"]);
+        s.mount();
+        let app = s.lower_path("app");
+        assert_eq!(sh(&format!("{app}/bin/app")), "hello from app\n");
+        let extra = s.w.build(&["extra"])[0].clone();
+        assert!(s.valid(&extra));
+        let out = s.w.tool(["verify"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        s.umount();
+        assert!(!mount_table().iter().any(|(p, _)| p == "/nix/store" || p == "/nix/var"));
+    }
+}
