@@ -68,15 +68,67 @@ pub enum LayerError {
     TooManyLowers { count: usize },
     #[error("no --lower given (and none in the config file)")]
     NoLower,
+    #[error(transparent)]
+    Full(#[from] Full),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LayerError + '_ {
-    move |source| LayerError::Io {
-        path: path.to_owned(),
-        source,
+    move |source| {
+        if no_space(&source) {
+            return Full::of(path).into();
+        }
+        LayerError::Io {
+            path: path.to_owned(),
+            source,
+        }
     }
+}
+
+/// A write that found its file system full (ENOSPC, EDQUOT, SQLITE_FULL):
+/// named after the upper holding the file, never after a lower.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", match .upper {
+    Some(upper) => format!("upper {} is full (writing {}): free space there and retry", upper.display(), .file.display()),
+    None => format!("the file system holding {} is full: free space there and retry", .file.display()),
+})]
+pub struct Full {
+    /// The upper the file is in, when it is in one.
+    pub upper: Option<PathBuf>,
+    pub file: PathBuf,
+}
+
+impl Full {
+    /// For a file in an upper (found by its marker) or elsewhere.
+    pub fn of(file: &Path) -> Full {
+        let upper = file
+            .ancestors()
+            .skip(1)
+            .find(|d| d.join(UPPER_MARKER).is_file())
+            .map(Path::to_owned);
+        Full {
+            upper,
+            file: file.to_owned(),
+        }
+    }
+}
+
+/// Whether an I/O error says the file system (or the user's quota) is full.
+pub fn no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+/// Whether the file system holding `path` has (almost) no room left: less
+/// than 1 MiB free. SQLite reports some writes that ran out of space (the
+/// growth of its shared-memory file) as a plain I/O error.
+pub fn nearly_full(path: &Path) -> bool {
+    let at = path
+        .ancestors()
+        .find(|d| d.exists())
+        .unwrap_or(Path::new("/"));
+    nix::sys::statvfs::statvfs(at)
+        .is_ok_and(|v| v.blocks_free().saturating_mul(v.fragment_size()) < 1 << 20)
 }
 
 /// A validated read-only lower: a Nix root with `store/` and a schema-10 DB.
@@ -188,6 +240,30 @@ impl Upper {
             dir: fs::canonicalize(dir).map_err(io_err(dir))?,
         };
         check_mountable(&upper.dir)?;
+        let io_err = |path: &Path| {
+            let (upper, path) = (upper.dir.clone(), path.to_owned());
+            move |source: io::Error| {
+                if no_space(&source) {
+                    return LayerError::Full(Full {
+                        upper: Some(upper),
+                        file: path,
+                    });
+                }
+                LayerError::Io { path, source }
+            }
+        };
+        // The marker first: a retry after a failure further on (a full
+        // disk) then finds a directory it may complete. A marker that
+        // could not be written whole is removed again.
+        let marker = upper.dir.join(UPPER_MARKER);
+        if !marker.exists() {
+            fs::create_dir_all(upper.tool_dir()).map_err(io_err(&upper.tool_dir()))?;
+            if let Err(e) = fs::write(&marker, UPPER_MARKER_TEXT) {
+                let _ = fs::remove_file(&marker);
+                let _ = fs::remove_dir(upper.tool_dir());
+                return Err(io_err(&marker)(e));
+            }
+        }
         for d in [
             upper.store(),
             upper.work(),
@@ -200,10 +276,6 @@ impl Upper {
             upper.tmp_dir(),
         ] {
             fs::create_dir_all(&d).map_err(io_err(&d))?;
-        }
-        let marker = upper.dir.join(UPPER_MARKER);
-        if !marker.exists() {
-            fs::write(&marker, UPPER_MARKER_TEXT).map_err(io_err(&marker))?;
         }
         Ok(upper)
     }

@@ -170,3 +170,106 @@ ns_test! {
         assert!(!mount_table().iter().any(|(p, _)| p == "/nix/store" || p == "/nix/var"));
     }
 }
+
+/// Bytes in use on the file system at `dir`.
+fn used_bytes(dir: &Path) -> u64 {
+    sh(&format!("df --output=used -B1 {} | tail -1", dir.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn resize(dir: &Path, bytes: u64) {
+    sh(&format!("mount -o remount,size={bytes} {}", dir.display()));
+}
+
+/// `PRAGMA integrity_check` of an upper's merged database says ok.
+fn db_intact(upper: &Path) -> bool {
+    let c = rusqlite::Connection::open(upper.join("var/nix/db/db.sqlite")).unwrap();
+    c.query_row("pragma integrity_check", [], |r| r.get::<_, String>(0))
+        .unwrap()
+        == "ok"
+}
+
+/// Expects a failure with 74 naming the full upper (and not `lower`);
+/// returns the message.
+fn says_upper_full(w: &World, args: &[&str], upper: &Path, lower: Option<&Path>) -> String {
+    let err = refused(
+        w,
+        args,
+        74,
+        &[
+            &format!("upper {} is full", upper.display()),
+            "free space there and retry",
+        ],
+    );
+    if let Some(l) = lower {
+        assert!(
+            !err.contains(l.to_str().unwrap()),
+            "a lower is not to blame: {err}"
+        );
+    }
+    err
+}
+
+ns_test! {
+    /// A full upper file system is reported as such (exit 74, naming the
+    /// upper), never as a lower's fault or an internal error, by init,
+    /// mount and sync; nothing is mounted, the merged database is as it
+    /// was, and once there is room again the same command works.
+    fn a_full_upper_is_named_and_nothing_is_lost() {
+        let w = World::new();
+        let lower = w.path("lower");
+        let made = nixfs_layer::synth::generate(&lower, 8000, 7).unwrap();
+        let db_size = std::fs::metadata(lower.join("var/nix/db/db.sqlite")).unwrap().len();
+        assert!(db_size > 3 << 20, "the lower's database outgrows a 2 MiB upper: {db_size}");
+        let fs = w.path("upper-fs");
+        std::fs::create_dir_all(&fs).unwrap();
+        sh(&format!("mount -t tmpfs -o size=2m nixfs-layer-test {}", fs.display()));
+
+        // init on a file system with no room left, then with a little.
+        let upper = fs.join("upper");
+        let up = upper.to_str().unwrap();
+        sh(&format!("dd if=/dev/zero of={}/fill bs=64k 2>/dev/null || true", fs.display()));
+        says_upper_full(&w, &["init", "--upper", up], &upper, None);
+        sh(&format!("rm {0}/fill; dd if=/dev/zero of={0}/fill bs=1k count=2000 2>/dev/null || true", fs.display()));
+        says_upper_full(&w, &["init", "--upper", up], &upper, None);
+        sh(&format!("rm {}/fill", fs.display()));
+        w.tool_ok(["init", "--upper", up]);
+        assert_eq!(valid_count(&upper), 1, "the pin");
+
+        // mount: the lower's database does not fit into the upper.
+        let args = mount_args(lower.to_str().unwrap(), up, None);
+        says_upper_full(&w, &args, &upper, Some(&lower));
+        assert!(db_intact(&upper));
+        assert_eq!(valid_count(&upper), 1, "the merged database is as it was");
+        assert_eq!(entries(&upper.join("nixfs-layer/tmp")), Vec::<String>::new());
+        assert!(!upper.join("nixfs-layer/mount.json").exists());
+        resize(&fs, 64 << 20);
+        w.tool_ok(&args);
+        assert!(w.valid(&made.paths[0].path));
+        let count = valid_count(&upper);
+        assert_eq!(count, 8001);
+
+        // sync: the lower doubles. First the copy of its database does not
+        // fit, then (with room for the copy) the merged database cannot grow.
+        nixfs_layer::synth::mutate(&lower, 0, 8000, 8).unwrap();
+        let db_size = std::fs::metadata(lower.join("var/nix/db/db.sqlite")).unwrap().len();
+        let used = used_bytes(&fs);
+        let mounted = mount_table();
+        for (room, writing) in [(1 << 20, "nixfs-layer/tmp/"), (db_size + (1 << 20), "var/nix/db/db.sqlite")] {
+            resize(&fs, used + room);
+            let err = says_upper_full(&w, &["sync"], &upper, Some(&lower));
+            assert!(err.contains(&format!("(writing {}/{writing}", upper.display())), "{err}");
+            assert_eq!(mount_table(), mounted, "still mounted as it was");
+            assert!(db_intact(&upper));
+            assert_eq!(valid_count(&upper), count, "the merged database is as it was");
+            assert_eq!(entries(&upper.join("nixfs-layer/tmp")), Vec::<String>::new());
+        }
+        resize(&fs, 128 << 20);
+        let out = w.tool_ok(["sync"]);
+        assert!(out.starts_with("sync: added 8000"), "{out}");
+        assert_eq!(valid_count(&upper), count + 8000);
+        w.tool_ok(["umount"]);
+    }
+}

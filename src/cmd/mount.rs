@@ -194,10 +194,7 @@ fn stop_here(stack: &Stack, target: &Path) -> Result<()> {
 
 fn write_record(rec_path: &Path, record: &MountRecord) -> Result<()> {
     let json = serde_json::to_vec_pretty(record).expect("mount record serialises");
-    std::fs::write(rec_path, json).map_err(|source| Error::Io {
-        path: rec_path.to_owned(),
-        source,
-    })
+    std::fs::write(rec_path, json).map_err(|source| Error::io(rec_path, source))
 }
 
 /// Refuses a target that already has something mounted where we would mount,

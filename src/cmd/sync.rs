@@ -80,7 +80,7 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
     // Copy what is missing, through the merged view, and check it.
     let staging = upper.tool_dir().join("staging");
     let _ = storecopy::remove_tree(&staging);
-    let io = |path: PathBuf| move |source| Error::Io { path, source };
+    let io = |path: PathBuf| move |source| Error::io(&path, source);
     std::fs::create_dir_all(&staging).map_err(io(staging.clone()))?;
     for n in &missing {
         let base = base_name(&n.path);
@@ -97,7 +97,7 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
                     )),
                 },
                 CopyError::Read { path, source } | CopyError::Write { path, source } => {
-                    Error::Io { path, source }
+                    Error::io(&path, source)
                 }
             });
         }
