@@ -273,3 +273,181 @@ ns_test! {
         w.tool_ok(["umount"]);
     }
 }
+
+/// `verify --json`: its exit code and document.
+fn verify_json(w: &World, extra: &[&str]) -> (i32, serde_json::Value) {
+    let mut args = vec!["verify", "--json"];
+    args.extend(extra);
+    let out = w.tool(&args);
+    let doc = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("verify --json: {e}: {}", stderr(&out)));
+    (out.status.code().unwrap(), doc)
+}
+
+fn partial_paths(doc: &serde_json::Value) -> Vec<String> {
+    doc["categories"]["partial_entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+ns_test! {
+    /// A real `nix-store --import` stopped while it writes a path: its
+    /// entry and `.lock` are in the upper. While the process lives (and
+    /// holds the lock) verify leaves them be; once it is killed they are a
+    /// partial entry, reported, and `verify --repair` removes both, after
+    /// which the same import goes through.
+    fn an_interrupted_import_is_reported_and_repaired_once_its_lock_is_free() {
+        let s = Stack::new(&["app"]);
+        s.mount();
+        let w = &s.w;
+        // Many small files: Nix takes a while to restore and canonicalise
+        // them, long enough to be caught at it.
+        let src = w.path("many");
+        std::fs::create_dir_all(&src).unwrap();
+        let salt = w.path("").display().to_string();
+        for i in 0..20000 {
+            std::fs::write(src.join(format!("f{i}")), format!("{salt} {i}\n")).unwrap();
+        }
+        let path = w.nix_ok("nix-store", ["--add", src.to_str().unwrap()]).trim().to_owned();
+        let export = w.path("many.export");
+        let out = w.nix("nix-store").args(["--export", &path]).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        std::fs::write(&export, &out.stdout).unwrap();
+        w.nix_ok("nix-store", ["--delete", &path]);
+        let name = base_name(&path).to_owned();
+        let entry = s.upper.join("store").join(&name);
+        let lock = s.upper.join("store").join(format!("{name}.lock"));
+        assert!(!entry.exists() && !lock.exists());
+
+        // Start the import, stop it once its entry appears.
+        let mut caught = None;
+        for attempt in 0..5 {
+            let mut child = w
+                .nix("nix-store")
+                .arg("--import")
+                .stdin(std::fs::File::open(&export).unwrap())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            loop {
+                if entry.symlink_metadata().is_ok() && lock.exists() {
+                    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+                    break;
+                }
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            if s.valid(&path) || child.try_wait().unwrap().is_some() {
+                eprintln!("attempt {attempt}: the import finished before it was stopped; again");
+                let _ = child.wait();
+                w.nix_ok("nix-store", ["--delete", &path]);
+                continue;
+            }
+            caught = Some(child);
+            break;
+        }
+        let mut child = caught.expect("an import stopped half-way");
+        assert!(!s.valid(&path));
+
+        // Stopped, alive, holding the lock: not reported, not touched.
+        let (code, doc) = verify_json(w, &[]);
+        assert_eq!(partial_paths(&doc), Vec::<String>::new(), "{doc}");
+        assert_eq!(doc["categories"]["unregistered"], serde_json::json!([]), "{doc}");
+        assert_eq!(code, 0, "{doc}");
+        let (_, doc) = verify_json(w, &["--repair"]);
+        assert_eq!(doc["repaired"]["partial_removed"], serde_json::json!([]), "{doc}");
+        assert!(entry.exists() && lock.exists(), "left alone while its lock is held");
+
+        // Killed: its lock is free, the entry is partial.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(entry.exists() && lock.exists());
+        let (code, doc) = verify_json(w, &[]);
+        assert_eq!(partial_paths(&doc), vec![path.clone()], "{doc}");
+        assert!(doc["categories"]["partial_entries"][0]["bytes"].as_u64().unwrap() > 0);
+        assert_eq!(doc["categories"]["unregistered"], serde_json::json!([]), "{doc}");
+        assert_eq!(code, 1);
+        let out = w.tool(["verify"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("partial entries (interrupted imports or builds): 1  {path}")), "{text}");
+        assert!(stderr(&out).contains("verify --repair"), "{}", stderr(&out));
+
+        let (code, doc) = verify_json(w, &["--repair"]);
+        assert_eq!(doc["repaired"]["partial_removed"], serde_json::json!([path]), "{doc}");
+        assert_eq!(doc["repaired"]["remounted"], true, "{doc}");
+        assert_eq!((code, doc["clean"].as_bool()), (0, Some(true)), "{doc}");
+        assert!(!entry.exists() && !lock.exists(), "entry and lock removed from the upper");
+        assert!(!Path::new(&path).exists(), "gone from the merged store too");
+
+        // The import goes through now.
+        let out = w
+            .nix("nix-store")
+            .arg("--import")
+            .stdin(std::fs::File::open(&export).unwrap())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(s.valid(&path));
+        assert!(!lock.exists());
+        let (code, doc) = verify_json(w, &[]);
+        assert_eq!(code, 0, "{doc}");
+        s.umount();
+    }
+}
+
+ns_test! {
+    /// The same state made by hand: an entry and its `.lock` in the merged
+    /// store, the lock held by this process with flock(2) (as Nix takes
+    /// it), then with an fcntl lock; neither is reported or removed. Let
+    /// go, it is reported and repaired.
+    fn a_partial_entry_is_left_alone_while_its_lock_is_held() {
+        use std::os::fd::AsRawFd;
+        let s = Stack::new(&["app"]);
+        s.mount();
+        let w = &s.w;
+        let name = "3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5-half-imported";
+        let path = format!("/nix/store/{name}");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(format!("{path}/part"), "half of it").unwrap();
+        let lock_path = format!("{path}.lock");
+        let lock = std::fs::File::create(&lock_path).unwrap();
+        assert!(s.upper.join("store").join(name).exists(), "written into the upper");
+
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let (code, doc) = verify_json(w, &["--repair"]);
+        assert_eq!(partial_paths(&doc), Vec::<String>::new(), "{doc}");
+        assert_eq!(code, 0, "{doc}");
+        assert!(Path::new(&path).exists() && Path::new(&lock_path).exists());
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_UN) }, 0);
+
+        let mut l: libc::flock = unsafe { std::mem::zeroed() };
+        l.l_type = libc::F_WRLCK as libc::c_short;
+        l.l_whence = libc::SEEK_SET as libc::c_short;
+        let rw = std::fs::OpenOptions::new().write(true).open(&lock_path).unwrap();
+        assert_eq!(unsafe { libc::fcntl(rw.as_raw_fd(), libc::F_SETLK, &l) }, 0);
+        let (code, doc) = verify_json(w, &["--repair"]);
+        assert_eq!(partial_paths(&doc), Vec::<String>::new(), "{doc}");
+        assert_eq!(code, 0, "{doc}");
+        assert!(Path::new(&path).exists() && Path::new(&lock_path).exists());
+        drop(rw);
+        drop(lock);
+
+        let (code, doc) = verify_json(w, &[]);
+        assert_eq!(partial_paths(&doc), vec![path.clone()], "{doc}");
+        assert_eq!(code, 1);
+        let (code, doc) = verify_json(w, &["--repair"]);
+        assert_eq!(doc["repaired"]["partial_removed"], serde_json::json!([path]), "{doc}");
+        assert_eq!(code, 0, "{doc}");
+        assert!(!Path::new(&path).exists() && !Path::new(&lock_path).exists());
+        assert!(!s.upper.join("store").join(name).exists());
+        assert!(!s.upper.join("store").join(format!("{name}.lock")).exists());
+        s.umount();
+    }
+}
