@@ -29,6 +29,7 @@ done
 suite_nix_tests=(
   export_import   # exports built by World::build, imported, checked by nix-store
   fault_guard     # Stack, stock nix-store --delete/--gc/--optimise through World::nix
+  fault_layout    # Stack throughout, nix-store --import
   flake_tree      # the lower is built and evaluated with World::nix_ok
   layered_store   # Stack and World::nix throughout
   lifecycle       # Stack, racing mounts through the tool

@@ -190,7 +190,8 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub check_contents: bool,
     /// Fix what needs no network: whiteouts over lower paths, upper
-    /// duplicates of lower paths, unregistered upper paths.
+    /// duplicates of lower paths, unregistered upper paths, partial upper
+    /// entries an interrupted import left.
     #[arg(long)]
     pub repair: bool,
     /// Machine-readable output (see docs/verify-json.md).

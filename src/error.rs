@@ -67,6 +67,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// An I/O error on `path`; [`LayerError::Full`] when its file system is
+    /// full (naming the upper that holds `path`, if one does).
+    pub fn io(path: &std::path::Path, source: std::io::Error) -> Error {
+        if crate::layer::no_space(&source) {
+            return Error::Layer(crate::layer::Full::of(path).into());
+        }
+        Error::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Verify(e) => match e {
@@ -152,8 +164,11 @@ impl Error {
             | LayerError::LowerNoDb { .. }
             | LayerError::LowerSchema { .. } => EX_DATAERR,
             LayerError::UpperForeign(_) => EX_CANTCREAT,
-            LayerError::Io { .. } | LayerError::LowerUnreadable { .. } => EX_IOERR,
-            LayerError::SameDir(_)
+            LayerError::Io { .. } | LayerError::LowerUnreadable { .. } | LayerError::Full(_) => {
+                EX_IOERR
+            }
+            LayerError::SameDir { .. }
+            | LayerError::TargetOverlap { .. }
             | LayerError::Overlap { .. }
             | LayerError::DuplicateLower(_)
             | LayerError::UnmountablePath(_)
@@ -184,7 +199,7 @@ impl Error {
             | DbError::ForeignStoreDir { .. }
             | DbError::ClosureBroken(_) => EX_DATAERR,
             DbError::Unstable { .. } => EX_TEMPFAIL,
-            DbError::Io { .. } => EX_IOERR,
+            DbError::Io { .. } | DbError::Full(_) => EX_IOERR,
             DbError::Sqlite { .. } => EX_SOFTWARE,
         }
     }

@@ -45,10 +45,21 @@ pub enum LayerError {
     UpperNotInitialised(PathBuf),
     #[error("upper {0}: directory is not empty and is not a nixfs-layer upper; pick an empty or new directory")]
     UpperForeign(PathBuf),
-    #[error("{0} is given both as a lower and as the upper; the upper must be a separate, writable directory")]
-    SameDir(PathBuf),
-    #[error("lower {lower} and upper {upper} overlap (one lies inside the other); keep them in separate trees")]
-    Overlap { lower: PathBuf, upper: PathBuf },
+    #[error("lower {lower} and upper {upper} are the same directory (given twice, or through a symlink or bind mount); the upper must be a separate, writable directory")]
+    SameDir { lower: PathBuf, upper: PathBuf },
+    #[error("lower {lower} and upper {upper} overlap ({how}); keep them in separate trees")]
+    Overlap {
+        lower: PathBuf,
+        upper: PathBuf,
+        how: String,
+    },
+    #[error("target {target} and {kind} {layer} overlap ({how}); the target must lie outside every layer and every layer outside the target: pick another target or layer directory")]
+    TargetOverlap {
+        target: PathBuf,
+        kind: &'static str,
+        layer: PathBuf,
+        how: String,
+    },
     #[error("lower {0} is given twice")]
     DuplicateLower(PathBuf),
     #[error("{0}: overlayfs cannot take ',', ':', '\\' or whitespace in a layer path; use a path (or a symlink) without them")]
@@ -57,15 +68,67 @@ pub enum LayerError {
     TooManyLowers { count: usize },
     #[error("no --lower given (and none in the config file)")]
     NoLower,
+    #[error(transparent)]
+    Full(#[from] Full),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LayerError + '_ {
-    move |source| LayerError::Io {
-        path: path.to_owned(),
-        source,
+    move |source| {
+        if no_space(&source) {
+            return Full::of(path).into();
+        }
+        LayerError::Io {
+            path: path.to_owned(),
+            source,
+        }
     }
+}
+
+/// A write that found its file system full (ENOSPC, EDQUOT, SQLITE_FULL):
+/// named after the upper holding the file, never after a lower.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", match .upper {
+    Some(upper) => format!("upper {} is full (writing {}): free space there and retry", upper.display(), .file.display()),
+    None => format!("the file system holding {} is full: free space there and retry", .file.display()),
+})]
+pub struct Full {
+    /// The upper the file is in, when it is in one.
+    pub upper: Option<PathBuf>,
+    pub file: PathBuf,
+}
+
+impl Full {
+    /// For a file in an upper (found by its marker) or elsewhere.
+    pub fn of(file: &Path) -> Full {
+        let upper = file
+            .ancestors()
+            .skip(1)
+            .find(|d| d.join(UPPER_MARKER).is_file())
+            .map(Path::to_owned);
+        Full {
+            upper,
+            file: file.to_owned(),
+        }
+    }
+}
+
+/// Whether an I/O error says the file system (or the user's quota) is full.
+pub fn no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+/// Whether the file system holding `path` has (almost) no room left: less
+/// than 1 MiB free. SQLite reports some writes that ran out of space (the
+/// growth of its shared-memory file) as a plain I/O error.
+pub fn nearly_full(path: &Path) -> bool {
+    let at = path
+        .ancestors()
+        .find(|d| d.exists())
+        .unwrap_or(Path::new("/"));
+    nix::sys::statvfs::statvfs(at)
+        .is_ok_and(|v| v.blocks_free().saturating_mul(v.fragment_size()) < 1 << 20)
 }
 
 /// A validated read-only lower: a Nix root with `store/` and a schema-10 DB.
@@ -177,6 +240,30 @@ impl Upper {
             dir: fs::canonicalize(dir).map_err(io_err(dir))?,
         };
         check_mountable(&upper.dir)?;
+        let io_err = |path: &Path| {
+            let (upper, path) = (upper.dir.clone(), path.to_owned());
+            move |source: io::Error| {
+                if no_space(&source) {
+                    return LayerError::Full(Full {
+                        upper: Some(upper),
+                        file: path,
+                    });
+                }
+                LayerError::Io { path, source }
+            }
+        };
+        // The marker first: a retry after a failure further on (a full
+        // disk) then finds a directory it may complete. A marker that
+        // could not be written whole is removed again.
+        let marker = upper.dir.join(UPPER_MARKER);
+        if !marker.exists() {
+            fs::create_dir_all(upper.tool_dir()).map_err(io_err(&upper.tool_dir()))?;
+            if let Err(e) = fs::write(&marker, UPPER_MARKER_TEXT) {
+                let _ = fs::remove_file(&marker);
+                let _ = fs::remove_dir(upper.tool_dir());
+                return Err(io_err(&marker)(e));
+            }
+        }
         for d in [
             upper.store(),
             upper.work(),
@@ -189,10 +276,6 @@ impl Upper {
             upper.tmp_dir(),
         ] {
             fs::create_dir_all(&d).map_err(io_err(&d))?;
-        }
-        let marker = upper.dir.join(UPPER_MARKER);
-        if !marker.exists() {
-            fs::write(&marker, UPPER_MARKER_TEXT).map_err(io_err(&marker))?;
         }
         Ok(upper)
     }
@@ -255,22 +338,33 @@ impl Stack {
                 count: lowers.len(),
             });
         }
-        let canon = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
-        let upper_dir = canon(upper);
-        let mut seen: Vec<PathBuf> = Vec::new();
+        // Compared by device and inode: a symlink or a bind mount of a
+        // directory is that directory.
+        let upper_dir = Place::of(upper);
+        let mut seen: Vec<Place> = Vec::new();
         for l in lowers {
-            let l = canon(l);
-            if l == upper_dir {
-                return Err(LayerError::SameDir(l));
+            let l = Place::of(l);
+            match l.relation_to(&upper_dir) {
+                Some(Relation::Same) => {
+                    return Err(LayerError::SameDir {
+                        lower: l.path,
+                        upper: upper_dir.path,
+                    })
+                }
+                Some(how) => {
+                    return Err(LayerError::Overlap {
+                        lower: l.path,
+                        upper: upper_dir.path,
+                        how: how.describe("the lower", "the upper"),
+                    })
+                }
+                None => {}
             }
-            if l.starts_with(&upper_dir) || upper_dir.starts_with(&l) {
-                return Err(LayerError::Overlap {
-                    lower: l,
-                    upper: upper_dir,
-                });
-            }
-            if seen.contains(&l) {
-                return Err(LayerError::DuplicateLower(l));
+            if seen
+                .iter()
+                .any(|s| s.relation_to(&l) == Some(Relation::Same))
+            {
+                return Err(LayerError::DuplicateLower(l.path));
             }
             seen.push(l);
         }
@@ -283,6 +377,142 @@ impl Stack {
             upper: Upper::open(upper)?,
         })
     }
+}
+
+/// How one directory overlaps another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Relation {
+    /// One directory, possibly under two names (a symlink, a bind mount).
+    Same,
+    /// The first lies inside the second.
+    Inside,
+    /// The second lies inside the first.
+    Holds,
+}
+
+impl Relation {
+    /// Says how, naming the two as `a` and `b`.
+    fn describe(self, a: &str, b: &str) -> String {
+        match self {
+            Relation::Same => "they are the same directory".into(),
+            Relation::Inside => format!("{a} lies inside {b}"),
+            Relation::Holds => format!("{b} lies inside {a}"),
+        }
+    }
+}
+
+/// The device and inode of a directory: what a symlink or a bind mount
+/// of it shows too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DirId {
+    dev: u64,
+    ino: u64,
+}
+
+impl DirId {
+    fn of(p: &Path) -> Option<DirId> {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(p).ok().map(|m| DirId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+/// A directory a user named, with the identities of it and of each of its
+/// ancestors (symlinks resolved). For a path that does not exist (yet),
+/// the chain starts at its nearest existing ancestor.
+#[derive(Debug, Clone)]
+struct Place {
+    /// The path, resolved as far as it exists.
+    path: PathBuf,
+    /// Whether `chain[0]` is the directory itself.
+    exists: bool,
+    chain: Vec<DirId>,
+}
+
+impl Place {
+    fn of(p: &Path) -> Place {
+        let mut missing: Vec<&std::ffi::OsStr> = Vec::new();
+        let mut at = p;
+        let base = loop {
+            if let Ok(c) = fs::canonicalize(at) {
+                break Some(c);
+            }
+            match (at.file_name(), at.parent()) {
+                (Some(name), Some(parent)) => {
+                    missing.push(name);
+                    at = parent;
+                }
+                _ => break None,
+            }
+        };
+        let Some(base) = base else {
+            return Place {
+                path: p.to_owned(),
+                exists: false,
+                chain: Vec::new(),
+            };
+        };
+        let chain = base.ancestors().filter_map(DirId::of).collect();
+        let mut path = base;
+        for name in missing.iter().rev() {
+            path.push(name);
+        }
+        Place {
+            path,
+            exists: missing.is_empty(),
+            chain,
+        }
+    }
+
+    /// Its own identity, if it exists.
+    fn id(&self) -> Option<DirId> {
+        self.chain.first().copied().filter(|_| self.exists)
+    }
+
+    /// Whether `self` is `other`, lies inside it or holds it.
+    fn relation_to(&self, other: &Place) -> Option<Relation> {
+        match (self.id(), other.id()) {
+            (Some(a), Some(b)) if a == b => Some(Relation::Same),
+            (_, Some(b)) if self.chain.contains(&b) => Some(Relation::Inside),
+            (Some(a), _) if other.chain.contains(&a) => Some(Relation::Holds),
+            _ => None,
+        }
+    }
+}
+
+/// Refuses a target that is, holds or lies inside the upper or a lower
+/// (compared by device and inode, so neither a symlink nor a bind mount
+/// hides it): mounted there, the stack would show up inside its own
+/// layers, and what the tool later reads as a layer would be the stack.
+///
+/// One layout is fine though: a lower that is the target's directory
+/// through a *different* mount point (the machine's own `/nix`, bound
+/// privately elsewhere and stacked over itself, docs/guide-qubes.md). The
+/// lower's path does not lead into the mounts made on the target then
+/// (unless they propagate to it, which `overlay::check_lower_sees_target`
+/// refuses).
+pub fn check_target(target: &Path, lowers: &[Lower], upper: &Upper) -> Result<(), LayerError> {
+    let t = Place::of(target);
+    let layers =
+        std::iter::once(("upper", upper.dir())).chain(lowers.iter().map(|l| ("lower", l.dir())));
+    for (kind, dir) in layers {
+        let l = Place::of(dir);
+        match t.relation_to(&l) {
+            None => {}
+            Some(Relation::Same) if kind == "lower" && t.path != l.path => {}
+            Some(how) => {
+                return Err(LayerError::TargetOverlap {
+                    how: how.describe("the target", &format!("the {kind}")),
+                    target: t.path,
+                    kind,
+                    layer: l.path,
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// overlayfs takes its layers as one comma/colon separated option string.
@@ -357,6 +587,40 @@ mod tests {
     }
 
     #[test]
+    fn a_target_overlapping_a_layer_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let lower = Lower::open(&fake_lower(t.path(), "10")).unwrap();
+        let upper = Upper::init(&t.path().join("up")).unwrap();
+        let lowers = std::slice::from_ref(&lower);
+        let check = |target: &Path| check_target(target, lowers, &upper).map_err(|e| e.to_string());
+        assert!(check(&t.path().join("target")).is_ok());
+        assert!(check(&t.path().join("new/target")).is_ok());
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(lower.dir(), &link).unwrap();
+        for (target, how) in [
+            (lower.dir().to_owned(), "they are the same directory"),
+            (link.clone(), "they are the same directory"),
+            (link.join("sub"), "the target lies inside the lower"),
+            (
+                lower.dir().join("missing/dirs"),
+                "the target lies inside the lower",
+            ),
+            (upper.dir().to_owned(), "they are the same directory"),
+            (upper.var(), "the target lies inside the upper"),
+            (t.path().to_owned(), "the upper lies inside the target"),
+        ] {
+            let e = check(&target).unwrap_err();
+            assert!(e.contains(how), "{}: {e}", target.display());
+            assert!(e.starts_with("target "), "{e}");
+        }
+        let e = check(&link).unwrap_err();
+        assert!(
+            e.contains(&format!("lower {}", lower.dir().display())),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn stack_refuses_same_overlapping_and_odd_dirs() {
         let t = tempfile::tempdir().unwrap();
         let lower = fake_lower(t.path(), "10");
@@ -369,12 +633,25 @@ mod tests {
         assert!(matches!(e, LayerError::NoLower), "{e}");
         // Same directory as both: reported as such even though it is no upper.
         let e = Stack::open(std::slice::from_ref(&lower), &lower).unwrap_err();
-        assert!(matches!(e, LayerError::SameDir(_)), "{e}");
+        assert!(matches!(e, LayerError::SameDir { .. }), "{e}");
 
         let nested = lower.join("nested-upper");
         Upper::init(&nested).unwrap();
         let e = Stack::open(std::slice::from_ref(&lower), &nested).unwrap_err();
         assert!(matches!(e, LayerError::Overlap { .. }), "{e}");
+
+        // Through a symlink: the same directory, by device and inode.
+        let link = t.path().join("link-to-lower");
+        std::os::unix::fs::symlink(&lower, &link).unwrap();
+        let e = Stack::open(&[lower.clone(), link.clone()], &up).unwrap_err();
+        assert!(matches!(e, LayerError::DuplicateLower(_)), "{e}");
+        let e = Stack::open(std::slice::from_ref(&link), &lower).unwrap_err();
+        assert!(matches!(e, LayerError::SameDir { .. }), "{e}");
+        let e = Stack::open(std::slice::from_ref(&link), &nested).unwrap_err();
+        assert!(
+            e.to_string().contains("the upper lies inside the lower"),
+            "{e}"
+        );
 
         let e = Upper::init(&t.path().join("a,b")).unwrap_err();
         assert!(matches!(e, LayerError::UnmountablePath(_)), "{e}");

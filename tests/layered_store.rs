@@ -393,7 +393,7 @@ ns_test! {
         let fresh = w.path("never-initialised");
         std::fs::create_dir(&fresh).unwrap();
         run(mount(lower, fresh.to_str().unwrap()), 66, "nixfs-layer init --upper");
-        run(mount(lower, lower), 64, "both as a lower and as the upper");
+        run(mount(lower, lower), 64, "are the same directory");
         refused(w, &["mount", "--lower", lower], 64, "mount needs --upper");
 
         let bad_config = w.path("bad.toml");

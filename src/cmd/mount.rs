@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::flakefs::daemon::{self, ServeOptions};
 use crate::flakefs::log_file;
-use crate::layer::Stack;
+use crate::layer::{self, Stack};
 use crate::overlay::{self, MountError};
 use crate::pathdb::keep;
 use crate::pathdb::merge::{self, Needed, SyncOptions};
@@ -38,6 +38,7 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     overlay::check_privileges("mount")?;
     overlay::check_overlay_available()?;
     let stack = Stack::open(&lowers, &upper)?;
+    layer::check_target(&target, &stack.lowers, &stack.upper)?;
     // The locks first (target, then upper, always in that order): two
     // mounts racing on one upper or one target must not both find it free;
     // the second waits, then finds it mounted.
@@ -214,10 +215,7 @@ fn stop_here(stack: &Stack, target: &Path) -> Result<()> {
 
 fn write_record(rec_path: &Path, record: &MountRecord) -> Result<()> {
     let json = serde_json::to_vec_pretty(record).expect("mount record serialises");
-    std::fs::write(rec_path, json).map_err(|source| Error::Io {
-        path: rec_path.to_owned(),
-        source,
-    })
+    std::fs::write(rec_path, json).map_err(|source| Error::io(rec_path, source))
 }
 
 /// Refuses a target that already has something mounted where we would mount,

@@ -4,7 +4,7 @@ use crate::cli::PromoteArgs;
 use crate::closure::Graph;
 use crate::config::Config;
 use crate::error::Result;
-use crate::layer::Lower;
+use crate::layer::{self, Lower};
 use crate::pathdb;
 use crate::promote::{self, PromoteError};
 
@@ -16,6 +16,7 @@ pub fn run(args: &PromoteArgs) -> Result<()> {
     let target = resolve_target(args.target.target.as_deref(), &config)?;
     let mounted = require_mounted(&target)?;
     let lower = Lower::open(&args.into)?;
+    layer::check_target(&target, std::slice::from_ref(&lower), &mounted.upper)?;
     let db = mounted.upper.db();
     let conn = pathdb::open_read_only(&db)?;
     let graph = Graph::load(&conn, &db)?;

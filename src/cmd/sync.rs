@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::cli::{ConfigArg, MountArgs, SyncArgs, TargetArgs, UmountArgs};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::layer::Stack;
+use crate::layer::{self, Stack};
 use crate::overlay;
 use crate::pathdb::merge::{self, SyncOptions};
 use crate::pathdb::{self, keep, ClosureBroken, DbError};
@@ -65,6 +65,7 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
     let upper = &mounted.upper;
     let lock = lock_upper(upper)?;
     let new = Stack::open(&args.lowers, upper.dir())?;
+    layer::check_target(&mounted.target, &new.lowers, upper)?;
     let conn = pathdb::open(&upper.db())?;
     let needed = keep::needed(&conn, upper)?;
     let missing = keep::missing_from(&new.lowers, &upper.tmp_dir(), &needed)?;
@@ -86,7 +87,7 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
     // still on its old lowers) is dropped with its copies.
     let staging = keep::staging_dir(upper);
     keep::abandon_switch(upper);
-    let io = |path: PathBuf| move |source| Error::Io { path, source };
+    let io = |path: PathBuf| move |source| Error::io(&path, source);
     std::fs::create_dir_all(&staging).map_err(io(staging.clone()))?;
     for n in &missing {
         let base = base_name(&n.path);
@@ -103,7 +104,7 @@ fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> 
                     )),
                 },
                 CopyError::Read { path, source } | CopyError::Write { path, source } => {
-                    Error::Io { path, source }
+                    Error::io(&path, source)
                 }
             });
         }

@@ -100,7 +100,7 @@ pub fn run(args: &VerifyArgs) -> Result<()> {
         count: report.problems,
         state: if args.repair { "remain after repairing" } else { "found" },
         hint: if repairable > 0 && !args.repair {
-            "`nixfs-layer verify --repair` fixes whiteouts, upper duplicates and unregistered upper paths"
+            "`nixfs-layer verify --repair` fixes whiteouts, upper duplicates, unregistered and partial upper entries"
         } else {
             "missing lower content and hash mismatches need the lower's content back (or a rebuild of the upper path)"
         },
@@ -132,10 +132,11 @@ fn print_text(r: &Report) {
     );
     if let Some(rep) = &r.repaired {
         println!(
-            "repaired: removed {} whiteout(s), removed {} upper duplicate(s) ({} bytes), registered {} path(s){}",
+            "repaired: removed {} whiteout(s), removed {} upper duplicate(s) ({} bytes), removed {} partial entr(ies), registered {} path(s){}",
             rep.whiteouts_removed.len(),
             rep.duplicates_removed.len(),
             rep.bytes_freed,
+            rep.partial_removed.len(),
             rep.registered.len(),
             if rep.skipped.is_empty() {
                 String::new()
@@ -159,6 +160,14 @@ fn print_text(r: &Report) {
     line(
         "unregistered",
         &(c.unregistered
+            .iter()
+            .map(|m| m.path.as_str())
+            .collect::<Vec<_>>()),
+        "",
+    );
+    line(
+        "partial entries (interrupted imports or builds)",
+        &(c.partial_entries
             .iter()
             .map(|m| m.path.as_str())
             .collect::<Vec<_>>()),

@@ -70,12 +70,15 @@ fn nix_objects(conn: &Connection, schema: &str) -> rusqlite::Result<Vec<(String,
 /// Whether the lower's database can become the merged one as it is.
 fn qualifies(
     snap: &Connection,
+    copy: &Snapshot,
     lower: &Lower,
     whiteouts: &HashSet<OsString>,
 ) -> Result<bool, DbError> {
-    let err = |e: rusqlite::Error| DbError::NotNixDb {
-        path: lower.db(),
-        detail: e.to_string(),
+    let err = |e: rusqlite::Error| {
+        copy.blame(e, |e| DbError::NotNixDb {
+            path: lower.db(),
+            detail: e.to_string(),
+        })
     };
     let reference = Connection::open_in_memory().map_err(&err)?;
     reference.execute_batch(NIX_SCHEMA_SQL).map_err(&err)?;
@@ -124,7 +127,7 @@ pub fn adopt(
     let upper_db = upper.db();
     let err = sql_err(&upper_db);
     let mut conn = Connection::open(db).map_err(&err)?;
-    if !qualifies(&conn, lower, whiteouts)? {
+    if !qualifies(&conn, snap, lower, whiteouts)? {
         return Ok(None);
     }
     conn.pragma_update(None, "journal_mode", "wal")
@@ -182,10 +185,7 @@ pub fn adopt(
 /// dropping the old one's WAL and shared-memory files first so SQLite never
 /// applies them to the new file.
 pub(crate) fn replace_db(new: &Path, target: &Path) -> Result<(), DbError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| DbError::Io { path, source }
-    };
+    let io = super::io_err;
     for suffix in ["-wal", "-shm"] {
         let side = super::snapshot::sidecar(target, suffix);
         match fs::remove_file(&side) {

@@ -98,10 +98,12 @@ pub fn missing_from(
         let snap = snapshot::take(lower, scratch)?;
         // Errors name the lower's database, not the private copy (gone by then).
         let db = lower.db();
-        let err = sql_err(&db);
-        let conn = Connection::open(snap.db()).map_err(|e| DbError::NotNixDb {
-            path: lower.db(),
-            detail: e.to_string(),
+        let err = |e| snap.blame(e, sql_err(&db));
+        let conn = Connection::open(snap.db()).map_err(|e| {
+            snap.blame(e, |e| DbError::NotNixDb {
+                path: lower.db(),
+                detail: e.to_string(),
+            })
         })?;
         let mut q = conn
             .prepare("select 1 from ValidPaths where path = ?1")

@@ -369,13 +369,14 @@ fn attach(
         path: lower.db(),
         detail,
     };
+    let err = |e| snap.blame(e, |e| not_nix(e.to_string()));
     conn.execute(
         "attach database ?1 as ?2",
         params![snap.db().to_string_lossy(), alias],
     )
-    .map_err(|e| not_nix(e.to_string()))?;
+    .map_err(err)?;
     for table in ["ValidPaths", "Refs", "DerivationOutputs"] {
-        if !realisations::has_table(conn, alias, table).map_err(|e| not_nix(e.to_string()))? {
+        if !realisations::has_table(conn, alias, table).map_err(err)? {
             return Err(not_nix(format!("no {table} table")));
         }
     }
@@ -496,8 +497,17 @@ fn diff_lower(
     let alias = s.alias.as_deref().expect("changed lowers are attached");
     // Reading the lower's copy fails in the lower's name; writing, in the
     // merged database's.
+    // (Its copy is in the upper: a full file system there is the upper's.)
     let lower_db = s.lower.db();
-    let (new, gone) = diff_paths(tx, alias, s.id, full).map_err(sql_err(&lower_db))?;
+    let (new, gone) = diff_paths(tx, alias, s.id, full).map_err(|e| {
+        if super::out_of_space(&e, db) {
+            return crate::layer::Full::of(db).into();
+        }
+        DbError::Sqlite {
+            path: lower_db.clone(),
+            source: e,
+        }
+    })?;
     let err = sql_err(db);
     if full {
         tx.execute(

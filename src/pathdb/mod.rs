@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
-use crate::layer::NIX_SCHEMA_VERSION;
+use crate::layer::{self, Full, NIX_SCHEMA_VERSION};
 
 /// Nix's own tables, schema version 10.
 pub const NIX_SCHEMA_SQL: &str = include_str!("../../sqlite-schema/nix-schema-10.sql");
@@ -44,6 +44,8 @@ pub enum DbError {
     },
     #[error("{0}")]
     ClosureBroken(ClosureBroken),
+    #[error(transparent)]
+    Full(#[from] Full),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -76,29 +78,76 @@ impl std::fmt::Display for ClosureBroken {
     }
 }
 
+/// An SQLite error on the file at `path`; one that says its file system is
+/// full becomes [`DbError::Full`].
 pub(crate) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> DbError + '_ {
-    move |source| DbError::Sqlite {
-        path: path.to_owned(),
-        source,
+    move |source| {
+        if out_of_space(&source, path) {
+            return Full::of(path).into();
+        }
+        DbError::Sqlite {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Whether an SQLite error on the file at `path` came from a full file
+/// system: SQLITE_FULL, or an I/O error (a shared-memory file that could
+/// not grow, say) while that file system has no room left.
+pub(crate) fn out_of_space(e: &rusqlite::Error, path: &Path) -> bool {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => true,
+        Some(rusqlite::ErrorCode::SystemIoFailure) => layer::nearly_full(path),
+        _ => false,
+    }
+}
+
+/// An I/O error writing `path` (in the upper): "full" when it says so.
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DbError + '_ {
+    move |source| {
+        if layer::no_space(&source) {
+            return Full::of(path).into();
+        }
+        DbError::Io {
+            path: path.to_owned(),
+            source,
+        }
     }
 }
 
 /// Creates a fresh merged database (Nix schema 10 plus this tool's tables)
-/// at `db`, and Nix's `schema` file next to it. Leaves an existing one as it is.
+/// at `db`, and Nix's `schema` file next to it. Leaves an existing one as it
+/// is. The database is made under a temporary name and renamed into place
+/// once complete, so a failure (a full disk) leaves no half-made one behind.
 pub fn create(db: &Path) -> Result<(), DbError> {
     let schema_file = db.with_file_name("schema");
     if !db.exists() {
-        let conn = Connection::open(db).map_err(sql_err(db))?;
-        conn.pragma_update(None, "journal_mode", "wal")
-            .map_err(sql_err(db))?;
-        conn.execute_batch(NIX_SCHEMA_SQL).map_err(sql_err(db))?;
-        conn.execute_batch(LAYER_SCHEMA_SQL).map_err(sql_err(db))?;
+        let dir = db.parent().unwrap_or(Path::new("."));
+        let tmp = tempfile::Builder::new()
+            .prefix(".db.sqlite-new-")
+            .tempfile_in(dir)
+            .map_err(io_err(db))?
+            .into_temp_path();
+        let made = (|| {
+            let conn = Connection::open(&tmp)?;
+            conn.pragma_update(None, "journal_mode", "wal")?;
+            conn.execute_batch(NIX_SCHEMA_SQL)?;
+            conn.execute_batch(LAYER_SCHEMA_SQL)?;
+            conn.close().map_err(|(_, e)| e)
+        })();
+        if let Err(e) = made {
+            for suffix in ["-wal", "-shm"] {
+                let _ = std::fs::remove_file(snapshot::sidecar(&tmp, suffix));
+            }
+            return Err(sql_err(db)(e));
+        }
+        std::fs::rename(&tmp, db).map_err(io_err(db))?;
+        // Renamed: nothing left for the guard to remove.
+        let _ = tmp.keep();
     }
     if !schema_file.exists() {
-        std::fs::write(&schema_file, NIX_SCHEMA_VERSION).map_err(|source| DbError::Io {
-            path: schema_file.clone(),
-            source,
-        })?;
+        std::fs::write(&schema_file, NIX_SCHEMA_VERSION).map_err(io_err(&schema_file))?;
     }
     Ok(())
 }

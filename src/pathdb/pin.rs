@@ -45,9 +45,18 @@ pub fn path() -> StorePath {
 /// nothing is mounted, the merged `TARGET/store` when it is. Errors name
 /// the file or database that failed.
 pub fn ensure(tx: &Connection, upper: &Upper, store: &Path) -> Result<i64, DbError> {
+    // Through the merged store too, what is written lands in the upper.
     let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| DbError::Io { path, source }
+        let (path, upper) = (path.to_owned(), upper.dir().to_owned());
+        move |source| {
+            if crate::layer::no_space(&source) {
+                return DbError::Full(crate::layer::Full {
+                    upper: Some(upper),
+                    file: path,
+                });
+            }
+            DbError::Io { path, source }
+        }
     };
     let db = upper.db();
     let sql = sql_err(&db);

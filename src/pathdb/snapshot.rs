@@ -31,6 +31,20 @@ impl Snapshot {
     pub fn db(&self) -> &Path {
         &self.db
     }
+
+    /// An SQLite error reading the copy: the upper's file system being full
+    /// when that is the cause (the copy lives there), else `otherwise(e)`,
+    /// which names the lower.
+    pub fn blame(
+        &self,
+        e: rusqlite::Error,
+        otherwise: impl FnOnce(rusqlite::Error) -> DbError,
+    ) -> DbError {
+        if super::out_of_space(&e, &self.db) {
+            return crate::layer::Full::of(&self.db).into();
+        }
+        otherwise(e)
+    }
 }
 
 /// What identifies one state of a file: size, mtime, inode.
@@ -68,10 +82,7 @@ pub(super) fn sidecar(db: &Path, suffix: &str) -> PathBuf {
 /// Copies the lower's database into a fresh directory under `scratch`.
 pub fn take(lower: &Lower, scratch: &Path) -> Result<Snapshot, DbError> {
     let src = lower.db();
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| DbError::Io { path, source }
-    };
+    let io = super::io_err;
     fs::create_dir_all(scratch).map_err(io(scratch))?;
     for attempt in 1..=TRIES {
         let dir = tempfile::Builder::new()
@@ -82,7 +93,7 @@ pub fn take(lower: &Lower, scratch: &Path) -> Result<Snapshot, DbError> {
         let (src_wal, src_journal) = (sidecar(&src, "-wal"), sidecar(&src, "-journal"));
 
         let before = (stamp(&src), wal_header(&src_wal), stamp(&src_journal));
-        fs::copy(&src, &dst).map_err(io(&src))?;
+        copy(&src, &dst)?;
         let wal_copied = copy_if_present(&src_wal, &sidecar(&dst, "-wal"))?;
         copy_if_present(&src_journal, &sidecar(&dst, "-journal"))?;
         let after = (stamp(&src), wal_header(&src_wal), stamp(&src_journal));
@@ -140,13 +151,25 @@ pub fn fingerprint(lower: &Lower) -> String {
     out
 }
 
-fn copy_if_present(src: &Path, dst: &Path) -> Result<bool, DbError> {
+/// Copies `src` (in a lower) to `dst` (in the upper). Running out of space
+/// is the upper's fault and named so; anything else is reading the lower.
+fn copy(src: &Path, dst: &Path) -> Result<(), DbError> {
     match fs::copy(src, dst) {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Ok(_) => Ok(()),
+        Err(e) if crate::layer::no_space(&e) => Err(super::io_err(dst)(e)),
         Err(source) => Err(DbError::Io {
             path: src.to_owned(),
             source,
         }),
+    }
+}
+
+fn copy_if_present(src: &Path, dst: &Path) -> Result<bool, DbError> {
+    match copy(src, dst) {
+        Ok(()) => Ok(true),
+        Err(DbError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
     }
 }

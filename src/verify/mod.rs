@@ -159,7 +159,8 @@ fn scan_upper(store: &Path) -> Result<UpperStore, VerifyError> {
 
 /// Entries of a store directory that are Nix's own bookkeeping, not store
 /// paths: `.links`, temporary and lock files (`.*`, `*.lock`), and entries
-/// a running build holds the lock of (`<name>.lock` next to them).
+/// with a `<name>.lock` next to them (being written, or left partial: see
+/// [`partial_entries`]).
 fn is_bookkeeping(name: &str, upper: &UpperStore) -> bool {
     name.starts_with('.') || name.ends_with(".lock") || upper.contains_key(&format!("{name}.lock"))
 }
@@ -224,6 +225,16 @@ pub struct Unregistered {
     pub registrable: bool,
 }
 
+/// What an interrupted `nix-store --import`, substitution or build leaves:
+/// an upper entry that is not a valid path, with `<name>.lock` beside it,
+/// whose lock no process holds any more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Partial {
+    pub path: String,
+    /// Apparent size of what was written of it.
+    pub bytes: u64,
+}
+
 /// A whiteout in the upper over a path a lower has.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Hidden {
@@ -266,6 +277,7 @@ pub struct HashMismatch {
 pub struct Problems {
     pub missing_content: Vec<MissingContent>,
     pub unregistered: Vec<Unregistered>,
+    pub partial_entries: Vec<Partial>,
     pub hidden: Vec<Hidden>,
     pub duplicates: Vec<Duplicate>,
     pub dangling_references: Vec<DanglingReference>,
@@ -277,6 +289,7 @@ impl Problems {
     pub fn count(&self) -> usize {
         self.missing_content.len()
             + self.unregistered.len()
+            + self.partial_entries.len()
             + self.hidden.len()
             + self.duplicates.len()
             + self.dangling_references.len()
@@ -286,6 +299,7 @@ impl Problems {
     /// Problems `--repair` may fix.
     pub fn repairable(&self) -> usize {
         self.unregistered.iter().filter(|u| u.registrable).count()
+            + self.partial_entries.len()
             + self.hidden.len()
             + self.duplicates.len()
     }
@@ -355,6 +369,7 @@ fn problems(
 ) -> Result<Problems, VerifyError> {
     Ok(Problems {
         unregistered: unregistered(layers, upper, rows),
+        partial_entries: partial_entries(layers, upper, rows),
         hidden: hidden(conn, layers, upper, rows)?,
         duplicates: duplicates(layers, upper),
         dangling_references: dangling_references(conn, &layers.upper.db())?,
@@ -488,6 +503,82 @@ pub(crate) fn unregistered(layers: &Layers, upper: &UpperStore, rows: &[Row]) ->
         .collect();
     out.sort_by(|a, b| a.path.cmp(&b.path));
     out
+}
+
+/// Upper entries that are not valid paths and have a `<name>.lock` that
+/// no process holds: left by a Nix that was killed while it wrote them.
+/// While a process holds the lock, the entry is work in progress and not
+/// reported.
+pub(crate) fn partial_entries(layers: &Layers, upper: &UpperStore, rows: &[Row]) -> Vec<Partial> {
+    let valid: HashSet<&str> = rows.iter().map(|r| r.path.base_name()).collect();
+    let mut out: Vec<Partial> = upper
+        .iter()
+        .filter(|(name, kind)| {
+            **kind == Entry::Real
+                && !name.starts_with('.')
+                && !name.ends_with(".lock")
+                && !valid.contains(name.as_str())
+                && upper.contains_key(&format!("{name}.lock"))
+        })
+        .filter(|(name, _)| !lock_held(layers, name))
+        .map(|(name, _)| Partial {
+            path: format!("{STORE_DIR}/{name}"),
+            bytes: apparent_size(&layers.upper.store().join(name)),
+        })
+        .collect();
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
+/// Where a process may have locked `<name>.lock`: through the merged store
+/// (where Nix opens it; overlayfs gives that file its own inode, so a lock
+/// taken there is not seen through the upper's directory) and in the
+/// upper's own directory.
+pub(crate) fn lock_paths(layers: &Layers, name: &str) -> Vec<PathBuf> {
+    let lock = format!("{name}.lock");
+    layers
+        .mounted_store
+        .iter()
+        .map(|m| m.join(&lock))
+        .chain([layers.upper.store().join(&lock)])
+        .collect()
+}
+
+/// Whether a process holds the lock on `<name>.lock`: Nix takes it with
+/// flock(2); a POSIX (fcntl) lock counts too. A lock file that cannot be
+/// opened counts as held (nothing is reported or touched then).
+fn lock_held(layers: &Layers, name: &str) -> bool {
+    lock_paths(layers, name)
+        .iter()
+        .any(|p| match fs::File::open(p) {
+            Ok(f) => locked(&f),
+            Err(e) => e.kind() != io::ErrorKind::NotFound,
+        })
+}
+
+/// Whether another process holds a flock or fcntl lock on `f`. Takes the
+/// flock for a moment to tell.
+pub(crate) fn locked(f: &fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid descriptor; LOCK_NB never blocks.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return true;
+    }
+    // SAFETY: as above; our own flock goes with the unlock.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+    posix_locked(f)
+}
+
+/// Whether some process holds a POSIX (fcntl) lock on any part of `f`.
+pub(crate) fn posix_locked(f: &fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed flock is a valid argument; F_GETLK only reads.
+    let mut l: libc::flock = unsafe { std::mem::zeroed() };
+    l.l_type = libc::F_WRLCK as libc::c_short;
+    l.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: a valid descriptor and a valid flock.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLK, &mut l) };
+    r != 0 || l.l_type != libc::F_UNLCK as libc::c_short
 }
 
 /// Whiteouts in the upper over paths a lower of the stack has (as its

@@ -3,6 +3,8 @@
 //! * whiteouts over lower paths are removed (the lower path shows again);
 //! * upper copies of lower paths are removed when they hash the same as the
 //!   lower's copy (an upper copy that differs is left and stays reported);
+//! * partial upper entries (an interrupted import's, with a `<name>.lock`
+//!   no process holds) are removed with their lock file, under that lock;
 //! * upper entries that are not valid paths are registered: narHash and
 //!   narSize from their content, `ultimate`, references found by scanning
 //!   the content for the hash parts of valid store paths, as Nix does.
@@ -43,6 +45,8 @@ pub struct Repairs {
     pub duplicates_removed: Vec<String>,
     /// Apparent size of the removed upper copies.
     pub bytes_freed: u64,
+    /// Partial upper entries removed, with their lock files.
+    pub partial_removed: Vec<String>,
     /// Upper entries registered as valid paths.
     pub registered: Vec<String>,
     pub skipped: Vec<Skipped>,
@@ -57,6 +61,7 @@ impl Repairs {
     pub fn changed(&self) -> bool {
         !(self.whiteouts_removed.is_empty()
             && self.duplicates_removed.is_empty()
+            && self.partial_removed.is_empty()
             && self.registered.is_empty())
     }
 }
@@ -84,8 +89,12 @@ pub fn repair(
         out.whiteouts_removed.push(h.path.clone());
     }
     remove_duplicates(layers, found, &mut out)?;
+    remove_partial(conn, layers, found, &mut out)?;
     if let Some(m) = &layers.mounted_store {
-        if !out.whiteouts_removed.is_empty() || !out.duplicates_removed.is_empty() {
+        if !out.whiteouts_removed.is_empty()
+            || !out.duplicates_removed.is_empty()
+            || !out.partial_removed.is_empty()
+        {
             overlay::refresh(m)?;
             out.remounted = true;
         }
@@ -151,6 +160,82 @@ fn remove_duplicates(
                 reason: format!("could not be read: {e}"),
             }),
         }
+    }
+    Ok(())
+}
+
+/// Removes partial upper entries and their lock files. Each is removed
+/// holding its lock (taken where Nix takes it, through the merged store
+/// when mounted), and only if the lock file is still the one Nix left: a
+/// Nix that finished meanwhile deleted it, or marked it stale by writing
+/// into it. Before unlinking the lock file, a token is written into it the
+/// way Nix does, so that a Nix waiting for that lock takes a fresh one.
+fn remove_partial(
+    conn: &Connection,
+    layers: &Layers,
+    found: &Problems,
+    out: &mut Repairs,
+) -> Result<(), VerifyError> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let store = layers.upper.store();
+    let db = layers.upper.db();
+    for p in &found.partial_entries {
+        let name = base_name(&p.path);
+        let skip = |out: &mut Repairs, reason: &str| {
+            out.skipped.push(Skipped {
+                path: p.path.clone(),
+                reason: reason.into(),
+            })
+        };
+        // The merged store's lock file first (Nix's), then the upper's own
+        // (checked before taking ours, which it might share an inode with).
+        let paths = super::lock_paths(layers, name);
+        let others_hold = paths[1..]
+            .iter()
+            .filter_map(|q| fs::File::open(q).ok())
+            .any(|f| super::locked(&f));
+        let Ok(mut lock) = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&paths[0])
+        else {
+            skip(out, "its lock file is gone (a Nix finished with it)");
+            continue;
+        };
+        // SAFETY: a valid descriptor; LOCK_NB never blocks.
+        if others_hold
+            || unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0
+        {
+            skip(out, "a process holds its lock now");
+            continue;
+        }
+        let others_hold = super::posix_locked(&lock);
+        let stale_marked = lock.metadata().map_or(true, |m| m.len() != 0);
+        let valid: bool = conn
+            .query_row(
+                "select count(*) > 0 from ValidPaths where path = ?1",
+                [&p.path],
+                |r| r.get(0),
+            )
+            .map_err(sql_err(&db))?;
+        if others_hold || stale_marked || valid {
+            skip(out, "a process took it up meanwhile");
+            continue;
+        }
+        let entry = store.join(name);
+        storecopy::remove_tree(&entry).map_err(super::io_err(&entry))?;
+        let lock_file = store.join(format!("{name}.lock"));
+        lock.write_all(b"d").map_err(super::io_err(&lock_file))?;
+        match fs::remove_file(&lock_file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(super::io_err(&lock_file)(e))
+            }
+            _ => {}
+        }
+        drop(lock);
+        tracing::info!(path = %p.path, bytes = p.bytes, "removed a partial upper entry and its lock");
+        out.partial_removed.push(p.path.clone());
     }
     Ok(())
 }
