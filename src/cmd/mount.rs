@@ -15,6 +15,7 @@ use crate::flakefs::daemon::{self, ServeOptions};
 use crate::flakefs::log_file;
 use crate::layer::Stack;
 use crate::overlay::{self, MountError};
+use crate::pathdb::health;
 use crate::pathdb::merge::{self, Needed, SyncOptions};
 
 use super::flakefs;
@@ -40,6 +41,9 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     check_target_free(&target, &stack)?;
 
     let _lock = lock_upper(&stack.upper)?;
+    // A damaged merged database is refused before anything is written or
+    // mounted (Nix would go on writing into it).
+    health::quick_check(&stack.upper.db())?;
     let progress = Progress::new(quiet, "merging lower databases");
     let phase = |p: &str| progress.phase(p);
     let summary = merge::sync(

@@ -35,6 +35,7 @@ pub fn run(args: &SyncArgs, quiet: bool) -> Result<()> {
             force: args.force,
             progress: Some(&phase),
             mounted_store: Some(&mounted.store()),
+            check_before_changes: true,
             ..Default::default()
         },
     )?;
@@ -59,6 +60,8 @@ pub fn run(args: &SyncArgs, quiet: bool) -> Result<()> {
 fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> {
     let upper = &mounted.upper;
     let lock = lock_upper(upper)?;
+    // Refused before the old stack is unmounted: mount would refuse it then.
+    pathdb::health::quick_check(&upper.db())?;
     let new = Stack::open(&args.lowers, upper.dir())?;
     let conn = pathdb::open(&upper.db())?;
     let needed = keep::needed(&conn, upper)?;

@@ -2,6 +2,8 @@
 //! merging them, and the provenance of every valid path.
 
 pub mod adopt;
+pub mod health;
+pub mod journal;
 pub mod keep;
 pub mod lookup;
 pub mod merge;
@@ -44,6 +46,14 @@ pub enum DbError {
     },
     #[error("{0}")]
     ClosureBroken(ClosureBroken),
+    #[error("{db}: the merged database is damaged ({detail}); nothing was changed or mounted; with no Nix process using this store, rebuild it from the layers: `nixfs-layer verify --repair --upper {upper}`")]
+    Damaged {
+        db: PathBuf,
+        upper: PathBuf,
+        detail: String,
+    },
+    #[error("{}: Nix is using this store (a process holds its big-lock: nix-daemon, a build, a nix command); stop it, then run the repair again", .db_dir.display())]
+    NixBusy { db_dir: PathBuf },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -76,11 +86,10 @@ impl std::fmt::Display for ClosureBroken {
     }
 }
 
+/// A SQLite failure on `path`; one that says the merged database's file
+/// is damaged becomes [`DbError::Damaged`].
 pub(crate) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> DbError + '_ {
-    move |source| DbError::Sqlite {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| health::classify(path, source)
 }
 
 /// Creates a fresh merged database (Nix schema 10 plus this tool's tables)
@@ -115,6 +124,8 @@ pub fn open(db: &Path) -> Result<Connection, DbError> {
     conn.pragma_update(None, "foreign_keys", "on")
         .map_err(sql_err(db))?;
     trace_statements(&mut conn);
+    // Never write this tool's tables into a file that lost Nix's.
+    health::require_tables(&conn, db)?;
     ensure_layer_tables(&mut conn).map_err(sql_err(db))?;
     Ok(conn)
 }
@@ -173,6 +184,7 @@ pub fn open_read_only(db: &Path) -> Result<Connection, DbError> {
     )
     .map_err(sql_err(db))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(sql_err(db))?;
+    health::require_tables(&conn, db)?;
     Ok(conn)
 }
 
