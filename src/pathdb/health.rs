@@ -119,9 +119,15 @@ pub fn problems(db: &Path, full: bool) -> Result<Vec<String>, DbError> {
     let run = || -> rusqlite::Result<Vec<String>> {
         let mut stmt = conn.prepare(&format!("pragma {pragma}({MAX_PROBLEMS})"))?;
         let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        let mut out: Vec<String> = rows.collect::<rusqlite::Result<_>>()?;
-        if out == ["ok"] {
-            out.clear();
+        // One problem a line; SQLite heads them with the schema's name.
+        let mut out = Vec::new();
+        for row in rows {
+            for line in row?.lines() {
+                let line = line.trim();
+                if !(line.is_empty() || line == "ok" || line.starts_with("*** in database")) {
+                    out.push(line.to_owned());
+                }
+            }
         }
         for t in missing_tables(&conn)? {
             out.push(format!(
