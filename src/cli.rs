@@ -180,7 +180,9 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub check_contents: bool,
     /// Fix what needs no network: whiteouts over lower paths, upper
-    /// duplicates of lower paths, unregistered upper paths.
+    /// duplicates of lower paths, unregistered upper paths; rebuild a
+    /// damaged merged database from the layers (with no Nix process running
+    /// on the store).
     #[arg(long)]
     pub repair: bool,
     /// Machine-readable output (see docs/verify-json.md).
