@@ -28,6 +28,7 @@ done
 # other binary would repeat its first run word for word.
 suite_nix_tests=(
   export_import   # exports built by World::build, imported, checked by nix-store
+  fault_db        # Stack, builds through the merged store, nix path-info before/after
   fault_guard     # Stack, stock nix-store --delete/--gc/--optimise through World::nix
   fault_layout    # Stack throughout, nix-store --import
   flake_tree      # the lower is built and evaluated with World::nix_ok

@@ -52,3 +52,32 @@ create trigger if not exists NixfsLayerOriginOnDelete after delete on ValidPaths
   begin
     delete from NixfsLayerOrigin where path = old.path;
   end;
+
+-- The journal of the upper's own registrations (UPPER/nixfs-layer/journal.sqlite,
+-- src/pathdb/journal.rs) copies the upper's rows out of this file, so that
+-- `verify --repair` can rebuild a damaged merged database without losing
+-- their deriver, signatures, registration time or CA field. New rows are
+-- found by id (ids only grow); rows changed in place (new signatures, a
+-- lower path adopted by the upper) are listed here by these triggers, inside
+-- the transaction that changes them, until the journal has copied them.
+create table if not exists NixfsLayerJournalDirty (
+    path text primary key not null
+) without rowid;
+
+create trigger if not exists NixfsLayerJournalOnUpdate after update on ValidPaths
+  when exists (select 1 from NixfsLayerOrigin where path = new.path and layer = 0)
+  begin
+    insert or ignore into NixfsLayerJournalDirty (path) values (new.path);
+  end;
+
+create trigger if not exists NixfsLayerJournalOnAdopt after update of layer on NixfsLayerOrigin
+  when new.layer = 0
+  begin
+    insert or ignore into NixfsLayerJournalDirty (path) values (new.path);
+  end;
+
+-- One random token per merged database file: a journal made from another
+-- file (a rebuilt or restored one, where ids start over) starts afresh.
+create table if not exists NixfsLayerDbId (
+    token text not null
+);

@@ -191,7 +191,8 @@ pub struct VerifyArgs {
     pub check_contents: bool,
     /// Fix what needs no network: whiteouts over lower paths, upper
     /// duplicates of lower paths, unregistered upper paths, partial upper
-    /// entries an interrupted import left.
+    /// entries an interrupted import left; rebuild a damaged merged database
+    /// from the layers (with no Nix process running on the store).
     #[arg(long)]
     pub repair: bool,
     /// Machine-readable output (see docs/verify-json.md).

@@ -83,6 +83,7 @@ impl Error {
         match self {
             Error::Verify(e) => match e {
                 VerifyError::ProblemsRemain { .. } => EXIT_PROBLEMS,
+                VerifyError::NoLowers { .. } => EX_NOINPUT,
                 VerifyError::Db(e) => Error::db_code(e),
                 VerifyError::Mount(e) => Error::mount_code(e),
                 VerifyError::Layer(e) => Error::layer_code(e),
@@ -197,8 +198,9 @@ impl Error {
         match e {
             DbError::NotNixDb { .. }
             | DbError::ForeignStoreDir { .. }
-            | DbError::ClosureBroken(_) => EX_DATAERR,
-            DbError::Unstable { .. } => EX_TEMPFAIL,
+            | DbError::ClosureBroken(_)
+            | DbError::Damaged { .. } => EX_DATAERR,
+            DbError::Unstable { .. } | DbError::NixBusy { .. } => EX_TEMPFAIL,
             DbError::Io { .. } | DbError::Full(_) => EX_IOERR,
             DbError::Sqlite { .. } => EX_SOFTWARE,
         }

@@ -15,8 +15,8 @@ use crate::flakefs::daemon::{self, ServeOptions};
 use crate::flakefs::log_file;
 use crate::layer::{self, Stack};
 use crate::overlay::{self, MountError};
-use crate::pathdb::keep;
 use crate::pathdb::merge::{self, Needed, SyncOptions};
+use crate::pathdb::{health, keep};
 
 use super::flakefs;
 use super::{lock_upper, resolve_target, FlakeFsRecord, MountRecord, Progress};
@@ -45,6 +45,9 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     let _target_lock = super::lock_target(&target)?;
     let _lock = lock_upper(&stack.upper)?;
     check_target_free(&target, &stack)?;
+    // A damaged merged database is refused before anything is written or
+    // mounted (Nix would go on writing into it).
+    health::quick_check(&stack.upper.db())?;
     // A switch to new lowers cut short: its verified copies become the
     // upper's, whichever lowers are mounted now.
     let finished = keep::finish_switch(&stack.upper)?;

@@ -40,6 +40,7 @@ pub fn run(args: &SyncArgs, quiet: bool) -> Result<()> {
             force: args.force,
             progress: Some(&phase),
             mounted_store: Some(&mounted.store()),
+            check_before_changes: true,
             ..Default::default()
         },
     )?;
@@ -64,6 +65,8 @@ pub fn run(args: &SyncArgs, quiet: bool) -> Result<()> {
 fn switch_lowers(args: &SyncArgs, mounted: &Mounted, quiet: bool) -> Result<()> {
     let upper = &mounted.upper;
     let lock = lock_upper(upper)?;
+    // Refused before the old stack is unmounted: mount would refuse it then.
+    pathdb::health::quick_check(&upper.db())?;
     let new = Stack::open(&args.lowers, upper.dir())?;
     layer::check_target(&mounted.target, &new.lowers, upper)?;
     let conn = pathdb::open(&upper.db())?;

@@ -4,6 +4,7 @@ use crate::cli::UmountArgs;
 use crate::config::Config;
 use crate::error::Result;
 use crate::flakefs::daemon;
+use crate::pathdb::journal;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,9 @@ pub fn run(args: &UmountArgs) -> Result<()> {
     let mounted = require_mounted(&target)?;
     let _lock = lock_upper(&mounted.upper)?;
     wait_until_unused(&mounted, args.wait.map(Duration::from_secs))?;
+    // What Nix registered since the last sync goes into the journal that
+    // `verify --repair` would rebuild a damaged database from.
+    journal::catch_up(&mounted.upper, &mounted.record.lowers);
     unmount_stack(&mounted, true)?;
     eprintln!("unmounted {}", target.display());
     Ok(())

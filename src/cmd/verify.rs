@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::layer::Upper;
 use crate::overlay;
 use crate::pathdb;
+use crate::verify::rebuild;
 use crate::verify::repair::{self, Repairs};
 use crate::verify::{self, Layers, Problems, VerifyError};
 
@@ -57,6 +58,31 @@ pub fn run(args: &VerifyArgs) -> Result<()> {
     } else {
         None
     };
+    // SQLite's own check first: the other checks read the database.
+    let damage = verify::damaged_database(&upper)?;
+    let mut rebuilt = None;
+    if !damage.is_empty() {
+        if !args.repair {
+            let problems = Problems {
+                damaged_database: damage,
+                ..Default::default()
+            };
+            return finish(
+                args,
+                &target,
+                &upper,
+                mounted_store.is_some(),
+                problems,
+                None,
+            );
+        }
+        let mounted_lowers = mounted
+            .as_ref()
+            .filter(|_| mounted_store.is_some())
+            .map(|m| m.record.lowers.as_slice());
+        let lowers = rebuild::lowers_for(&upper, mounted_lowers)?;
+        rebuilt = Some(rebuild::rebuild(&upper, &lowers, mounted_store.as_deref())?);
+    }
     let db = upper.db();
     let mut conn = if args.repair {
         pathdb::open(&db)?
@@ -66,7 +92,8 @@ pub fn run(args: &VerifyArgs) -> Result<()> {
     let layers = Layers::read(&conn, &upper, mounted_store.as_deref())?;
     let found = verify::check(&conn, &layers, args.check_contents)?;
     let (problems, repaired) = if args.repair {
-        let done = repair::repair(&mut conn, &layers, &found.problems)?;
+        let mut done = repair::repair(&mut conn, &layers, &found.problems)?;
+        done.rebuilt = rebuilt;
         let after = if done.changed() || done.resynced {
             verify::check_after_repair(&conn, &layers, &found, &done)?
         } else {
@@ -76,10 +103,29 @@ pub fn run(args: &VerifyArgs) -> Result<()> {
     } else {
         (found.problems, None)
     };
+    finish(
+        args,
+        &target,
+        &upper,
+        mounted_store.is_some(),
+        problems,
+        repaired,
+    )
+}
+
+/// Prints the report; the exit status follows from it.
+fn finish(
+    args: &VerifyArgs,
+    target: &std::path::Path,
+    upper: &Upper,
+    mounted: bool,
+    problems: Problems,
+    repaired: Option<Repairs>,
+) -> Result<()> {
     let report = Report {
         format: VERIFY_FORMAT,
         target: target.display().to_string(),
-        mounted: mounted_store.is_some(),
+        mounted,
         upper: upper.dir().display().to_string(),
         checked_contents: args.check_contents,
         clean: problems.count() == 0,
@@ -99,7 +145,9 @@ pub fn run(args: &VerifyArgs) -> Result<()> {
     Err(VerifyError::ProblemsRemain {
         count: report.problems,
         state: if args.repair { "remain after repairing" } else { "found" },
-        hint: if repairable > 0 && !args.repair {
+        hint: if !report.categories.damaged_database.is_empty() {
+            "the merged database is damaged: with no Nix process using the store, `nixfs-layer verify --repair` rebuilds it from the layers"
+        } else if repairable > 0 && !args.repair {
             "`nixfs-layer verify --repair` fixes whiteouts, upper duplicates, unregistered and partial upper entries"
         } else {
             "missing lower content and hash mismatches need the lower's content back (or a rebuild of the upper path)"
@@ -130,6 +178,15 @@ fn print_text(r: &Report) {
         if r.mounted { "mounted" } else { "not mounted" },
         r.upper
     );
+    if let Some(b) = r.repaired.as_ref().and_then(|rep| rep.rebuilt.as_ref()) {
+        println!(
+            "rebuilt the damaged merged database from the layers: {} lower path(s), {} upper path(s) from the journal, {} upper path(s) hashed and scanned; the damaged file is kept as {}",
+            b.lower_paths,
+            b.from_journal.len(),
+            b.scanned.len(),
+            b.damaged_copy
+        );
+    }
     if let Some(rep) = &r.repaired {
         println!(
             "repaired: removed {} whiteout(s), removed {} upper duplicate(s) ({} bytes), removed {} partial entr(ies), registered {} path(s){}",
@@ -149,6 +206,28 @@ fn print_text(r: &Report) {
         }
     }
     let c = &r.categories;
+    if !c.damaged_database.is_empty() {
+        let lines: Vec<&str> = c
+            .damaged_database
+            .iter()
+            .map(|d| d.problem.as_str())
+            .collect();
+        println!(
+            "damaged database: {}  {}: {}{}",
+            lines.len(),
+            c.damaged_database[0].database,
+            lines[..lines.len().min(SHOWN)].join("; "),
+            if lines.len() > SHOWN {
+                format!(" … (+{} more)", lines.len() - SHOWN)
+            } else {
+                String::new()
+            }
+        );
+        println!("other checks: skipped (they read the damaged database)");
+        println!("{} problem(s)", r.problems);
+        return;
+    }
+    println!("damaged database: 0");
     line(
         "missing content",
         &(c.missing_content

@@ -113,7 +113,7 @@ fn qualifies(
 }
 
 /// Makes the snapshot of `lower` the upper's merged database, if it
-/// qualifies; returns how many paths it registered, or None when it does
+/// qualifies (at `target`); returns how many paths it registered, or None when it does
 /// not qualify (nothing was changed then).
 pub fn adopt(
     upper: &Upper,
@@ -121,11 +121,12 @@ pub fn adopt(
     snap: &Snapshot,
     whiteouts: &HashSet<OsString>,
     fingerprint: &str,
+    target: &Path,
 ) -> Result<Option<u64>, DbError> {
     let db = snap.db();
-    // The copy becomes the upper's database: errors name that.
-    let upper_db = upper.db();
-    let err = sql_err(&upper_db);
+    // The copy becomes the merged database (`target`, normally the
+    // upper's): errors name that.
+    let err = sql_err(target);
     let mut conn = Connection::open(db).map_err(&err)?;
     if !qualifies(&conn, snap, lower, whiteouts)? {
         return Ok(None);
@@ -177,7 +178,7 @@ pub fn adopt(
     if ca_schema.exists() {
         let _ = fs::copy(&ca_schema, upper.db_dir().join("ca-schema"));
     }
-    replace_db(db, &upper.db())?;
+    replace_db(db, target)?;
     Ok(Some(n))
 }
 

@@ -30,7 +30,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 
-use super::{adopt, open, pin, realisations, snapshot, sql_err, ClosureBroken, DbError};
+use super::{
+    adopt, health, journal, open, pin, realisations, snapshot, sql_err, ClosureBroken, DbError,
+};
 use crate::gcroots;
 use crate::layer::{Lower, Upper};
 use crate::storepath::StorePath;
@@ -57,6 +59,13 @@ pub struct SyncOptions<'a> {
     /// The merged store (`TARGET/store`) when mounted: files this tool adds
     /// to the upper go through it, not behind overlayfs' back.
     pub mounted_store: Option<&'a Path>,
+    /// Build into this database instead of the upper's (a rebuild of a
+    /// damaged one: `verify --repair`). No journal is kept of it.
+    pub db: Option<&'a Path>,
+    /// Run `PRAGMA quick_check` on the merged database before changing it,
+    /// and refuse a damaged one ([`DbError::Damaged`]). An idle sync (no
+    /// lower changed) changes nothing and skips it.
+    pub check_before_changes: bool,
 }
 
 /// What a sync did.
@@ -150,7 +159,14 @@ pub fn sync(
     opts: &SyncOptions<'_>,
 ) -> Result<SyncSummary, DbError> {
     let started = Instant::now();
-    let db = upper.db();
+    let db = opts.db.map_or_else(|| upper.db(), Path::to_owned);
+    // The journal follows the upper's own database only.
+    let journal = |conn: &Connection| {
+        if opts.db.is_none() {
+            let dirs: Vec<_> = lowers.iter().map(|l| l.dir().to_owned()).collect();
+            journal::record_or_warn(conn, upper, &dirs);
+        }
+    };
     let err = sql_err(&db);
     let phase = |name: &str| {
         tracing::debug!(elapsed = ?started.elapsed(), "sync: {name}");
@@ -180,6 +196,7 @@ pub fn sync(
         .collect();
     if changed.is_empty() && !stack_left(&conn, &states).map_err(&err)? {
         pin::ensure(&conn, upper, &pin_store)?;
+        journal(&conn);
         let provided = conn
             .query_row(
                 "select count(*) from NixfsLayerOrigin where layer > 0",
@@ -193,6 +210,10 @@ pub fn sync(
         });
     }
 
+    if opts.check_before_changes {
+        phase("checking the merged database");
+        health::quick_check(&db)?;
+    }
     let whiteouts = upper_whiteouts(&upper.store())?;
     let mut adopted = 0u64;
     let mut declined = None;
@@ -210,6 +231,7 @@ pub fn sync(
             &snap,
             &whiteouts,
             &states[0].fingerprint,
+            &db,
         )?;
         conn = open_for_merge(&db)?;
         match result {
@@ -219,6 +241,7 @@ pub fn sync(
                 adopted = n;
                 changed.remove(0);
                 if changed.is_empty() && states.len() == 1 {
+                    journal(&conn);
                     tracing::info!(elapsed = ?started.elapsed(), paths = n, "sync done by adopting the lower's database");
                     return Ok(SyncSummary {
                         added: n,
@@ -329,6 +352,7 @@ pub fn sync(
         }
     }
     drop(snapshots);
+    journal(&conn);
     phase("done");
     tracing::info!(elapsed = ?started.elapsed(), %summary, "sync done");
     Ok(summary)

@@ -2,6 +2,8 @@
 //! merging them, and the provenance of every valid path.
 
 pub mod adopt;
+pub mod health;
+pub mod journal;
 pub mod keep;
 pub mod lookup;
 pub mod merge;
@@ -46,6 +48,14 @@ pub enum DbError {
     ClosureBroken(ClosureBroken),
     #[error(transparent)]
     Full(#[from] Full),
+    #[error("{db}: the merged database is damaged ({detail}); nothing was changed or mounted; with no Nix process using this store, rebuild it from the layers: `nixfs-layer verify --repair --upper {upper}`")]
+    Damaged {
+        db: PathBuf,
+        upper: PathBuf,
+        detail: String,
+    },
+    #[error("{}: Nix is using this store (a process holds its big-lock: nix-daemon, a build, a nix command); stop it, then run the repair again", .db_dir.display())]
+    NixBusy { db_dir: PathBuf },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -78,17 +88,15 @@ impl std::fmt::Display for ClosureBroken {
     }
 }
 
-/// An SQLite error on the file at `path`; one that says its file system is
-/// full becomes [`DbError::Full`].
+/// An SQLite error on the file at `path`: one that says its file system is
+/// full becomes [`DbError::Full`], one that says the merged database's file
+/// is damaged [`DbError::Damaged`].
 pub(crate) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> DbError + '_ {
     move |source| {
         if out_of_space(&source, path) {
             return Full::of(path).into();
         }
-        DbError::Sqlite {
-            path: path.to_owned(),
-            source,
-        }
+        health::classify(path, source)
     }
 }
 
@@ -164,6 +172,8 @@ pub fn open(db: &Path) -> Result<Connection, DbError> {
     conn.pragma_update(None, "foreign_keys", "on")
         .map_err(sql_err(db))?;
     trace_statements(&mut conn);
+    // Never write this tool's tables into a file that lost Nix's.
+    health::require_tables(&conn, db)?;
     ensure_layer_tables(&mut conn).map_err(sql_err(db))?;
     Ok(conn)
 }
@@ -222,6 +232,7 @@ pub fn open_read_only(db: &Path) -> Result<Connection, DbError> {
     )
     .map_err(sql_err(db))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(sql_err(db))?;
+    health::require_tables(&conn, db)?;
     Ok(conn)
 }
 

@@ -8,6 +8,7 @@
 //! hashed through the merged `TARGET/store` when mounted (what Nix sees),
 //! else in the layer it comes from.
 
+pub mod rebuild;
 pub mod repair;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -36,6 +37,8 @@ pub enum VerifyError {
     Layer(#[from] LayerError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("upper {}: no record of its lowers (nothing mounted, no journal, and the damaged database does not name them); mount needs a whole database, so restore {}/var/nix/db/db.sqlite from a backup or run `nixfs-layer verify --repair` while the stack is mounted", .upper.display(), .upper.display())]
+    NoLowers { upper: PathBuf },
     #[error("verify: {count} problem(s) {state}; {hint}")]
     ProblemsRemain {
         count: usize,
@@ -272,9 +275,21 @@ pub struct HashMismatch {
     pub actual: String,
 }
 
+/// What SQLite's `integrity_check` says about the merged database file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DatabaseDamage {
+    /// The database file.
+    pub database: String,
+    /// One line of `PRAGMA integrity_check` (or why the file cannot be read).
+    pub problem: String,
+}
+
 /// Every problem found, by category (see docs/verify-json.md).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Problems {
+    /// Non-empty when the merged database file is damaged: then the other
+    /// categories are not checked (they would read a damaged file).
+    pub damaged_database: Vec<DatabaseDamage>,
     pub missing_content: Vec<MissingContent>,
     pub unregistered: Vec<Unregistered>,
     pub partial_entries: Vec<Partial>,
@@ -287,7 +302,8 @@ pub struct Problems {
 
 impl Problems {
     pub fn count(&self) -> usize {
-        self.missing_content.len()
+        self.damaged_database.len()
+            + self.missing_content.len()
             + self.unregistered.len()
             + self.partial_entries.len()
             + self.hidden.len()
@@ -298,11 +314,25 @@ impl Problems {
 
     /// Problems `--repair` may fix.
     pub fn repairable(&self) -> usize {
-        self.unregistered.iter().filter(|u| u.registrable).count()
+        self.damaged_database.len()
+            + self.unregistered.iter().filter(|u| u.registrable).count()
             + self.partial_entries.len()
             + self.hidden.len()
             + self.duplicates.len()
     }
+}
+
+/// `PRAGMA integrity_check` of the upper's merged database: the
+/// problems, an empty list when the file is whole.
+pub fn damaged_database(upper: &Upper) -> Result<Vec<DatabaseDamage>, VerifyError> {
+    let db = upper.db();
+    Ok(crate::pathdb::health::problems(&db, true)?
+        .into_iter()
+        .map(|problem| DatabaseDamage {
+            database: db.display().to_string(),
+            problem,
+        })
+        .collect())
 }
 
 /// What [`check`] found, with the valid paths it looked at: what
@@ -368,6 +398,7 @@ fn problems(
     hash_mismatches: Option<Vec<HashMismatch>>,
 ) -> Result<Problems, VerifyError> {
     Ok(Problems {
+        damaged_database: Vec::new(),
         unregistered: unregistered(layers, upper, rows),
         partial_entries: partial_entries(layers, upper, rows),
         hidden: hidden(conn, layers, upper, rows)?,

@@ -55,14 +55,18 @@ pub struct Repairs {
     pub resynced: bool,
     /// Whether the overlay was remounted.
     pub remounted: bool,
+    /// The damaged merged database was rebuilt from the layers (null when
+    /// it was whole).
+    pub rebuilt: Option<super::rebuild::Rebuilt>,
 }
 
 impl Repairs {
     pub fn changed(&self) -> bool {
-        !(self.whiteouts_removed.is_empty()
-            && self.duplicates_removed.is_empty()
-            && self.partial_removed.is_empty()
-            && self.registered.is_empty())
+        self.rebuilt.is_some()
+            || !(self.whiteouts_removed.is_empty()
+                && self.duplicates_removed.is_empty()
+                && self.partial_removed.is_empty()
+                && self.registered.is_empty())
     }
 }
 
