@@ -28,6 +28,7 @@ done
 # other binary would repeat its first run word for word.
 suite_nix_tests=(
   export_import   # exports built by World::build, imported, checked by nix-store
+  fault_lowers    # lowers built and replaced with World::build, verify_contents
   flake_tree      # the lower is built and evaluated with World::nix_ok
   layered_store   # Stack and World::nix throughout
   promote         # builds with World::build, nix-store --verify on both sides

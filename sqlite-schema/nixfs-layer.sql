@@ -43,6 +43,17 @@ create table if not exists NixfsLayerLowerPath (
 -- are few), so no second index to keep up to date on every sync.
 drop index if exists NixfsLayerLowerPathPath;
 
+-- Paths the merged store takes from a lower whose store entry has vanished
+-- from that lower while the lower's database still lists them (someone
+-- removed it behind the database): found when the lower's store directory
+-- changed, looked at again by every sync until the entry is back or the
+-- path is no longer the lower's.
+create table if not exists NixfsLayerVanished (
+    lower  integer not null,
+    path   text not null,
+    primary key (lower, path)
+) without rowid;
+
 create trigger if not exists NixfsLayerOriginOnInsert after insert on ValidPaths
   begin
     insert or ignore into NixfsLayerOrigin (path, layer) values (new.path, 0);

@@ -167,7 +167,8 @@ impl Error {
             MountError::OverlayUnavailable => EX_UNAVAILABLE,
             MountError::AlreadyMounted(..)
             | MountError::UpperInUse { .. }
-            | MountError::Busy(_) => EX_TEMPFAIL,
+            | MountError::Busy(_)
+            | MountError::ReplacedBusy { .. } => EX_TEMPFAIL,
             MountError::NotMounted(_) => EXIT_NOT_MOUNTED,
             MountError::LowerSeesTarget { .. } => EX_USAGE,
             MountError::Mount { .. } | MountError::Umount { .. } => EX_OSERR,
