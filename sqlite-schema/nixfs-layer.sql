@@ -14,7 +14,7 @@ create table if not exists NixfsLayerLower (
     id          integer primary key autoincrement not null,
     dir         text unique not null,
     priority    integer,
-    fingerprint text,    -- size/mtime/inode of its database files and store dir at the last sync
+    fingerprint text,    -- its identity (dev/inode of dir and store/), database files and store dir stamps at the last sync
     syncedAt    integer  -- unix time of the last sync
 );
 
