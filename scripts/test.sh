@@ -31,6 +31,7 @@ suite_nix_tests=(
   fault_db        # Stack, builds through the merged store, nix path-info before/after
   fault_guard     # Stack, stock nix-store --delete/--gc/--optimise through World::nix
   fault_layout    # Stack throughout, nix-store --import
+  fault_lowers    # lowers built and replaced with World::build, verify_contents
   flake_tree      # the lower is built and evaluated with World::nix_ok
   layered_store   # Stack and World::nix throughout
   lifecycle       # Stack, racing mounts through the tool

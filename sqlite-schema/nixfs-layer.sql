@@ -14,7 +14,7 @@ create table if not exists NixfsLayerLower (
     id          integer primary key autoincrement not null,
     dir         text unique not null,
     priority    integer,
-    fingerprint text,    -- size/mtime/inode of its database files and store dir at the last sync
+    fingerprint text,    -- its identity (dev/inode of dir and store/), database files and store dir stamps at the last sync
     syncedAt    integer  -- unix time of the last sync
 );
 
@@ -42,6 +42,17 @@ create table if not exists NixfsLayerLowerPath (
 -- Looked up by path through the primary key, one lower at a time (there
 -- are few), so no second index to keep up to date on every sync.
 drop index if exists NixfsLayerLowerPathPath;
+
+-- Paths the merged store takes from a lower whose store entry has vanished
+-- from that lower while the lower's database still lists them (someone
+-- removed it behind the database): found when the lower's store directory
+-- changed, looked at again by every sync until the entry is back or the
+-- path is no longer the lower's.
+create table if not exists NixfsLayerVanished (
+    lower  integer not null,
+    path   text not null,
+    primary key (lower, path)
+) without rowid;
 
 create trigger if not exists NixfsLayerOriginOnInsert after insert on ValidPaths
   begin

@@ -186,7 +186,8 @@ impl Error {
             | MountError::UpperInUse { .. }
             | MountError::HeldElsewhere { .. }
             | MountError::InUse { .. }
-            | MountError::Busy(_) => EX_TEMPFAIL,
+            | MountError::Busy(_)
+            | MountError::ReplacedBusy { .. } => EX_TEMPFAIL,
             MountError::NotMounted(_) => EXIT_NOT_MOUNTED,
             MountError::LowerSeesTarget { .. } => EX_USAGE,
             MountError::Mount { .. } | MountError::Umount { .. } => EX_OSERR,

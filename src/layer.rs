@@ -202,6 +202,74 @@ impl Lower {
     }
 }
 
+/// Which directories a lower's path names right now: device and inode of
+/// the lower directory and of its `store/`. overlayfs holds on to the
+/// `store/` it was mounted with, so when a publisher renames a new tree into
+/// place (or replaces `store/`), the mounted overlay still shows the old one
+/// while the path shows the new one: these numbers tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LowerIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub store_dev: u64,
+    pub store_ino: u64,
+}
+
+impl std::fmt::Display for LowerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{},{}:{}",
+            self.dev, self.ino, self.store_dev, self.store_ino
+        )
+    }
+}
+
+impl Lower {
+    /// The lower's [`LowerIdentity`] now.
+    pub fn identity(&self) -> Result<LowerIdentity, LayerError> {
+        use std::os::unix::fs::MetadataExt;
+        let stat = |p: &Path| {
+            fs::metadata(p).map_err(|source| LayerError::LowerUnreadable {
+                dir: self.dir.clone(),
+                source,
+            })
+        };
+        let (d, s) = (stat(&self.dir)?, stat(&self.store())?);
+        Ok(LowerIdentity {
+            dev: d.dev(),
+            ino: d.ino(),
+            store_dev: s.dev(),
+            store_ino: s.ino(),
+        })
+    }
+}
+
+/// A lower directory that is not the one a mount recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replaced {
+    pub dir: PathBuf,
+    pub was: LowerIdentity,
+    /// None when the directory (or its `store/`) cannot be found or read now.
+    pub now: Option<LowerIdentity>,
+}
+
+/// The lowers of `dirs` whose identity differs from the one `recorded`
+/// for them (same order; a record without identities tells nothing).
+pub fn replaced(dirs: &[PathBuf], recorded: &[LowerIdentity]) -> Vec<Replaced> {
+    dirs.iter()
+        .zip(recorded)
+        .filter_map(|(dir, was)| {
+            let now = Lower { dir: dir.clone() }.identity().ok();
+            (now.as_ref() != Some(was)).then(|| Replaced {
+                dir: dir.clone(),
+                was: *was,
+                now,
+            })
+        })
+        .collect()
+}
+
 /// The writable upper layer this tool owns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upper {

@@ -29,6 +29,8 @@ pub enum MountError {
         "{0} is busy (a process has files open there); stop it (e.g. nix-daemon) and try again"
     )]
     Busy(PathBuf),
+    #[error("lower {lower} was replaced since {store} was mounted (the overlay still shows the directory it had then), and {store} is busy (a process has files open there), so it cannot be mounted afresh; nothing was changed: stop those processes (`fuser -vm {store}` lists them, e.g. nix-daemon) and run `nixfs-layer sync` again")]
+    ReplacedBusy { lower: PathBuf, store: PathBuf },
     #[error("mounting {what} on {target} failed: {errno}{hint}")]
     Mount {
         what: String,
@@ -315,6 +317,102 @@ pub fn unmount(target: &Path) -> Result<(), MountError> {
             errno,
         },
     })
+}
+
+/// Mounts the overlay on `target_store` afresh, with the layers it is
+/// given: the way to make it take up a lower directory that was replaced
+/// since it was mounted (overlayfs looks its layers up once, at mount time;
+/// a remount cannot change them). The old overlay is held on to, as a
+/// detached copy of its mount, until the new one is up, and put back where
+/// it was if mounting the new one fails. Files open on `target_store` make
+/// this fail with [`MountError::Busy`] before anything changed.
+pub fn mount_afresh(
+    lowers: &[Lower],
+    upper: &Upper,
+    target_store: &Path,
+) -> Result<(), MountError> {
+    let old = DetachedMount::clone_of(target_store)?;
+    unmount(target_store)?;
+    match mount_overlay(lowers, upper, target_store) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            match old.put_back(target_store) {
+                Ok(()) => {
+                    tracing::warn!(target = %target_store.display(), "mounting the overlay afresh failed; the old one is back")
+                }
+                Err(back) => {
+                    tracing::error!(target = %target_store.display(), error = %back, "mounting the overlay afresh failed, and the old one could not be put back: nothing is mounted there")
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// A copy of a mount attached nowhere (`open_tree(OPEN_TREE_CLONE)`): it
+/// keeps the file system it shows alive until it is dropped, and can be
+/// attached again (`move_mount`).
+struct DetachedMount(std::os::fd::OwnedFd);
+
+impl DetachedMount {
+    fn clone_of(point: &Path) -> Result<DetachedMount, MountError> {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        const OPEN_TREE_CLONE: libc::c_uint = 1;
+        let failed = |errno| MountError::Mount {
+            what: format!("a copy of the mount at {} (open_tree)", point.display()),
+            target: point.to_owned(),
+            errno,
+            hint: " (needs Linux 5.2 or later)",
+        };
+        let c = std::ffi::CString::new(point.as_os_str().as_bytes())
+            .map_err(|_| failed(Errno::EINVAL))?;
+        // SAFETY: a valid NUL-terminated path; the fd returned is ours.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(failed(Errno::last()));
+        }
+        // SAFETY: open_tree returned a new file descriptor.
+        Ok(DetachedMount(unsafe {
+            std::os::fd::OwnedFd::from_raw_fd(fd as i32)
+        }))
+    }
+
+    fn put_back(self, point: &Path) -> Result<(), MountError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+        let failed = |errno| MountError::Mount {
+            what: "the previous overlay (move_mount)".into(),
+            target: point.to_owned(),
+            errno,
+            hint: "",
+        };
+        let c = std::ffi::CString::new(point.as_os_str().as_bytes())
+            .map_err(|_| failed(Errno::EINVAL))?;
+        // SAFETY: a valid fd, an empty path (F_EMPTY_PATH), a valid target.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                self.0.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            )
+        };
+        if r < 0 {
+            return Err(failed(Errno::last()));
+        }
+        Ok(())
+    }
 }
 
 /// Remounts the overlay in place. overlayfs keeps negative and stale

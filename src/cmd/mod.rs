@@ -25,8 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::layer::{Lower, Upper};
+use crate::layer::{self, Lower, LowerIdentity, Upper};
 use crate::overlay::{self, MountError};
+use crate::pathdb::merge;
 
 pub const DEFAULT_TARGET: &str = "/nix";
 
@@ -55,9 +56,23 @@ pub fn resolve_target(flag: Option<&Path>, config: &Config) -> Result<PathBuf> {
 pub struct MountRecord {
     pub target: PathBuf,
     pub lowers: Vec<PathBuf>,
+    /// What each lower directory was when the overlay was mounted (same
+    /// order as `lowers`); empty in records of older versions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lower_ids: Vec<LowerIdentity>,
     /// The /nixfs/flake tree served with this mount, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flakefs: Option<FlakeFsRecord>,
+}
+
+impl MountRecord {
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).expect("mount record serialises");
+        std::fs::write(path, json).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })
+    }
 }
 
 /// The flake tree's server, for `umount` to stop.
@@ -78,6 +93,11 @@ pub struct Mounted {
 impl Mounted {
     pub fn store(&self) -> PathBuf {
         self.target.join("store")
+    }
+    /// The lowers whose directory is another one than the overlay was
+    /// mounted with (see [`layer::replaced`]).
+    pub fn replaced_lowers(&self) -> Vec<layer::Replaced> {
+        layer::replaced(&self.record.lowers, &self.record.lower_ids)
     }
     pub fn lowers(&self) -> Result<Vec<Lower>> {
         Ok(self
@@ -125,6 +145,7 @@ pub fn find_mounted(target: &Path) -> Result<Option<Mounted>> {
             MountRecord {
                 target: target.to_owned(),
                 lowers: lowers_of(&m),
+                lower_ids: Vec::new(),
                 flakefs: None,
             }
         }
@@ -148,6 +169,28 @@ fn lowers_of(m: &overlay::MountInfo) -> Vec<PathBuf> {
 /// Like [`find_mounted`], but nothing mounted is an error.
 pub fn require_mounted(target: &Path) -> Result<Mounted> {
     find_mounted(target)?.ok_or_else(|| MountError::NotMounted(target.to_owned()).into())
+}
+
+/// How many vanished lower paths get a warning line each.
+const VANISHED_WARNINGS: usize = 10;
+
+/// One warning line per lower path whose store entry vanished behind its
+/// lower's database (the first few, then a count).
+pub fn warn_vanished(summary: &merge::SyncSummary) {
+    for v in summary.vanished.iter().take(VANISHED_WARNINGS) {
+        eprintln!(
+            "nixfs-layer: warning: missing content: {} is valid in the database of lower {} but its store entry is gone from {}; put it back there (see `nixfs-layer verify`)",
+            v.path,
+            v.lower.display(),
+            v.lower.join("store").display()
+        );
+    }
+    if summary.vanished.len() > VANISHED_WARNINGS {
+        eprintln!(
+            "nixfs-layer: warning: missing content: {} more lower path(s) whose store entry is gone (`nixfs-layer verify` lists them all)",
+            summary.vanished.len() - VANISHED_WARNINGS
+        );
+    }
 }
 
 /// Prints a command's `--json` document (the shapes are in docs/*-json.md).

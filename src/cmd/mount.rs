@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::flakefs::daemon::{self, ServeOptions};
 use crate::flakefs::log_file;
-use crate::layer::{self, Stack};
+use crate::layer::{self, Lower, Stack};
 use crate::overlay::{self, MountError};
 use crate::pathdb::merge::{self, Needed, SyncOptions};
 use crate::pathdb::{health, keep};
@@ -78,6 +78,7 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     for p in &summary.broken {
         eprintln!("nixfs-layer: warning: {p} left the lowers but upper paths need it; its content is missing (see `nixfs-layer verify`)");
     }
+    super::warn_vanished(&summary);
 
     let store = target.join("store");
     let var = target.join("var");
@@ -92,6 +93,11 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     let mut record = MountRecord {
         target: target.clone(),
         lowers: stack.lowers.iter().map(|l| l.dir().to_owned()).collect(),
+        lower_ids: stack
+            .lowers
+            .iter()
+            .map(Lower::identity)
+            .collect::<Result<_, _>>()?,
         flakefs: None,
     };
     let rec_path = stack.upper.mount_record();
@@ -217,8 +223,7 @@ fn stop_here(stack: &Stack, target: &Path) -> Result<()> {
 }
 
 fn write_record(rec_path: &Path, record: &MountRecord) -> Result<()> {
-    let json = serde_json::to_vec_pretty(record).expect("mount record serialises");
-    std::fs::write(rec_path, json).map_err(|source| Error::io(rec_path, source))
+    record.write(rec_path)
 }
 
 /// Refuses a target that already has something mounted where we would mount,

@@ -21,7 +21,7 @@ pub struct Status {
     pub target: String,
     pub mounted: bool,
     pub upper: Option<UpperStatus>,
-    pub lowers: Vec<stats::LowerStats>,
+    pub lowers: Vec<LowerStatus>,
     /// Valid paths in the merged database (null when no upper is known).
     pub valid_paths: Option<u64>,
     /// Whether the mounted overlay's work directory is sealed (null when
@@ -45,6 +45,16 @@ pub struct FlakeTreeStatus {
     pub alive: bool,
     /// Results of locked references kept across restarts.
     pub locked_results: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LowerStatus {
+    #[serde(flatten)]
+    pub stats: stats::LowerStats,
+    /// Mounted, and the lower's directory (or its `store/`) is another one
+    /// than the overlay was mounted with: `TARGET/store` shows the old one
+    /// until `nixfs-layer sync` mounts it afresh.
+    pub replaced: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -85,6 +95,19 @@ pub fn run(args: &StatusArgs) -> Result<()> {
             state = "half-mounted";
         }
     }
+    let replaced = mounted
+        .as_ref()
+        .map(|m| m.replaced_lowers())
+        .unwrap_or_default();
+    for r in &replaced {
+        problems.push(format!(
+            "lower {} is another directory than the one mounted (replaced under the mount): run `nixfs-layer sync`",
+            r.dir.display()
+        ));
+        if state == "mounted" {
+            state = "half-mounted";
+        }
+    }
     let status = Status {
         format: STATUS_FORMAT,
         target: target.display().to_string(),
@@ -97,7 +120,15 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                 dir: u.dir().display().to_string(),
                 stats: s.upper.clone(),
             }),
-        lowers: db_stats.map(|s| s.lowers).unwrap_or_default(),
+        lowers: db_stats
+            .map(|s| s.lowers)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|l| LowerStatus {
+                replaced: replaced.iter().any(|r| r.dir.to_string_lossy() == l.dir),
+                stats: l,
+            })
+            .collect(),
         sealed: mounted
             .as_ref()
             .map(|m| crate::overlay::is_sealed(&m.upper)),
@@ -194,13 +225,20 @@ fn print_text(s: &Status) {
         );
     }
     for l in &s.lowers {
+        let st = &l.stats;
         println!(
             "  lower {}: {} paths, {} ({} provided)",
-            l.dir,
-            l.paths,
-            human_bytes(l.bytes),
-            l.provided_paths
+            st.dir,
+            st.paths,
+            human_bytes(st.bytes),
+            st.provided_paths
         );
+        if l.replaced {
+            println!(
+                "    REPLACED since it was mounted: {}/store still shows the directory it was then; run `nixfs-layer sync` to mount the new one",
+                s.target
+            );
+        }
     }
     if let Some(n) = s.valid_paths {
         println!("  valid paths: {n}");

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use crate::cli::{ConfigArg, MountArgs, SyncArgs, TargetArgs, UmountArgs};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::layer::{self, Stack};
-use crate::overlay;
+use crate::layer::{self, Lower, Stack};
+use crate::overlay::{self, MountError};
 use crate::pathdb::merge::{self, SyncOptions};
 use crate::pathdb::{self, keep, ClosureBroken, DbError};
 use crate::storecopy::{self, CopyError};
@@ -31,6 +31,7 @@ pub fn run(args: &SyncArgs, quiet: bool) -> Result<()> {
         tracing::warn!(upper = %mounted.upper.dir().display(), "the overlay was not sealed; sealed it");
     }
     let lowers = mounted.lowers()?;
+    remount_if_replaced(&mounted, &lowers, quiet)?;
     let progress = Progress::new(quiet, "syncing lower databases");
     let phase = |p: &str| progress.phase(p);
     let summary = merge::sync(
@@ -45,12 +46,49 @@ pub fn run(args: &SyncArgs, quiet: bool) -> Result<()> {
         },
     )?;
     drop(progress);
+    super::warn_vanished(&summary);
     if summary.changed() {
         // Drop the overlay's cached (possibly negative) entries for lower paths.
         overlay::refresh(&mounted.store())?;
     }
     if !quiet {
         println!("sync: {summary}");
+    }
+    Ok(())
+}
+
+/// A lower directory replaced under the mount (a new tree renamed into
+/// place): the overlay still shows the old one, perhaps deleted by now, so
+/// `TARGET/store` is mounted afresh, onto what the lowers' paths are now,
+/// before the merge reads their databases. Busy: refused, nothing changed.
+fn remount_if_replaced(mounted: &Mounted, lowers: &[Lower], quiet: bool) -> Result<()> {
+    let replaced = mounted.replaced_lowers();
+    let Some(first) = replaced.first() else {
+        return Ok(());
+    };
+    let store = mounted.store();
+    overlay::mount_afresh(lowers, &mounted.upper, &store).map_err(|e| match e {
+        MountError::Busy(_) => MountError::ReplacedBusy {
+            lower: first.dir.clone(),
+            store: store.clone(),
+        },
+        e => e,
+    })?;
+    let mut record = mounted.record.clone();
+    record.lower_ids = lowers
+        .iter()
+        .map(Lower::identity)
+        .collect::<Result<_, _>>()?;
+    record.write(&mounted.upper.mount_record())?;
+    for r in &replaced {
+        tracing::info!(lower = %r.dir.display(), was = %r.was, now = ?r.now.map(|n| n.to_string()), "lower replaced under the mount");
+        if !quiet {
+            eprintln!(
+                "sync: lower {} was replaced since it was mounted; mounted {} afresh on the new one",
+                r.dir.display(),
+                store.display()
+            );
+        }
     }
     Ok(())
 }

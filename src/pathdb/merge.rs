@@ -24,7 +24,7 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -86,7 +86,21 @@ pub struct SyncSummary {
     pub incomplete_closure: u64,
     /// Gone lower paths kept because the upper still needs them (content missing).
     pub broken: Vec<String>,
+    /// Valid paths whose lower lost their store entry while its database
+    /// still lists them (content missing).
+    pub vanished: Vec<Vanished>,
 }
+
+/// A path the merged store takes from a lower whose store entry has gone
+/// from that lower while the lower's database still lists it as valid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Vanished {
+    pub path: String,
+    pub lower: PathBuf,
+}
+
+/// How many paths a one-line summary names before "…".
+pub const SHOWN: usize = 3;
 
 impl SyncSummary {
     pub fn changed(&self) -> bool {
@@ -128,6 +142,23 @@ impl std::fmt::Display for SyncSummary {
                 self.broken.join(", ")
             )?;
         }
+        if !self.vanished.is_empty() {
+            let shown: Vec<&str> = self
+                .vanished
+                .iter()
+                .take(SHOWN)
+                .map(|v| v.path.as_str())
+                .collect();
+            write!(
+                f,
+                "; missing content: {} lower path(s) whose store entry vanished behind the lower's database: {}",
+                self.vanished.len(),
+                shown.join(" ")
+            )?;
+            if self.vanished.len() > SHOWN {
+                write!(f, " … (+{} more)", self.vanished.len() - SHOWN)?;
+            }
+        }
         Ok(())
     }
 }
@@ -145,8 +176,8 @@ struct LowerState<'a> {
     lower: &'a Lower,
     /// NixfsLayerLower.id
     id: i64,
-    /// Its database files' fingerprint now.
-    fingerprint: String,
+    /// Its fingerprint now.
+    fingerprint: snapshot::Fingerprint,
     /// Schema name of its attached snapshot, when it changed.
     alias: Option<String>,
 }
@@ -189,10 +220,12 @@ pub fn sync(
     let pin_store = opts
         .mounted_store
         .map_or_else(|| upper.store(), Path::to_owned);
-    let mut reordered = HashSet::new();
-    let stale = stack_changed(&conn, &states, &mut reordered).map_err(&err)?;
+    let mut changes = stack_changed(&conn, &states).map_err(&err)?;
+    if opts.force {
+        changes.store.extend(0..states.len());
+    }
     let changed: Vec<usize> = (0..states.len())
-        .filter(|&i| opts.force || stale.contains(&i))
+        .filter(|&i| opts.force || changes.stale.contains(&i))
         .collect();
     if changed.is_empty() && !stack_left(&conn, &states).map_err(&err)? {
         pin::ensure(&conn, upper, &pin_store)?;
@@ -204,8 +237,10 @@ pub fn sync(
                 |r| r.get(0),
             )
             .map_err(&err)?;
+        let vanished = check_vanished(&conn, &states, &HashSet::new(), &db)?;
         return Ok(SyncSummary {
             unchanged: provided,
+            vanished,
             ..Default::default()
         });
     }
@@ -230,7 +265,7 @@ pub fn sync(
             states[0].lower,
             &snap,
             &whiteouts,
-            &states[0].fingerprint,
+            &states[0].fingerprint.encode(),
             &db,
         )?;
         conn = open_for_merge(&db)?;
@@ -276,7 +311,7 @@ pub fn sync(
     let mut summary = SyncSummary::default();
     phase("comparing lower databases with the last sync");
     for (i, s) in states.iter().enumerate().filter(|(_, s)| s.alias.is_some()) {
-        let full = opts.force || reordered.contains(&i);
+        let full = opts.force || changes.full.contains(&i);
         summary.missing_content += diff_lower(&tx, &db, s, &whiteouts, full)?;
     }
     forget_departed_lowers(&tx).map_err(&err)?;
@@ -326,12 +361,13 @@ pub fn sync(
         }
     }
     move_paths(&tx, &states).map_err(&err)?;
+    summary.vanished = check_vanished(&tx, &states, &changes.store, &db)?;
     pin::pin_tops(&tx, pin_id, "added").map_err(&err)?;
     pin::pin_tops_of(&tx, pin_id, "select id from temp.exposed").map_err(&err)?;
     for s in &states {
         tx.execute(
             "update main.NixfsLayerLower set fingerprint = ?2, syncedAt = ?3 where id = ?1",
-            params![s.id, s.fingerprint, now()],
+            params![s.id, s.fingerprint.encode(), now()],
         )
         .map_err(&err)?;
     }
@@ -407,14 +443,24 @@ fn attach(
     Ok(())
 }
 
-/// Indices of lowers whose fingerprint differs from the recorded one, or
-/// that were not at this place in the stack.
-fn stack_changed(
-    conn: &Connection,
-    states: &[LowerState],
-    reordered: &mut HashSet<usize>,
-) -> rusqlite::Result<HashSet<usize>> {
-    let mut out = HashSet::new();
+/// Which lowers changed since the last sync, by their fingerprints.
+#[derive(Debug, Default)]
+struct Changes {
+    /// Their database must be read again: anything changed, or they were
+    /// not at this place in the stack.
+    stale: HashSet<usize>,
+    /// Every row must be examined again: new to the stack or at another
+    /// place in it (which lower provides each path must be worked out
+    /// again), or another directory than last time (a tree renamed into
+    /// place: rows an earlier view of it lost may be back).
+    full: HashSet<usize>,
+    /// Their store directory changed (or nothing is known of it): its
+    /// listing is compared with the paths they provide.
+    store: HashSet<usize>,
+}
+
+fn stack_changed(conn: &Connection, states: &[LowerState]) -> rusqlite::Result<Changes> {
+    let mut out = Changes::default();
     for (i, s) in states.iter().enumerate() {
         let rec: Option<(Option<i64>, Option<String>)> = conn
             .query_row(
@@ -423,16 +469,33 @@ fn stack_changed(
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
+        let now = &s.fingerprint;
         match rec {
-            Some((Some(p), Some(f))) if p == i as i64 && f == s.fingerprint => {}
-            Some((Some(p), _)) if p == i as i64 => {
-                out.insert(i);
+            Some((Some(p), f)) if p == i as i64 => {
+                match f.as_deref().and_then(snapshot::Fingerprint::decode) {
+                    Some(then) if then == *now => {}
+                    Some(then) => {
+                        out.stale.insert(i);
+                        if then.identity != now.identity {
+                            tracing::info!(lower = %s.lower.dir().display(), then = %then.identity, now = %now.identity, "lower directory is another one than at the last sync; reading all of it again");
+                            out.full.insert(i);
+                            out.store.insert(i);
+                        }
+                        if then.store != now.store {
+                            out.store.insert(i);
+                        }
+                    }
+                    // An older version's fingerprint: changed, identity unknown.
+                    None => {
+                        out.stale.insert(i);
+                        out.store.insert(i);
+                    }
+                }
             }
             _ => {
-                // New to the stack or at another place in it: which lower
-                // provides each of its paths must be worked out again.
-                out.insert(i);
-                reordered.insert(i);
+                out.stale.insert(i);
+                out.full.insert(i);
+                out.store.insert(i);
             }
         }
     }
@@ -926,6 +989,94 @@ fn move_paths(tx: &Connection, states: &[LowerState]) -> rusqlite::Result<()> {
         [],
     )?;
     Ok(())
+}
+
+/// The lower paths whose store entry vanished behind their lower's
+/// database (see [`Vanished`]), kept in `NixfsLayerVanished` from one sync
+/// to the next. For the lowers in `list` (their store directory changed:
+/// an entry removed changes its mtime and ctime) the directory's listing is
+/// compared with every path they provide; for the others only the paths
+/// already known to have vanished are looked at again (a `stat` each), so
+/// a sync with nothing changed stays as cheap as it was.
+fn check_vanished(
+    conn: &Connection,
+    states: &[LowerState],
+    list: &HashSet<usize>,
+    db: &Path,
+) -> Result<Vec<Vanished>, DbError> {
+    let err = sql_err(db);
+    let known: i64 = conn
+        .query_row("select count(*) from main.NixfsLayerVanished", [], |r| {
+            r.get(0)
+        })
+        .map_err(&err)?;
+    if known == 0 && list.is_empty() {
+        return Ok(Vec::new());
+    }
+    conn.execute(
+        "delete from main.NixfsLayerVanished where lower not in
+           (select id from main.NixfsLayerLower where priority is not null)",
+        [],
+    )
+    .map_err(&err)?;
+    let entry = |path: &str| path.rsplit('/').next().unwrap_or(path).to_owned();
+    let mut out = Vec::new();
+    for (i, s) in states.iter().enumerate() {
+        let id: Option<i64> = conn
+            .query_row(
+                "select id from main.NixfsLayerLower where dir = ?1",
+                [s.lower.dir().to_string_lossy()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(&err)?;
+        let Some(id) = id else { continue };
+        let store = s.lower.store();
+        let gone: Vec<String> = if list.contains(&i) {
+            let listing = list_store(&store)?;
+            let provided: Vec<String> = conn
+                .prepare("select path from main.NixfsLayerOrigin where layer = ?1 order by path")
+                .and_then(|mut q| q.query_map([id], |r| r.get(0))?.collect())
+                .map_err(&err)?;
+            provided
+                .into_iter()
+                .filter(|p| !listing.contains(&OsString::from(entry(p))))
+                .collect()
+        } else {
+            let known: Vec<(String, bool)> = conn
+                .prepare(
+                    "select v.path, exists (select 1 from main.NixfsLayerOrigin o
+                                            where o.path = v.path and o.layer = v.lower)
+                     from main.NixfsLayerVanished v where v.lower = ?1 order by v.path",
+                )
+                .and_then(|mut q| q.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .map_err(&err)?;
+            if known.is_empty() {
+                continue;
+            }
+            known
+                .into_iter()
+                .filter(|(p, provided)| {
+                    *provided && fs::symlink_metadata(store.join(entry(p))).is_err()
+                })
+                .map(|(p, _)| p)
+                .collect()
+        };
+        conn.execute("delete from main.NixfsLayerVanished where lower = ?1", [id])
+            .map_err(&err)?;
+        let mut ins = conn
+            .prepare_cached("insert into main.NixfsLayerVanished (lower, path) values (?1, ?2)")
+            .map_err(&err)?;
+        for p in gone {
+            tracing::debug!(lower = %s.lower.dir().display(), path = %p, "lower store entry vanished behind its database");
+            ins.execute(params![id, p]).map_err(&err)?;
+            out.push(Vanished {
+                path: p,
+                lower: s.lower.dir().to_owned(),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Entries of a store directory.

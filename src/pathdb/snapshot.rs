@@ -47,12 +47,16 @@ impl Snapshot {
     }
 }
 
-/// What identifies one state of a file: size, mtime, inode.
+/// What identifies one state of a file: size, mtime, device, inode, and
+/// ctime (which no one can set back: `rsync -a`, `cp -a` and `touch -d`
+/// restore mtimes, not ctimes).
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 struct Stamp {
     len: u64,
     mtime: Option<SystemTime>,
+    dev: u64,
     ino: u64,
+    ctime: (i64, i64),
 }
 
 fn stamp(p: &Path) -> Option<Stamp> {
@@ -61,7 +65,9 @@ fn stamp(p: &Path) -> Option<Stamp> {
     Some(Stamp {
         len: m.len(),
         mtime: m.modified().ok(),
+        dev: m.dev(),
         ino: m.ino(),
+        ctime: (m.ctime(), m.ctime_nsec()),
     })
 }
 
@@ -119,36 +125,87 @@ pub fn take(lower: &Lower, scratch: &Path) -> Result<Snapshot, DbError> {
     })
 }
 
-/// A cheap summary of a lower's state: its database files (main, WAL
-/// header, hot journal) and its store directory. Equal fingerprints mean
-/// the lower has not changed since they were taken.
-pub fn fingerprint(lower: &Lower) -> String {
+/// A cheap summary of a lower's state, a few `stat`s, in three parts:
+/// which directories its path names (device and inode of the lower and of
+/// its `store/`), its database files (main, WAL header, hot journal) and
+/// its store directory (which changes with every entry added or removed).
+/// Equal fingerprints mean the lower has not changed since they were taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub identity: String,
+    pub db: String,
+    pub store: String,
+}
+
+/// Marks the fingerprints of this version (older ones are one string).
+const FINGERPRINT_VERSION: &str = "fp2";
+
+impl Fingerprint {
+    /// The text kept in the merged database (`NixfsLayerLower.fingerprint`).
+    pub fn encode(&self) -> String {
+        format!(
+            "{FINGERPRINT_VERSION}|{}|{}|{}",
+            self.identity, self.db, self.store
+        )
+    }
+
+    /// Reads what [`Fingerprint::encode`] wrote; None for an older
+    /// version's (or no) fingerprint.
+    pub fn decode(text: &str) -> Option<Fingerprint> {
+        let mut parts = text.split('|');
+        if parts.next() != Some(FINGERPRINT_VERSION) {
+            return None;
+        }
+        let (identity, db, store) = (parts.next()?, parts.next()?, parts.next()?);
+        Some(Fingerprint {
+            identity: identity.to_owned(),
+            db: db.to_owned(),
+            store: store.to_owned(),
+        })
+    }
+}
+
+fn write_stamp(out: &mut String, p: &Path) {
+    use std::fmt::Write;
+    match stamp(p) {
+        Some(s) => {
+            let mtime = s
+                .mtime
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            let _ = write!(
+                out,
+                "{}:{}:{}:{}:{}.{};",
+                s.len, mtime, s.dev, s.ino, s.ctime.0, s.ctime.1
+            );
+        }
+        None => out.push_str("-;"),
+    }
+}
+
+/// The lower's [`Fingerprint`] now.
+pub fn fingerprint(lower: &Lower) -> Fingerprint {
     use std::fmt::Write;
     let db = lower.db();
-    let mut out = String::new();
-    for p in [
-        db.clone(),
-        sidecar(&db, "-wal"),
-        sidecar(&db, "-journal"),
-        lower.store(),
-    ] {
-        match stamp(&p) {
-            Some(s) => {
-                let mtime = s
-                    .mtime
-                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_nanos());
-                let _ = write!(out, "{}:{}:{};", s.len, mtime, s.ino);
-            }
-            None => out.push_str("-;"),
-        }
+    let identity = lower
+        .identity()
+        .map_or_else(|_| "-".to_owned(), |i| i.to_string());
+    let mut db_part = String::new();
+    for p in [db.clone(), sidecar(&db, "-wal"), sidecar(&db, "-journal")] {
+        write_stamp(&mut db_part, &p);
     }
     if let Some(h) = wal_header(&sidecar(&db, "-wal")) {
         for b in &h[16..24] {
-            let _ = write!(out, "{b:02x}");
+            let _ = write!(db_part, "{b:02x}");
         }
     }
-    out
+    let mut store = String::new();
+    write_stamp(&mut store, &lower.store());
+    Fingerprint {
+        identity,
+        db: db_part,
+        store,
+    }
 }
 
 /// Copies `src` (in a lower) to `dst` (in the upper). Running out of space
