@@ -415,7 +415,9 @@ ns_test! {
         let new = t.elapsed();
         eprintln!("during the slow build: cached lookup {cached:?}, new lookup {new:?}");
         assert!(cached < Duration::from_millis(100), "cached lookup took {cached:?}");
-        assert!(new < Duration::from_millis(100), "new lookup took {new:?}");
+        // An evaluation of its own (~30 ms alone, more on a loaded machine):
+        // well under the 3 s the slow build takes, so it did not wait for it.
+        assert!(new < Duration::from_secs(1), "new lookup took {new:?}");
         // Another build runs beside it.
         assert_eq!(&target(&str_("myflake#extra")), &s.out["extra"]);
         assert!(!slow.is_finished(), "all of that happened while the slow build ran");

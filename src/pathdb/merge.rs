@@ -362,6 +362,15 @@ pub fn sync(
     }
     move_paths(&tx, &states).map_err(&err)?;
     summary.vanished = check_vanished(&tx, &states, &changes.store, &db)?;
+    // A path the lower dropped from its database too is reported as broken
+    // (left the lowers, still needed), not as vanished behind the database.
+    summary
+        .vanished
+        .retain(|v| !summary.broken.contains(&v.path));
+    for p in &summary.broken {
+        tx.execute("delete from main.NixfsLayerVanished where path = ?1", [p])
+            .map_err(&err)?;
+    }
     pin::pin_tops(&tx, pin_id, "added").map_err(&err)?;
     pin::pin_tops_of(&tx, pin_id, "select id from temp.exposed").map_err(&err)?;
     for s in &states {
