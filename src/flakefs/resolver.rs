@@ -129,12 +129,6 @@ impl Slots {
     }
 }
 
-/// Whether an evaluation failed on an I/O error (EIO) from the file
-/// system, not on the flake's own code: worth one more try.
-fn transient_io(e: &crate::nixcli::NixError) -> bool {
-    matches!(e, crate::nixcli::NixError::EvalFailed(m) if m.contains("Input/output error"))
-}
-
 impl Resolver {
     pub fn new(
         nix: Nix,
@@ -325,23 +319,10 @@ impl Resolver {
             Err(f.valid_for(self.settings.failure_ttl))
         };
         self.counters.evaluations.fetch_add(1, Ordering::SeqCst);
-        let eval = || {
-            self.eval_slots
-                .run(|| self.nix.eval(&r.installable(), self.settings.eval_timeout))
-        };
-        let ev = match eval() {
-            // A lower on a network file system (sshfs) can answer the first
-            // lookups of a fresh name with a passing EIO, e.g. when two
-            // evaluations stat it at once; the same stat succeeds right
-            // after. Evaluate once more before failing (and caching it).
-            Err(e) if transient_io(&e) => {
-                tracing::info!(reference = %r.text, error = %e, "evaluation hit an I/O error; retrying once");
-                std::thread::sleep(Duration::from_millis(200));
-                eval()
-            }
-            other => other,
-        };
-        let ev = match ev {
+        let ev = match self
+            .eval_slots
+            .run(|| self.nix.eval(&r.installable(), self.settings.eval_timeout))
+        {
             Ok(ev) => ev,
             Err(e) => {
                 return fail(Failure::new(
@@ -454,20 +435,6 @@ impl Resolver {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn only_io_errors_of_an_evaluation_are_retried() {
-        use crate::nixcli::NixError;
-        assert!(transient_io(&NixError::EvalFailed(
-            "error: getting status of '/nix/store/83662aw2xghcfvwv4i681abwz42cii2h-source': Input/output error".into()
-        )));
-        assert!(!transient_io(&NixError::EvalFailed(
-            "error: attribute 'hello' missing".into()
-        )));
-        assert!(!transient_io(&NixError::NotFound(
-            "Input/output error".into()
-        )));
-    }
-
     use super::*;
     use crate::config::FlakeFsConfig;
 
