@@ -92,7 +92,15 @@ ns_test! {
             .collect();
         for (h, e, child) in readers {
             let out = child.wait_with_output().unwrap();
-            assert!(out.status.success(), "[{}] {e}: {}", h.name, String::from_utf8_lossy(&out.stderr));
+            if !out.status.success() {
+                let log = h.run("cat /nix/var/log/nixfs-layer/flakefs.log");
+                panic!(
+                    "[{}] {e}: {}\nflake tree log:\n{}",
+                    h.name,
+                    String::from_utf8_lossy(&out.stderr),
+                    String::from_utf8_lossy(&log.stdout)
+                );
+            }
             assert_eq!(
                 String::from_utf8(out.stdout).unwrap(),
                 format!("{hello}\nhello from hello\n"),
