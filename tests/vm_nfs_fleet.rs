@@ -26,7 +26,7 @@ fn start_runner(
     let r = Host::start(w, name);
     cable(publisher, &r, ip);
     let lower = r.dir.join("lower");
-    sshd.sshfs(&r, root, &lower);
+    sshd.sshfs(&r, root, &lower, true);
     let upper = r.dir.join("upper");
     r.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
     r.tool_ok([
