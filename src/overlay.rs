@@ -467,11 +467,7 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> MountError + '_ {
 fn set_immutable(dir: &Path, on: bool) -> Result<(), Errno> {
     use std::os::fd::AsRawFd;
     let f = fs::File::open(dir).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
-    let mut flags: libc::c_int = 0;
-    // SAFETY: FS_IOC_GETFLAGS writes one int to the pointer.
-    if unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) } != 0 {
-        return Err(Errno::last());
-    }
+    let flags = inode_flags(&f)?;
     let new = if on {
         flags | FS_IMMUTABLE_FL
     } else {
@@ -486,14 +482,21 @@ fn set_immutable(dir: &Path, on: bool) -> Result<(), Errno> {
 
 /// Whether the upper's work directory is sealed now.
 pub fn is_sealed(upper: &Upper) -> bool {
+    fs::File::open(seal_dir(upper))
+        .ok()
+        .and_then(|f| inode_flags(&f).ok())
+        .is_some_and(|flags| flags & FS_IMMUTABLE_FL != 0)
+}
+
+/// The inode flags of an open file (`lsattr`).
+fn inode_flags(f: &fs::File) -> Result<libc::c_int, Errno> {
     use std::os::fd::AsRawFd;
-    let Ok(f) = fs::File::open(seal_dir(upper)) else {
-        return false;
-    };
     let mut flags: libc::c_int = 0;
     // SAFETY: FS_IOC_GETFLAGS writes one int to the pointer.
-    let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
-    rc == 0 && flags & FS_IMMUTABLE_FL != 0
+    if unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) } != 0 {
+        return Err(Errno::last());
+    }
+    Ok(flags)
 }
 
 /// Seals the work directory of a mounted overlay.

@@ -371,7 +371,9 @@ ns_test! {
         assert!(entry.exists() && lock.exists());
         let (code, doc) = verify_json(w, &[]);
         assert_eq!(partial_paths(&doc), vec![path.clone()], "{doc}");
-        assert!(doc["categories"]["partial_entries"][0]["bytes"].as_u64().unwrap() > 0);
+        // (Its size is reported; it can be 0 when the import was stopped
+        // right after making the entry.)
+        assert!(doc["categories"]["partial_entries"][0]["bytes"].as_u64().is_some(), "{doc}");
         assert_eq!(doc["categories"]["unregistered"], serde_json::json!([]), "{doc}");
         assert_eq!(code, 1);
         let out = w.tool(["verify"]);
