@@ -145,7 +145,7 @@ ns_test! {
         let mut shell = Command::new("sh").arg("-c").arg("exec sleep 600").current_dir(&app).spawn().unwrap();
         let out = s.w.tool(["umount"]);
         assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
-        assert!(stderr(&out).contains(&format!("pid {} (sleep", shell.id())), "{}", stderr(&out));
+        assert!(stderr(&out).contains(&format!("pid {} (", shell.id())), "{}", stderr(&out));
         assert!(mountinfo().contains(" /nixfs "), "the flake tree stays up");
         assert_eq!(overlays().len(), 1, "the store stays mounted");
         let record: serde_json::Value =
