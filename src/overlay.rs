@@ -594,6 +594,46 @@ fn remove_idle_whiteouts(upper: &Upper, lowers: &[Lower]) -> Result<(), MountErr
     Ok(())
 }
 
+/// A process other than this one, as /proc shows it.
+pub struct Process {
+    pub pid: u32,
+    /// Its /proc directory.
+    pub dir: PathBuf,
+    /// Its mount namespace (`mnt:[inode]`), if readable.
+    pub mnt_ns: Option<PathBuf>,
+}
+
+impl Process {
+    /// Its command name (`comm`).
+    pub fn command(&self) -> String {
+        fs::read_to_string(self.dir.join("comm"))
+            .map(|c| c.trim().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// This process's mount namespace.
+pub fn own_mnt_ns() -> Option<PathBuf> {
+    fs::read_link("/proc/self/ns/mnt").ok()
+}
+
+/// Every process but this one.
+pub fn processes() -> impl Iterator<Item = Process> {
+    let me = std::process::id();
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(move |p| {
+            let pid = p.file_name().to_str()?.parse::<u32>().ok()?;
+            (pid != me).then(|| Process {
+                pid,
+                mnt_ns: fs::read_link(p.path().join("ns/mnt")).ok(),
+                dir: p.path(),
+            })
+        })
+}
+
 /// A process whose mount namespace (other than this one) still has an
 /// overlay of `upper` mounted: where, and who.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -608,34 +648,23 @@ pub struct Holder {
 /// sandbox) keeps the overlay alive there after this namespace unmounted it.
 pub fn holders_elsewhere(upper: &Upper) -> Vec<Holder> {
     let upper_store = upper.store();
-    let own = fs::read_link("/proc/self/ns/mnt").ok();
+    let own = own_mnt_ns();
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(ns) = fs::read_link(p.path().join("ns/mnt")) else {
-            continue;
-        };
+    for p in processes() {
+        let Some(ns) = p.mnt_ns.clone() else { continue };
         if Some(&ns) == own.as_ref() || !seen.insert(ns) {
             continue;
         }
-        let Ok(text) = fs::read_to_string(p.path().join("mountinfo")) else {
+        let Ok(text) = fs::read_to_string(p.dir.join("mountinfo")) else {
             continue;
         };
         if let Some(m) = parse_mountinfo(&text).into_iter().find(|m| {
             m.fs_type == "overlay" && m.option("upperdir").map(Path::new) == Some(&upper_store)
         }) {
-            let command = fs::read_to_string(p.path().join("comm"))
-                .map(|c| c.trim().to_owned())
-                .unwrap_or_default();
             out.push(Holder {
-                pid,
-                command,
+                pid: p.pid,
+                command: p.command(),
                 mount_point: m.mount_point,
             });
         }
@@ -647,21 +676,14 @@ pub fn holders_elsewhere(upper: &Upper) -> Vec<Holder> {
 /// working or root directory, executable, open files or mapped files),
 /// but for this process and the processes `exclude` says to leave out.
 pub fn users_of(target: &Path, exclude: impl Fn(u32) -> bool) -> Vec<Holder> {
-    let own_ns = fs::read_link("/proc/self/ns/mnt").ok();
-    let me = std::process::id();
+    let own_ns = own_mnt_ns();
     let under = |p: &Path| p.starts_with(target);
     let mut out = Vec::new();
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == me || exclude(pid) || fs::read_link(p.path().join("ns/mnt")).ok() != own_ns {
+    for p in processes() {
+        if p.mnt_ns != own_ns || exclude(p.pid) {
             continue;
         }
-        let dir = p.path();
+        let dir = &p.dir;
         let mut hit = ["cwd", "root", "exe"]
             .iter()
             .filter_map(|l| fs::read_link(dir.join(l)).ok())
@@ -683,10 +705,8 @@ pub fn users_of(target: &Path, exclude: impl Fn(u32) -> bool) -> Vec<Holder> {
         }
         if let Some(at) = hit {
             out.push(Holder {
-                pid,
-                command: fs::read_to_string(dir.join("comm"))
-                    .map(|c| c.trim().to_owned())
-                    .unwrap_or_default(),
+                pid: p.pid,
+                command: p.command(),
                 mount_point: at,
             });
         }

@@ -207,27 +207,21 @@ pub struct Server {
 /// --target T … --foreground`), whether or not a mount record names them
 /// (a `mount` killed between starting one and recording it).
 pub fn servers_for(target: &Path) -> Vec<Server> {
-    let own_ns = std::fs::read_link("/proc/self/ns/mnt").ok();
-    let me = std::process::id();
+    let own_ns = overlay::own_mnt_ns();
     let mut out = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == me || std::fs::read_link(p.path().join("ns/mnt")).ok() != own_ns {
+    for p in overlay::processes() {
+        if p.mnt_ns != own_ns {
             continue;
         }
-        let ours = std::fs::read_link(p.path().join("exe")).is_ok_and(|e| {
+        let pid = p.pid;
+        let ours = std::fs::read_link(p.dir.join("exe")).is_ok_and(|e| {
             e.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with("nixfs-layer"))
         });
         if !ours {
             continue;
         }
-        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+        let Ok(cmdline) = std::fs::read(p.dir.join("cmdline")) else {
             continue;
         };
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
