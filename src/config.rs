@@ -22,6 +22,13 @@
 //! ttl = 300                 # seconds, unlocked references
 //! failure-ttl = 10          # seconds
 //! builds-per-minute = 30    # per uid
+//! trusted-users = []        # evaluated by root, with root's rights
+//! trusted-groups = []
+//! evals-per-uid = 2         # running at once, per non-root uid
+//! evals-per-minute = 30     # per non-root uid
+//! refusal-ttl = 5           # seconds
+//! cache-entries = 10000
+//! saved-per-uid = 100
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -90,6 +97,27 @@ pub struct FlakeFsConfig {
     pub failure_ttl: Option<u64>,
     /// Builds one uid may start per minute (default 30; 0 = no limit).
     pub builds_per_minute: Option<u32>,
+    /// Users (names or uids) whose references root evaluates with root's
+    /// rights, as for root itself. Default: none; everyone else's are
+    /// evaluated as themselves through the nix-daemon, or not at all.
+    #[serde(default)]
+    pub trusted_users: Vec<String>,
+    /// Groups (names or gids) whose members are trusted like `trusted-users`.
+    #[serde(default)]
+    pub trusted_groups: Vec<String>,
+    /// Evaluations one non-root uid may have running at once (default 2).
+    pub evals_per_uid: Option<usize>,
+    /// Evaluations one non-root uid may start per minute (default 30; 0 = no limit).
+    pub evals_per_minute: Option<u32>,
+    /// Seconds a refusal (permission, rate, no daemon) is kept for the uid
+    /// it was given to, so repeating the lookup starts nothing (default 5).
+    pub refusal_ttl: Option<u64>,
+    /// Results the server keeps in memory, least recently used dropped
+    /// first (default 10000).
+    pub cache_entries: Option<usize>,
+    /// Locked results one non-root uid may add to the file of results kept
+    /// across restarts (default 100).
+    pub saved_per_uid: Option<usize>,
 }
 
 impl Config {

@@ -141,18 +141,76 @@ fn die_with_parent(cmd: &mut Command) {
 /// Asks every running `nix` child to stop (they stop their builders).
 pub fn terminate_all() {
     for pid in running().lock().unwrap().iter() {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), stop_signal());
+        stop_group(*pid);
     }
 }
 
-/// How to stop a running child: SIGTERM, so that Nix stops its builders;
-/// SIGKILL when it runs in a PID namespace of its own, whose launcher does
-/// not pass SIGTERM on and whose end takes the builders along.
-fn stop_signal() -> nix::sys::signal::Signal {
+/// How long a child has between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Sends a child's process group SIGTERM (so that Nix stops its builders)
+/// and, when it runs in a PID namespace of its own (whose launcher does not
+/// pass SIGTERM on; its end takes every process in it along), SIGKILL to
+/// that launcher.
+fn stop_group(pid: u32) {
+    use nix::sys::signal::{kill, killpg, Signal};
+    use nix::unistd::Pid;
+    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
     if pid_namespace_launcher().is_some() {
-        nix::sys::signal::Signal::SIGKILL
-    } else {
-        nix::sys::signal::Signal::SIGTERM
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+}
+
+/// SIGKILL to a child's whole process group (a Nix that ignores SIGTERM,
+/// e.g. blocked opening a FIFO).
+fn kill_group(pid: u32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// A caller whose references `nix` evaluates and builds with the caller's
+/// own rights: `nix` runs as that uid and group list (util-linux's
+/// `setpriv`, with no new privileges), as a client of the nix-daemon at
+/// `socket`, so Nix's own multi-user model decides what it may read and
+/// add to the store. Its environment is made here: the server's `PATH`,
+/// `NIX_CONF_DIR` and `NIX_CONFIG` (the admin's), no user configuration
+/// file or registry, and a fresh home of the caller's that is removed
+/// after the run, so nothing of one run lasts into another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AsUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub socket: PathBuf,
+}
+
+/// Variables passed on from the server to a `nix` run as another user.
+const PASSED_ON: &[&str] = &["PATH", "NIX_CONF_DIR", "NIX_CONFIG", "LANG", "LC_ALL", "TZ"];
+
+/// The scratch home of one run as a user: root-owned `BASE` (0755) with the
+/// caller's `BASE/home` (0700) and an empty, root-owned `BASE/config`.
+struct ScratchHome {
+    dir: tempfile::TempDir,
+}
+
+impl ScratchHome {
+    fn new(user: &AsUser) -> std::io::Result<ScratchHome> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("nixfs-layer-eval-")
+            .tempdir()?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let home = dir.path().join("home");
+        std::fs::create_dir(&home)?;
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700))?;
+        std::os::unix::fs::chown(&home, Some(user.uid), Some(user.gid))?;
+        std::fs::create_dir(dir.path().join("config"))?;
+        Ok(ScratchHome { dir })
+    }
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
     }
 }
 
@@ -178,7 +236,12 @@ impl Nix {
     /// Evaluates `installable` read-only (no .drv is written; IFD is off)
     /// and pure, to its output paths.
     #[tracing::instrument(skip(self), level = "debug")]
-    pub fn eval(&self, installable: &str, timeout: Duration) -> Result<Evaluated, NixError> {
+    pub fn eval(
+        &self,
+        installable: &str,
+        timeout: Duration,
+        as_user: Option<&AsUser>,
+    ) -> Result<Evaluated, NixError> {
         let out = self.run(
             "eval",
             &[
@@ -196,6 +259,7 @@ impl Nix {
             ],
             installable,
             timeout,
+            as_user,
         )?;
         serde_json::from_str(&out).map_err(|e| NixError::BadOutput {
             command: "eval",
@@ -206,7 +270,12 @@ impl Nix {
 
     /// Builds `installable` (one output's attribute) and returns its output path.
     #[tracing::instrument(skip(self), level = "debug")]
-    pub fn build(&self, installable: &str, timeout: Duration) -> Result<PathBuf, NixError> {
+    pub fn build(
+        &self,
+        installable: &str,
+        timeout: Duration,
+        as_user: Option<&AsUser>,
+    ) -> Result<PathBuf, NixError> {
         let out = self.run(
             "build",
             &[
@@ -222,6 +291,7 @@ impl Nix {
             ],
             installable,
             timeout,
+            as_user,
         )?;
         #[derive(Deserialize)]
         struct Built {
@@ -246,29 +316,72 @@ impl Nix {
         args: &[&str],
         installable: &str,
         timeout: Duration,
+        as_user: Option<&AsUser>,
     ) -> Result<String, NixError> {
-        let mut cmd = match pid_namespace_launcher() {
-            Some(unshare) => {
-                let mut c = Command::new(unshare);
-                c.args(["--pid", "--fork", "--kill-child", "--"])
-                    .arg(&self.program);
-                c
-            }
-            None => Command::new(&self.program),
+        use std::os::unix::process::CommandExt;
+        let spawn_error = |message: String| NixError::Spawn {
+            program: self.program.display().to_string(),
+            message,
         };
-        cmd.args(args)
+        // Only root can switch: a user running the tool runs Nix as themselves.
+        let as_user = as_user.filter(|_| nix::unistd::geteuid().is_root());
+        let scratch = as_user
+            .map(ScratchHome::new)
+            .transpose()
+            .map_err(|e| spawn_error(format!("cannot make a scratch home: {e}")))?;
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(unshare) = pid_namespace_launcher() {
+            argv.push(unshare.into());
+            argv.extend(["--pid", "--fork", "--kill-child", "--"].map(Into::into));
+            if as_user.is_some() {
+                // Changing the uid clears the parent-death signal that
+                // takes the namespace down with the server, so the
+                // namespace's init stays a root shell that waits for it.
+                argv.extend(["sh", "-c", "\"$@\"; exit $?", "sh"].map(Into::into));
+            }
+        }
+        if let Some(user) = as_user {
+            argv.push("setpriv".into());
+            argv.push(format!("--reuid={}", user.uid).into());
+            argv.push(format!("--regid={}", user.gid).into());
+            if user.groups.is_empty() {
+                argv.push("--clear-groups".into());
+            } else {
+                let groups: Vec<String> = user.groups.iter().map(u32::to_string).collect();
+                argv.push(format!("--groups={}", groups.join(",")).into());
+            }
+            argv.extend(["--no-new-privs", "--"].map(Into::into));
+        }
+        argv.push(self.program.clone().into());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            // Its own process group: a timeout stops all of it.
+            .process_group(0);
+        if let (Some(user), Some(scratch)) = (as_user, &scratch) {
+            let home = scratch.home();
+            cmd.env_clear()
+                .envs(PASSED_ON.iter().filter_map(|k| Some((k, std::env::var_os(k)?))))
+                .env("HOME", &home)
+                .env("TMPDIR", &home)
+                .env("XDG_CACHE_HOME", home.join(".cache"))
+                .env("XDG_CONFIG_HOME", scratch.dir.path().join("config"))
+                .env("XDG_CONFIG_DIRS", scratch.dir.path().join("config"))
+                .env("NIX_USER_CONF_FILES", "")
+                .env("NIX_REMOTE", "daemon")
+                .env("NIX_DAEMON_SOCKET_PATH", &user.socket)
+                .current_dir("/");
+        }
         die_with_parent(&mut cmd);
-        let mut child = cmd.spawn().map_err(|e| NixError::Spawn {
-            program: self.program.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let mut child = cmd.spawn().map_err(|e| spawn_error(e.to_string()))?;
         let pid = child.id();
         running().lock().unwrap().insert(pid);
         let result = wait_output(&mut child, timeout);
         running().lock().unwrap().remove(&pid);
+        drop(scratch);
         let (status, stdout, stderr) = match result {
             Some(r) => r,
             None => {
@@ -309,10 +422,9 @@ fn wait_output(
     let status = match child.wait_timeout(timeout) {
         Ok(Some(s)) => Some(s),
         _ => {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, stop_signal());
-            if !matches!(child.wait_timeout(Duration::from_secs(5)), Ok(Some(_))) {
-                let _ = child.kill();
+            stop_group(child.id());
+            if !matches!(child.wait_timeout(STOP_GRACE), Ok(Some(_))) {
+                kill_group(child.id());
                 let _ = child.wait();
             }
             None

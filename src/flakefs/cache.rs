@@ -1,6 +1,8 @@
 //! The resolver's results that outlive the daemon: locked references and
 //! the store path they resolved to, one JSON object per line, appended as
-//! results come in and compacted when loaded.
+//! results come in and compacted when loaded. A result evaluated as a
+//! non-root user carries that uid: it is that user's word, answered to
+//! that user only.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -22,7 +24,13 @@ struct Line {
     #[serde(rename = "ref")]
     reference: String,
     path: PathBuf,
+    /// Evaluated as this uid (absent: by root, for everyone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    uid: Option<u32>,
 }
+
+/// A saved result's key: who evaluated it (None: root) and the reference.
+pub type SavedKey = (Option<u32>, String);
 
 /// The file of locked results.
 #[derive(Debug, Clone)]
@@ -51,7 +59,7 @@ impl CacheFile {
     /// Reads every entry (the last line for a reference wins; unreadable
     /// lines, e.g. one cut short by a crash, are skipped) and rewrites the
     /// file without duplicates.
-    pub fn load(&self) -> Result<HashMap<String, PathBuf>, CacheError> {
+    pub fn load(&self) -> Result<HashMap<SavedKey, PathBuf>, CacheError> {
         let mut out = HashMap::new();
         let file = match std::fs::File::open(&self.path) {
             Ok(f) => f,
@@ -64,7 +72,7 @@ impl CacheFile {
             lines += 1;
             match serde_json::from_str::<Line>(&line) {
                 Ok(l) => {
-                    out.insert(l.reference, l.path);
+                    out.insert((l.uid, l.reference), l.path);
                 }
                 Err(e) => {
                     tracing::warn!(file = %self.path.display(), error = %e, "skipping an unreadable flake cache line")
@@ -77,13 +85,14 @@ impl CacheFile {
         Ok(out)
     }
 
-    fn rewrite(&self, entries: &HashMap<String, PathBuf>) -> Result<(), CacheError> {
+    fn rewrite(&self, entries: &HashMap<SavedKey, PathBuf>) -> Result<(), CacheError> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(self.io())?;
-        for (r, p) in entries {
+        for ((uid, r), p) in entries {
             let line = serde_json::to_string(&Line {
                 reference: r.clone(),
                 path: p.clone(),
+                uid: *uid,
             })
             .expect("cache line serialises");
             writeln!(tmp, "{line}").map_err(self.io())?;
@@ -93,13 +102,19 @@ impl CacheFile {
     }
 
     /// Appends one result.
-    pub fn append(&self, reference: &str, path: &Path) -> Result<(), CacheError> {
+    pub fn append(
+        &self,
+        uid: Option<u32>,
+        reference: &str,
+        path: &Path,
+    ) -> Result<(), CacheError> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(self.io())?;
         }
         let mut line = serde_json::to_string(&Line {
             reference: reference.to_owned(),
             path: path.to_owned(),
+            uid,
         })
         .expect("cache line serialises");
         line.push('\n');
@@ -122,9 +137,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let c = CacheFile::new(&t.path().join("sub/cache.jsonl"));
         assert!(c.load().unwrap().is_empty());
-        c.append("a#x", Path::new("/nix/store/1-x")).unwrap();
-        c.append("a#x", Path::new("/nix/store/2-x")).unwrap();
-        c.append("b#y", Path::new("/nix/store/3-y")).unwrap();
+        c.append(None, "a#x", Path::new("/nix/store/1-x")).unwrap();
+        c.append(None, "a#x", Path::new("/nix/store/2-x")).unwrap();
+        c.append(None, "b#y", Path::new("/nix/store/3-y")).unwrap();
+        c.append(Some(1000), "b#y", Path::new("/nix/store/4-y")).unwrap();
         std::fs::OpenOptions::new()
             .append(true)
             .open(c.path())
@@ -132,9 +148,11 @@ mod tests {
             .write_all(b"{\"ref\": \"cut")
             .unwrap();
         let m = c.load().unwrap();
-        assert_eq!(m.len(), 2);
-        assert_eq!(m["a#x"], Path::new("/nix/store/2-x"));
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[&(None, "a#x".into())], Path::new("/nix/store/2-x"));
+        assert_eq!(m[&(Some(1000), "b#y".into())], Path::new("/nix/store/4-y"));
+        assert_eq!(m[&(None, "b#y".into())], Path::new("/nix/store/3-y"));
         let text = std::fs::read_to_string(c.path()).unwrap();
-        assert_eq!(text.lines().count(), 2, "compacted: {text}");
+        assert_eq!(text.lines().count(), 3, "compacted: {text}");
     }
 }

@@ -98,7 +98,8 @@ pub fn resolver(target: &Path, config: &FlakeFsConfig) -> Result<Resolver, Flake
         Settings::from_config(config),
         Some(CacheFile::new(&cache_file(target))),
     )
-    .with_gc_roots(target.join("var/nix/gcroots/nixfs-layer-flakes")))
+    .with_gc_roots(target.join("var/nix/gcroots/nixfs-layer-flakes"))
+    .with_daemon_socket(target.join("var/nix/daemon-socket/socket")))
 }
 
 /// The topmost mount at exactly `mountpoint`, whoever's.

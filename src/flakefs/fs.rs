@@ -286,8 +286,9 @@ impl Filesystem for FlakeFs {
         };
         // Local references are checked against each caller: never cached by the kernel.
         let per_caller = matches!(r.source, Source::Local(_));
-        if let Some(outcome) = self.resolver.peek(&r) {
-            return replier.reply(enc, name, &r.text, outcome, per_caller, reply);
+        if let Some(outcome) = self.resolver.peek(&r, req.uid()) {
+            let uncacheable = per_caller || !shared(&outcome);
+            return replier.reply(enc, name, &r.text, outcome, uncacheable, reply);
         }
         let (uid, gid, pid) = (req.uid(), req.gid(), req.pid());
         let resolver = Arc::clone(&self.resolver);
@@ -298,7 +299,7 @@ impl Filesystem for FlakeFs {
                 // Reads /proc, may ask NSS (LDAP, SSSD) for groups: not on the loop.
                 let caller = Caller::from_request(uid, gid, pid);
                 let outcome = resolver.resolve(&r, &caller);
-                let uncacheable = per_caller || outcome.as_ref().is_err_and(|f| !f.cacheable);
+                let uncacheable = per_caller || !shared(&outcome);
                 replier.reply(enc, &name, &r.text, outcome, uncacheable, reply);
             });
         if let Err(e) = spawned {
@@ -420,6 +421,15 @@ impl Filesystem for FlakeFs {
             }
         }
         reply_sized(reply, size, &list);
+    }
+}
+
+/// Whether an answer is the same for every caller, so the kernel (whose
+/// entry cache all callers share) may keep it.
+fn shared(outcome: &Outcome) -> bool {
+    match outcome {
+        Ok(r) => r.shared,
+        Err(f) => f.cacheable,
     }
 }
 

@@ -72,6 +72,12 @@ pub struct Settings {
     pub eval_timeout: Duration,
     pub max_parallel_builds: usize,
     pub max_parallel_evals: usize,
+    /// How long a refusal is kept for the uid it was given to.
+    pub refusal_ttl: Duration,
+    /// Results kept in memory (least recently used dropped first).
+    pub cache_entries: usize,
+    /// Locked results one non-root uid may add to the file kept across restarts.
+    pub saved_per_uid: usize,
 }
 
 impl Settings {
@@ -84,6 +90,9 @@ impl Settings {
             eval_timeout: Duration::from_secs(c.eval_timeout.unwrap_or(300)),
             max_parallel_builds: builds,
             max_parallel_evals: builds.max(4),
+            refusal_ttl: Duration::from_secs(c.refusal_ttl.unwrap_or(5)),
+            cache_entries: c.cache_entries.unwrap_or(10_000).max(16),
+            saved_per_uid: c.saved_per_uid.unwrap_or(100),
         }
     }
 }

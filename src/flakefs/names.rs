@@ -62,6 +62,8 @@ pub enum NameError {
     UnknownScheme { reference: String, scheme: String },
     #[error("'{reference}': not a flake reference: {why}")]
     Unparseable { reference: String, why: String },
+    #[error("'{reference}': not a registry name: {why}")]
+    NotRegistryName { reference: String, why: String },
     #[error("'{reference}': bad attribute path: {why}")]
     AttrPath { reference: String, why: String },
     #[error("'{reference}': bad output selection '^{outputs}': give exactly one output name, e.g. ^out or ^dev")]
@@ -340,21 +342,12 @@ fn classify<'a>(flake: &'a str, text: &str) -> Result<(Source, &'a str), NameErr
     });
     let Some(scheme) = scheme else {
         // A registry name: `nixpkgs`, `nixpkgs/branch`, `nixpkgs/branch/rev`.
-        let id = body.split('/').next().unwrap_or_default();
-        let ok = id.starts_with(|c: char| c.is_ascii_alphabetic())
-            && id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c));
-        if !ok {
-            return Err(NameError::Unparseable {
-                reference: text.to_owned(),
-                why: "neither a registry name (e.g. nixpkgs) nor type:location (e.g. github:owner/repo, path:/dir)".into(),
-            });
-        }
+        check_indirect(body, params, text)?;
         return Ok((Source::Indirect, params));
     };
     let rest = &body[scheme.len() + 1..];
     if scheme == "flake" {
+        check_indirect(rest, params, text)?;
         return Ok((Source::Indirect, params));
     }
     if LOCAL_SCHEMES.contains(&scheme) {
@@ -377,6 +370,51 @@ fn classify<'a>(flake: &'a str, text: &str) -> Result<(Source, &'a str), NameErr
         reference: text.to_owned(),
         scheme: scheme.to_owned(),
     })
+}
+
+/// A registry name as Nix itself parses one (`nixpkgs`, `nixpkgs/branch`,
+/// `nixpkgs/<rev>`, `nixpkgs/branch/<rev>`): an id `[a-zA-Z][a-zA-Z0-9_-]*`,
+/// then ref segments that each start with a letter, digit or `@` (so no `.`
+/// or `..` segment), then maybe a revision. Anything else without a scheme
+/// Nix 2.8 would read as a path relative to the server's working directory,
+/// and a query (`nixpkgs?dir=x`) turns a name into a path too: refused.
+fn check_indirect(body: &str, params: &str, text: &str) -> Result<(), NameError> {
+    let refuse = |why: &str| {
+        Err(NameError::NotRegistryName {
+            reference: text.to_owned(),
+            why: why.to_owned(),
+        })
+    };
+    if !params.is_empty() || text.split('#').next().unwrap_or_default().contains('?') {
+        return refuse("a registry name takes no '?' parameters");
+    }
+    let mut segments = body.split('/');
+    let id = segments.next().unwrap_or_default();
+    let id_ok = id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c));
+    if !id_ok {
+        return Err(NameError::Unparseable {
+            reference: text.to_owned(),
+            why: "neither a registry name (e.g. nixpkgs) nor type:location (e.g. github:owner/repo, path:/dir)".into(),
+        });
+    }
+    for seg in segments {
+        let ok = seg.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '@')
+            && seg
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.@+-".contains(c))
+            && !seg.contains("..")
+            && !seg.ends_with(".lock")
+            && !seg.ends_with('.');
+        if !ok {
+            return refuse(&format!(
+                "'{seg}' is not a branch, tag or revision (a path? give it as path:/abs/dir)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn local_path(p: &str) -> PathBuf {
@@ -488,6 +526,14 @@ mod tests {
             Source::Local("/abs/flake".into())
         );
         assert_eq!(parse("flake:nixpkgs").unwrap().source, Source::Indirect);
+        for ok in [
+            "nixpkgs/nixos-23.05#hello",
+            "nixpkgs/release/23.05#hello",
+            "nixpkgs/0123456789abcdef0123456789abcdef01234567#hello",
+            "flake:my_flake-2/@v1#x",
+        ] {
+            assert_eq!(parse(ok).unwrap().source, Source::Indirect, "{ok}");
+        }
     }
 
     #[rstest]
@@ -510,6 +556,15 @@ mod tests {
     #[case("weird!:x")]
     #[case("ftp:host/x")]
     #[case("nixpkgs#${builtins.x}")]
+    #[case("tmp/../tmp/secret#x")]
+    #[case("tmp/./x#x")]
+    #[case("nixpkgs/..")]
+    #[case("nixpkgs/.hidden")]
+    #[case("nixpkgs//x")]
+    #[case("nixpkgs?dir=x#hello")]
+    #[case("flake:nixpkgs?dir=x#hello")]
+    #[case("flake:tmp/../x#hello")]
+    #[case("nixpkgs/x.lock")]
     fn refuses_bad_refs(#[case] r: &str) {
         let e = parse(r).unwrap_err();
         assert_eq!(e.errno(), libc::EINVAL, "{r}: {e}");

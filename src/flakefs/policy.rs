@@ -29,13 +29,13 @@ pub enum PolicyError {
         message: String,
     },
     #[error(
-        "[flakefs] build-users: no user '{0}' on this system; give a user name or a numeric uid"
+        "[flakefs] {key}: no user '{name}' on this system; give a user name or a numeric uid"
     )]
-    NoUser(String),
+    NoUser { key: &'static str, name: String },
     #[error(
-        "[flakefs] build-groups: no group '{0}' on this system; give a group name or a numeric gid"
+        "[flakefs] {key}: no group '{name}' on this system; give a group name or a numeric gid"
     )]
-    NoGroup(String),
+    NoGroup { key: &'static str, name: String },
 }
 
 /// The process behind a request.
@@ -93,8 +93,78 @@ pub struct Policy {
     deny: Vec<Pattern>,
     build_uids: Vec<u32>,
     build_gids: Vec<u32>,
+    trusted_uids: Vec<u32>,
+    trusted_gids: Vec<u32>,
     builds_per_minute: u32,
     recent_builds: Mutex<HashMap<u32, VecDeque<Instant>>>,
+    evals_per_uid: usize,
+    evals_per_minute: u32,
+    running_evals: Mutex<HashMap<u32, usize>>,
+    recent_evals: Mutex<HashMap<u32, VecDeque<Instant>>>,
+}
+
+fn uids(list: &[String], key: &'static str) -> Result<Vec<u32>, PolicyError> {
+    list.iter()
+        .map(|u| match u.parse::<u32>() {
+            Ok(n) => Ok(n),
+            Err(_) => User::from_name(u)
+                .ok()
+                .flatten()
+                .map(|u| u.uid.as_raw())
+                .ok_or_else(|| PolicyError::NoUser {
+                    key,
+                    name: u.clone(),
+                }),
+        })
+        .collect()
+}
+
+fn gids(list: &[String], key: &'static str) -> Result<Vec<u32>, PolicyError> {
+    list.iter()
+        .map(|g| match g.parse::<u32>() {
+            Ok(n) => Ok(n),
+            Err(_) => Group::from_name(g)
+                .ok()
+                .flatten()
+                .map(|g| g.gid.as_raw())
+                .ok_or_else(|| PolicyError::NoGroup {
+                    key,
+                    name: g.clone(),
+                }),
+        })
+        .collect()
+}
+
+/// Drops the times older than a minute from `q`; true when `limit` (not 0)
+/// are left.
+fn over_rate(q: &mut VecDeque<Instant>, now: Instant, limit: u32) -> bool {
+    while q
+        .front()
+        .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+    {
+        q.pop_front();
+    }
+    limit != 0 && q.len() >= limit as usize
+}
+
+/// One running evaluation counted against its uid; released when dropped.
+pub struct EvalPermit<'a> {
+    policy: &'a Policy,
+    uid: Option<u32>,
+}
+
+impl Drop for EvalPermit<'_> {
+    fn drop(&mut self) {
+        if let Some(uid) = self.uid {
+            let mut running = self.policy.running_evals.lock().unwrap();
+            if let Some(n) = running.get_mut(&uid) {
+                *n -= 1;
+                if *n == 0 {
+                    running.remove(&uid);
+                }
+            }
+        }
+    }
 }
 
 const MATCH: MatchOptions = MatchOptions {
@@ -116,37 +186,19 @@ impl Policy {
                 })
                 .collect::<Result<Vec<_>, _>>()
         };
-        let build_uids = c
-            .build_users
-            .iter()
-            .map(|u| match u.parse::<u32>() {
-                Ok(n) => Ok(n),
-                Err(_) => User::from_name(u)
-                    .ok()
-                    .flatten()
-                    .map(|u| u.uid.as_raw())
-                    .ok_or_else(|| PolicyError::NoUser(u.clone())),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let build_gids = c
-            .build_groups
-            .iter()
-            .map(|g| match g.parse::<u32>() {
-                Ok(n) => Ok(n),
-                Err(_) => Group::from_name(g)
-                    .ok()
-                    .flatten()
-                    .map(|g| g.gid.as_raw())
-                    .ok_or_else(|| PolicyError::NoGroup(g.clone())),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(Policy {
             allow: patterns("allow", &c.allow)?,
             deny: patterns("deny", &c.deny)?,
-            build_uids,
-            build_gids,
+            build_uids: uids(&c.build_users, "build-users")?,
+            build_gids: gids(&c.build_groups, "build-groups")?,
+            trusted_uids: uids(&c.trusted_users, "trusted-users")?,
+            trusted_gids: gids(&c.trusted_groups, "trusted-groups")?,
             builds_per_minute: c.builds_per_minute.unwrap_or(30),
             recent_builds: Mutex::default(),
+            evals_per_uid: c.evals_per_uid.unwrap_or(2).max(1),
+            evals_per_minute: c.evals_per_minute.unwrap_or(30),
+            running_evals: Mutex::default(),
+            recent_evals: Mutex::default(),
         })
     }
 
@@ -182,6 +234,58 @@ impl Policy {
             || caller.groups.iter().any(|g| self.build_gids.contains(g))
     }
 
+    /// Whether root evaluates `caller`'s references with its own rights:
+    /// root itself and the trusted users and groups. Everyone else's are
+    /// evaluated as themselves (through the nix-daemon) or not at all.
+    pub fn evaluates_as_root(&self, caller: &Caller) -> bool {
+        caller.uid == 0
+            || self.trusted_uids.contains(&caller.uid)
+            || self.trusted_gids.contains(&caller.gid)
+            || caller.groups.iter().any(|g| self.trusted_gids.contains(g))
+    }
+
+    /// Counts an evaluation against `uid` (root is never limited): at most
+    /// `evals-per-uid` at once and `evals-per-minute`; refuses beyond.
+    pub fn take_eval(&self, uid: u32) -> Result<EvalPermit<'_>, Failure> {
+        if uid == 0 {
+            return Ok(EvalPermit {
+                policy: self,
+                uid: None,
+            });
+        }
+        let mut running = self.running_evals.lock().unwrap();
+        let n = running.get(&uid).copied().unwrap_or(0);
+        if n >= self.evals_per_uid {
+            return Err(Failure::new(
+                libc::EAGAIN,
+                format!(
+                    "uid {uid} has {n} evaluations running ([flakefs] evals-per-uid = {}); try again when they are done",
+                    self.evals_per_uid
+                ),
+            ));
+        }
+        let now = Instant::now();
+        let mut all = self.recent_evals.lock().unwrap();
+        all.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) <= Duration::from_secs(60)));
+        let q = all.entry(uid).or_default();
+        if over_rate(q, now, self.evals_per_minute) {
+            return Err(Failure::new(
+                libc::EAGAIN,
+                format!(
+                    "uid {uid} started {} evaluations in the last minute ([flakefs] evals-per-minute = {}); try again later",
+                    q.len(),
+                    self.evals_per_minute
+                ),
+            ));
+        }
+        q.push_back(now);
+        running.insert(uid, n + 1);
+        Ok(EvalPermit {
+            policy: self,
+            uid: Some(uid),
+        })
+    }
+
     /// Counts a build against `uid`'s rate; refuses when over it.
     pub fn take_build(&self, uid: u32) -> Result<(), Failure> {
         if self.builds_per_minute == 0 || uid == 0 {
@@ -190,13 +294,7 @@ impl Policy {
         let now = Instant::now();
         let mut all = self.recent_builds.lock().unwrap();
         let q = all.entry(uid).or_default();
-        while q
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
-        {
-            q.pop_front();
-        }
-        if q.len() >= self.builds_per_minute as usize {
+        if over_rate(q, now, self.builds_per_minute) {
             return Err(Failure::new(
                 libc::EAGAIN,
                 format!(
@@ -288,6 +386,31 @@ fn check_tree(root: &Path) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn evaluations_per_uid_at_once_and_per_minute() {
+        let p = policy("evals-per-uid = 2\nevals-per-minute = 3\ntrusted-groups = [\"4321\"]");
+        let a = p.take_eval(1000).unwrap();
+        let b = p.take_eval(1000).unwrap();
+        let e = p.take_eval(1000).err().unwrap();
+        assert_eq!(e.errno, libc::EAGAIN);
+        assert!(e.message.contains("evals-per-uid"), "{}", e.message);
+        assert!(p.take_eval(1001).is_ok(), "per uid");
+        drop(a);
+        let _c = p.take_eval(1000).unwrap();
+        drop(b);
+        let e = p.take_eval(1000).err().unwrap();
+        assert!(e.message.contains("evals-per-minute"), "{}", e.message);
+        for _ in 0..10 {
+            drop(p.take_eval(0).unwrap());
+        }
+        let trusted = Caller {
+            uid: 1000,
+            gid: 100,
+            groups: vec![4321],
+        };
+        assert!(p.evaluates_as_root(&trusted));
+    }
+
     fn policy(toml: &str) -> Policy {
         let c: FlakeFsConfig = toml::from_str(toml).unwrap();
         Policy::from_config(&c).unwrap()
@@ -328,6 +451,8 @@ mod tests {
         assert!(p.take_build(1234).is_ok() && p.take_build(1234).is_ok());
         assert_eq!(p.take_build(1234).unwrap_err().errno, libc::EAGAIN);
         assert!(p.take_build(1235).is_ok(), "per uid");
+        assert!(!p.evaluates_as_root(&c(1234, 100, &[])));
+        assert!(p.evaluates_as_root(&c(0, 0, &[])));
         let e = Policy::from_config(&toml::from_str("build-users = [\"no-such-user-x\"]").unwrap())
             .unwrap_err();
         assert!(e.to_string().contains("no-such-user-x"), "{e}");

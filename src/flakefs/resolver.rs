@@ -1,28 +1,44 @@
 //! From a flake reference to a store path: evaluate, then answer from the
 //! layer that already has the path, or build it into the upper.
 //!
-//! * Results are cached: locked references for good (and on disk, so a
-//!   restarted daemon answers them without evaluating), unlocked ones for
-//!   `ttl`, failures for `failure-ttl`. Answers that depend on who asks
-//!   (permission, rate) are never cached.
-//! * Single flight: concurrent requests for one reference share one
-//!   evaluation and at most one build.
-//! * Evaluations and builds run in limited numbers (`max-parallel-builds`),
-//!   with timeouts; callers block in their own thread, never the FUSE loop.
+//! * Whose rights: root evaluates (with its own rights) for root and the
+//!   trusted users and groups only. Everyone else's references are
+//!   evaluated and built as that user, through the nix-daemon, so Nix's own
+//!   multi-user model decides what they may read and add; with no daemon
+//!   answering, they get only what needs no evaluation (results root or
+//!   they themselves already have).
+//! * Whose word: a result root evaluated is answered to everyone (and the
+//!   kernel may keep it); a result evaluated as a user is that user's word,
+//!   answered to that user only, never kept by the kernel's shared cache.
+//! * Results are cached in two LRUs of `cache-entries` each (root's, and
+//!   every user's own), so a flood of names from one user never evicts
+//!   root's results and memory stays bounded: locked references for good
+//!   (and on disk, at most `saved-per-uid` per user, so a restarted daemon
+//!   answers them without evaluating), unlocked ones for `ttl`, failures for
+//!   `failure-ttl`, refusals (permission, rate, no daemon) for `refusal-ttl`
+//!   and only for the uid they were given to.
+//! * Single flight: concurrent requests for one reference (of one owner)
+//!   share one evaluation and at most one build.
+//! * Evaluations and builds run in limited numbers (`max-parallel-builds`,
+//!   `evals-per-uid` at once and `evals-per-minute` for each non-root uid,
+//!   root's in slots of their own), with timeouts; callers block in their
+//!   own thread, never the FUSE loop.
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use lru::LruCache;
 use serde::Serialize;
 
 use super::cache::CacheFile;
 use super::names::{FlakeRef, Source};
 use super::policy::{may_read, Caller, Policy};
 use super::{Failure, Settings};
-use crate::nixcli::Nix;
+use crate::nixcli::{AsUser, Nix};
 use crate::pathdb::lookup::{Layer, Lookup};
 
 /// How a result was obtained.
@@ -47,9 +63,23 @@ pub struct Resolved {
     pub locked: bool,
     /// How long the answer may be cached by whoever receives it (None: for good).
     pub valid_for: Option<Duration>,
+    /// Root's word, the same for every caller: the kernel may keep it. A
+    /// result evaluated as the caller is not.
+    pub shared: bool,
 }
 
 pub type Outcome = Result<Resolved, Failure>;
+
+/// Whose word a cached result is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Owner {
+    /// Evaluated by root (for root or a trusted user): answered to everyone.
+    Root,
+    /// Evaluated as this user, or a refusal given to them: theirs only.
+    Uid(u32),
+}
+
+type Key = (Owner, String);
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -57,6 +87,12 @@ struct Entry {
     expires: Option<Instant>,
     /// Loaded from disk and not yet checked against the database.
     unverified: bool,
+}
+
+impl Entry {
+    fn fresh(&self, now: Instant) -> bool {
+        self.expires.is_none_or(|t| t > now)
+    }
 }
 
 #[derive(Default)]
@@ -67,9 +103,6 @@ struct Flight {
     builder: Mutex<Option<u32>>,
 }
 
-/// Entries the cache holds before expired ones are dropped.
-const PRUNE_AT: usize = 1024;
-
 /// Counters, for logs and tests.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -77,22 +110,76 @@ pub struct Counters {
     pub builds: AtomicU64,
 }
 
+/// The two bounded maps of results: root's, and every user's own.
+struct Cache {
+    shared: LruCache<String, Entry>,
+    own: LruCache<(u32, String), Entry>,
+}
+
+impl Cache {
+    fn new(cap: usize) -> Cache {
+        let cap = NonZeroUsize::new(cap.max(1)).expect("not zero");
+        Cache {
+            shared: LruCache::new(cap),
+            own: LruCache::new(cap),
+        }
+    }
+    fn get(&mut self, key: &Key) -> Option<&Entry> {
+        match key.0 {
+            Owner::Root => self.shared.get(&key.1),
+            Owner::Uid(u) => self.own.get(&(u, key.1.clone())),
+        }
+    }
+    fn get_mut(&mut self, key: &Key) -> Option<&mut Entry> {
+        match key.0 {
+            Owner::Root => self.shared.get_mut(&key.1),
+            Owner::Uid(u) => self.own.get_mut(&(u, key.1.clone())),
+        }
+    }
+    fn put(&mut self, key: Key, e: Entry) {
+        match key.0 {
+            Owner::Root => {
+                self.shared.put(key.1, e);
+            }
+            Owner::Uid(u) => {
+                self.own.put((u, key.1), e);
+            }
+        }
+    }
+    fn remove(&mut self, key: &Key) {
+        match key.0 {
+            Owner::Root => {
+                self.shared.pop(&key.1);
+            }
+            Owner::Uid(u) => {
+                self.own.pop(&(u, key.1.clone()));
+            }
+        }
+    }
+    fn len(&self) -> usize {
+        self.shared.len() + self.own.len()
+    }
+}
+
 pub struct Resolver {
     nix: Nix,
     lookup: Lookup,
     policy: Policy,
     settings: Settings,
-    cache: Mutex<HashMap<String, Entry>>,
-    /// Size of `cache` at which expired entries are dropped next (changed
-    /// with the cache's lock held): twice what is left after each pruning,
-    /// so that a cache of lasting entries is not scanned on every insert.
-    prune_at: AtomicUsize,
-    flights: Mutex<HashMap<String, Arc<Flight>>>,
+    cache: Mutex<Cache>,
+    flights: Mutex<HashMap<Key, Arc<Flight>>>,
     build_slots: Slots,
     eval_slots: Slots,
+    /// Root's evaluations: never queued behind other users'.
+    root_eval_slots: Slots,
     file: Option<CacheFile>,
+    /// Locked results each non-root uid has in `file`.
+    saved: Mutex<HashMap<u32, usize>>,
     /// Where results served from the upper get a GC root of their own.
     gc_roots: Option<PathBuf>,
+    /// The nix-daemon's socket, through which users' references are
+    /// evaluated as themselves.
+    daemon_socket: Option<PathBuf>,
     pub counters: Counters,
 }
 
@@ -137,13 +224,22 @@ impl Resolver {
         settings: Settings,
         file: Option<CacheFile>,
     ) -> Resolver {
-        let mut cache = HashMap::new();
+        let mut cache = Cache::new(settings.cache_entries);
+        let mut saved: HashMap<u32, usize> = HashMap::new();
         if let Some(f) = &file {
             match f.load() {
                 Ok(entries) => {
-                    for (r, path) in entries {
-                        cache.insert(
-                            r,
+                    let n = entries.len();
+                    for ((uid, r), path) in entries {
+                        let owner = match uid {
+                            Some(u) => {
+                                *saved.entry(u).or_default() += 1;
+                                Owner::Uid(u)
+                            }
+                            None => Owner::Root,
+                        };
+                        cache.put(
+                            (owner, r),
                             Entry {
                                 result: Ok(path),
                                 expires: None,
@@ -151,7 +247,7 @@ impl Resolver {
                             },
                         );
                     }
-                    tracing::info!(file = %f.path().display(), entries = cache.len(), "loaded locked flake results");
+                    tracing::info!(file = %f.path().display(), entries = n, kept = cache.len(), "loaded locked flake results");
                 }
                 Err(e) => tracing::warn!(error = %e, "flake cache not loaded; starting empty"),
             }
@@ -162,12 +258,14 @@ impl Resolver {
             policy,
             build_slots: Slots::new(settings.max_parallel_builds),
             eval_slots: Slots::new(settings.max_parallel_evals),
+            root_eval_slots: Slots::new(settings.max_parallel_evals),
             settings,
-            prune_at: AtomicUsize::new(PRUNE_AT.max(2 * cache.len())),
             cache: Mutex::new(cache),
             flights: Mutex::default(),
             file,
+            saved: Mutex::new(saved),
             gc_roots: None,
+            daemon_socket: None,
             counters: Counters::default(),
         }
     }
@@ -178,6 +276,13 @@ impl Resolver {
     /// directory releases them.
     pub fn with_gc_roots(mut self, dir: PathBuf) -> Resolver {
         self.gc_roots = Some(dir);
+        self
+    }
+
+    /// Evaluates users' references as themselves through the nix-daemon
+    /// listening on `socket`.
+    pub fn with_daemon_socket(mut self, socket: PathBuf) -> Resolver {
+        self.daemon_socket = Some(socket);
         self
     }
 
@@ -200,34 +305,45 @@ impl Resolver {
         &self.settings
     }
 
-    /// An answer that needs no evaluation, no database and no caller check:
-    /// what the FUSE loop itself may answer. None means "ask [`Self::resolve`]".
-    pub fn peek(&self, r: &FlakeRef) -> Option<Outcome> {
+    /// Results held in memory (root's and users' own).
+    pub fn cached_entries(&self) -> usize {
+        self.cache.lock().unwrap().len()
+    }
+
+    /// An answer for `uid` that needs no evaluation, no database and no
+    /// permission check: what the FUSE loop itself may answer. None means
+    /// "ask [`Self::resolve`]".
+    pub fn peek(&self, r: &FlakeRef, uid: u32) -> Option<Outcome> {
         if matches!(r.source, Source::Local(_)) {
             return None;
         }
-        self.cached(r)
+        if uid != 0 {
+            if let Some(o) = self.cached(&(Owner::Uid(uid), r.text.clone()), r) {
+                return Some(o);
+            }
+        }
+        self.cached(&(Owner::Root, r.text.clone()), r)
     }
 
-    /// The cached answer for `r`, if any and fresh.
-    fn cached(&self, r: &FlakeRef) -> Option<Outcome> {
-        let cache = self.cache.lock().unwrap();
-        let e = cache.get(&r.text)?;
+    /// The cached answer under `key`, if any and fresh.
+    fn cached(&self, key: &Key, r: &FlakeRef) -> Option<Outcome> {
+        let mut cache = self.cache.lock().unwrap();
+        let e = cache.get(key)?;
         if e.unverified {
             return None;
         }
         let now = Instant::now();
-        let valid_for = match e.expires {
-            Some(t) if t <= now => return None,
-            Some(t) => Some(t - now),
-            None => None,
-        };
+        if !e.fresh(now) {
+            return None;
+        }
+        let valid_for = e.expires.map(|t| t - now);
         Some(match &e.result {
             Ok(path) => Ok(Resolved {
                 path: path.clone(),
                 how: How::Cached,
                 locked: r.locked,
                 valid_for,
+                shared: key.0 == Owner::Root,
             }),
             Err(f) => Err(f.clone().valid_for(valid_for.unwrap_or_default())),
         })
@@ -239,9 +355,66 @@ impl Resolver {
         let outcome = self.resolve_inner(r, caller);
         match &outcome {
             Ok(res) => tracing::info!(path = %res.path.display(), how = ?res.how, "resolved"),
-            Err(f) => tracing::warn!(errno = f.errno, message = %f.message, "not resolved"),
+            Err(f) => {
+                tracing::warn!(errno = f.errno, message = %f.message, "not resolved");
+                self.remember_refusal(r, caller, f);
+            }
         }
         outcome
+    }
+
+    /// Keeps a refusal (a failure that depends on who asked) for the uid it
+    /// was given to, for `refusal-ttl`: asking again starts nothing.
+    fn remember_refusal(&self, r: &FlakeRef, caller: &Caller, f: &Failure) {
+        if f.cacheable || caller.uid == 0 || self.settings.refusal_ttl.is_zero() {
+            return;
+        }
+        let key = (Owner::Uid(caller.uid), r.text.clone());
+        let now = Instant::now();
+        let mut cache = self.cache.lock().unwrap();
+        if cache.get(&key).is_some_and(|e| e.fresh(now)) {
+            return;
+        }
+        cache.put(
+            key,
+            Entry {
+                result: Err(f.clone()),
+                expires: Some(now + self.settings.refusal_ttl),
+                unverified: false,
+            },
+        );
+    }
+
+    /// Whether root's rights would be lent by evaluating as root for
+    /// `caller`: only a root process can lend them, to someone else.
+    fn lends_rights(&self, caller: &Caller) -> bool {
+        nix::unistd::geteuid().is_root() && !self.policy.evaluates_as_root(caller)
+    }
+
+    /// How to run Nix as `caller`: through the nix-daemon, if one answers.
+    fn as_user(&self, r: &FlakeRef, caller: &Caller) -> Result<AsUser, Failure> {
+        let socket = self
+            .daemon_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/nix/var/nix/daemon-socket/socket"));
+        if let Err(e) = std::os::unix::net::UnixStream::connect(&socket) {
+            return Err(Failure::new(
+                libc::EACCES,
+                format!(
+                    "{}: references of uid {} are evaluated as that user through the nix-daemon, and none answers at {} ({e}); start nix-daemon, have root resolve or publish the reference, or list the user in [flakefs] trusted-users",
+                    r.text,
+                    caller.uid,
+                    socket.display()
+                ),
+            )
+            .uncached());
+        }
+        Ok(AsUser {
+            uid: caller.uid,
+            gid: caller.gid,
+            groups: caller.groups.clone(),
+            socket,
+        })
     }
 
     fn resolve_inner(&self, r: &FlakeRef, caller: &Caller) -> Outcome {
@@ -249,19 +422,34 @@ impl Resolver {
         if let Source::Local(path) = &r.source {
             may_read(caller, path)?;
         }
-        if let Some(o) = self.cached(r) {
+        let own = (caller.uid != 0).then(|| (Owner::Uid(caller.uid), r.text.clone()));
+        if let Some(o) = own.as_ref().and_then(|k| self.cached(k, r)) {
             return o;
         }
-        if let Some(o) = self.verify_loaded(r) {
+        let root_key = (Owner::Root, r.text.clone());
+        if let Some(o) = self.cached(&root_key, r) {
             return o;
         }
+        if let Some(o) = self.verify_loaded(&root_key, r) {
+            return o;
+        }
+        let (key, as_user) = match own {
+            Some(own) if self.lends_rights(caller) => {
+                if let Some(o) = self.verify_loaded(&own, r) {
+                    return o;
+                }
+                let as_user = self.as_user(r, caller)?;
+                (own, Some(as_user))
+            }
+            _ => (root_key, None),
+        };
         let (flight, leader) = {
             let mut flights = self.flights.lock().unwrap();
-            match flights.get(&r.text) {
+            match flights.get(&key) {
                 Some(f) => (f.clone(), false),
                 None => {
                     let f = Arc::new(Flight::default());
-                    flights.insert(r.text.clone(), f.clone());
+                    flights.insert(key.clone(), f.clone());
                     (f, true)
                 }
             }
@@ -270,9 +458,12 @@ impl Resolver {
             flight.builder.lock().unwrap().get_or_insert(caller.uid);
         }
         if leader {
-            let outcome = self.compute(r, &flight);
+            let outcome = match self.policy.take_eval(caller.uid) {
+                Ok(_permit) => self.compute(r, &key, caller.uid, as_user.as_ref(), &flight),
+                Err(f) => Err(f.uncached()),
+            };
             *flight.done.lock().unwrap() = Some(outcome.clone());
-            self.flights.lock().unwrap().remove(&r.text);
+            self.flights.lock().unwrap().remove(&key);
             flight.cv.notify_all();
             outcome
         } else {
@@ -286,16 +477,16 @@ impl Resolver {
 
     /// A result loaded from disk is used once the database confirms that
     /// its path is still valid; otherwise it is dropped.
-    fn verify_loaded(&self, r: &FlakeRef) -> Option<Outcome> {
+    fn verify_loaded(&self, key: &Key, r: &FlakeRef) -> Option<Outcome> {
         let path = {
-            let cache = self.cache.lock().unwrap();
-            let e = cache.get(&r.text).filter(|e| e.unverified)?;
+            let mut cache = self.cache.lock().unwrap();
+            let e = cache.get(key).filter(|e| e.unverified)?;
             e.result.clone().ok()?
         };
         let still_valid = matches!(self.lookup.layer(&path), Ok(Some(_)));
         let mut cache = self.cache.lock().unwrap();
         if still_valid && r.locked {
-            if let Some(e) = cache.get_mut(&r.text) {
+            if let Some(e) = cache.get_mut(key) {
                 e.unverified = false;
             }
             Some(Ok(Resolved {
@@ -303,26 +494,40 @@ impl Resolver {
                 how: How::Cached,
                 locked: true,
                 valid_for: None,
+                shared: key.0 == Owner::Root,
             }))
         } else {
-            cache.remove(&r.text);
+            cache.remove(key);
             None
         }
     }
 
-    /// Evaluates, looks the path up, builds if needed; caches what may be cached.
-    fn compute(&self, r: &FlakeRef, flight: &Flight) -> Outcome {
+    /// Evaluates (as `as_user`, or as root), looks the path up, builds if
+    /// needed; caches what may be cached under `key`.
+    fn compute(
+        &self,
+        r: &FlakeRef,
+        key: &Key,
+        leader: u32,
+        as_user: Option<&AsUser>,
+        flight: &Flight,
+    ) -> Outcome {
         let fail = |f: Failure| {
             if f.cacheable {
-                let _ = self.remember(r, Err(f.clone()), How::Built);
+                let _ = self.remember(key, r, Err(f.clone()), How::Built);
             }
-            Err(f.valid_for(self.settings.failure_ttl))
+            Err(self.mark(key, f).valid_for(self.settings.failure_ttl))
         };
         self.counters.evaluations.fetch_add(1, Ordering::SeqCst);
-        let ev = match self
-            .eval_slots
-            .run(|| self.nix.eval(&r.installable(), self.settings.eval_timeout))
-        {
+        let slots = if leader == 0 {
+            &self.root_eval_slots
+        } else {
+            &self.eval_slots
+        };
+        let ev = match slots.run(|| {
+            self.nix
+                .eval(&r.installable(), self.settings.eval_timeout, as_user)
+        }) {
             Ok(ev) => ev,
             Err(e) => {
                 return fail(Failure::new(
@@ -348,7 +553,7 @@ impl Resolver {
                     Layer::Lower(_) => How::LowerHit,
                     Layer::Upper | Layer::Store => How::UpperHit,
                 };
-                return Ok(self.remember(r, Ok(path), how).expect("success"));
+                return Ok(self.remember(key, r, Ok(path), how).expect("success"));
             }
             Ok(None) => {}
             Err(e) => {
@@ -376,14 +581,15 @@ impl Resolver {
         tracing::info!(reference = %r.text, %installable, path = %path.display(), uid, "building");
         let built = self.build_slots.run(|| {
             self.counters.builds.fetch_add(1, Ordering::SeqCst);
-            self.nix.build(&installable, self.settings.build_timeout)
+            self.nix
+                .build(&installable, self.settings.build_timeout, as_user)
         });
         match built {
             Ok(p) => {
                 if p != path {
                     tracing::warn!(reference = %r.text, evaluated = %path.display(), built = %p.display(), "the reference changed between evaluation and build; using what was built");
                 }
-                Ok(self.remember(r, Ok(p), How::Built).expect("success"))
+                Ok(self.remember(key, r, Ok(p), How::Built).expect("success"))
             }
             Err(e) => fail(Failure::new(
                 e.errno(),
@@ -392,8 +598,27 @@ impl Resolver {
         }
     }
 
-    /// Caches a result (successes of locked references also on disk).
-    fn remember(&self, r: &FlakeRef, result: Result<PathBuf, Failure>, how: How) -> Outcome {
+    /// A failure under a user's key is their word: never kept by the kernel.
+    fn mark(&self, key: &Key, f: Failure) -> Failure {
+        match key.0 {
+            Owner::Root => f,
+            Owner::Uid(_) => Failure {
+                cacheable: false,
+                valid_for: Duration::ZERO,
+                ..f
+            },
+        }
+    }
+
+    /// Caches a result under `key` (successes of locked references also on
+    /// disk, at most `saved-per-uid` of each user's).
+    fn remember(
+        &self,
+        key: &Key,
+        r: &FlakeRef,
+        result: Result<PathBuf, Failure>,
+        how: How,
+    ) -> Outcome {
         let ttl = match (&result, r.locked) {
             (Err(_), _) => Some(self.settings.failure_ttl),
             (Ok(_), true) => None,
@@ -403,32 +628,43 @@ impl Resolver {
             self.root(path);
         }
         if let (Ok(path), true, Some(file)) = (&result, r.locked, &self.file) {
-            if let Err(e) = file.append(&r.text, path) {
-                tracing::warn!(error = %e, "could not record a locked result");
+            let uid = match key.0 {
+                Owner::Root => Some(None),
+                Owner::Uid(u) => {
+                    let mut saved = self.saved.lock().unwrap();
+                    let n = saved.entry(u).or_default();
+                    (*n < self.settings.saved_per_uid).then(|| {
+                        *n += 1;
+                        Some(u)
+                    })
+                }
+            };
+            match uid {
+                Some(uid) => {
+                    if let Err(e) = file.append(uid, &r.text, path) {
+                        tracing::warn!(error = %e, "could not record a locked result");
+                    }
+                }
+                None => tracing::debug!(reference = %r.text, "not saved: the user has saved-per-uid results on disk"),
             }
         }
         let now = Instant::now();
-        let mut cache = self.cache.lock().unwrap();
-        cache.insert(
-            r.text.clone(),
+        let result = result.map_err(|f| self.mark(key, f));
+        self.cache.lock().unwrap().put(
+            key.clone(),
             Entry {
                 result: result.clone(),
                 expires: ttl.map(|t| now + t),
                 unverified: false,
             },
         );
-        if cache.len() >= self.prune_at.load(Ordering::Relaxed) {
-            // Expired entries are never answered again, only replaced.
-            cache.retain(|_, e| e.expires.is_none_or(|t| t > now));
-            self.prune_at
-                .store(PRUNE_AT.max(2 * cache.len()), Ordering::Relaxed);
-        }
-        drop(cache);
+        let shared = key.0 == Owner::Root;
         result.map(|path| Resolved {
             path,
             how,
             locked: r.locked,
-            valid_for: ttl,
+            valid_for: if shared { ttl } else { Some(Duration::ZERO) },
+            shared,
         })
     }
 }
@@ -438,45 +674,63 @@ mod tests {
     use super::*;
     use crate::config::FlakeFsConfig;
 
+    fn resolver(config: &FlakeFsConfig, file: Option<CacheFile>, dir: &Path) -> Resolver {
+        Resolver::new(
+            Nix::default(),
+            Lookup::for_target(dir),
+            Policy::from_config(config).unwrap(),
+            Settings::from_config(config),
+            file,
+        )
+    }
+
     #[test]
-    fn expired_entries_are_dropped_as_the_cache_grows() {
+    fn memory_is_bounded_and_a_users_flood_never_evicts_roots_results() {
         let t = tempfile::tempdir().unwrap();
         let config = FlakeFsConfig {
-            ttl: Some(0),
-            failure_ttl: Some(0),
+            cache_entries: Some(100),
             ..FlakeFsConfig::default()
         };
-        let resolver = Resolver::new(
-            Nix::default(),
-            Lookup::for_target(t.path()),
-            Policy::from_config(&config).unwrap(),
-            Settings::from_config(&config),
-            None,
-        );
-        for i in 0..10 * PRUNE_AT {
-            let r = FlakeRef::parse(&format!("nixpkgs#p{i}")).unwrap();
-            let result = if i % 2 == 0 {
-                Ok(PathBuf::from(format!("/nix/store/p{i}")))
-            } else {
-                Err(Failure::new(libc::ENOENT, "no".into()))
-            };
-            let _ = resolver.remember(&r, result, How::UpperHit);
-        }
-        let len = resolver.cache.lock().unwrap().len();
-        assert!(len < PRUNE_AT, "{len} entries kept");
-
-        let locked = FlakeRef::parse(&format!("github:o/r/{}#p", "0".repeat(40))).unwrap();
-        assert!(locked.locked);
+        let resolver = resolver(&config, None, t.path());
+        let root = (Owner::Root, "nixpkgs#kept".to_owned());
+        let kept = FlakeRef::parse("nixpkgs#kept").unwrap();
         resolver
-            .remember(&locked, Ok("/nix/store/locked".into()), How::UpperHit)
+            .remember(&root, &kept, Ok("/nix/store/kept".into()), How::UpperHit)
             .unwrap();
-        for i in 0..2 * PRUNE_AT {
-            let r = FlakeRef::parse(&format!("nixpkgs#q{i}")).unwrap();
-            let _ = resolver.remember(&r, Ok("/nix/store/q".into()), How::UpperHit);
+        for i in 0..10_000 {
+            let r = FlakeRef::parse(&format!("nixpkgs#p{i}")).unwrap();
+            let key = (Owner::Uid(1000 + i % 7), r.text.clone());
+            let _ = resolver.remember(&key, &r, Err(Failure::new(libc::ENOENT, "no".into())), How::Built);
         }
-        assert!(
-            resolver.cache.lock().unwrap().contains_key(&locked.text),
-            "results kept for good stay"
-        );
+        assert_eq!(resolver.cached_entries(), 101);
+        let hit = resolver.peek(&kept, 1000).unwrap().unwrap();
+        assert!(hit.shared);
+        assert_eq!(hit.path, Path::new("/nix/store/kept"));
+    }
+
+    #[test]
+    fn a_users_results_are_theirs_alone_and_never_kept_by_the_kernel() {
+        let t = tempfile::tempdir().unwrap();
+        let file = CacheFile::new(&t.path().join("cache.jsonl"));
+        let config = FlakeFsConfig {
+            saved_per_uid: Some(2),
+            ..FlakeFsConfig::default()
+        };
+        let resolver = resolver(&config, Some(file.clone()), t.path());
+        let rev = "0".repeat(40);
+        for i in 0..5 {
+            let r = FlakeRef::parse(&format!("github:o/r/{rev}#p{i}")).unwrap();
+            let res = resolver
+                .remember(&(Owner::Uid(1000), r.text.clone()), &r, Ok(format!("/nix/store/p{i}").into()), How::LowerHit)
+                .unwrap();
+            assert!(!res.shared);
+            assert_eq!(res.valid_for, Some(Duration::ZERO));
+            assert!(resolver.peek(&r, 1001).is_none(), "another user does not get it");
+            assert!(resolver.peek(&r, 0).is_none(), "nor does root");
+            assert!(resolver.peek(&r, 1000).is_some());
+        }
+        let saved = file.load().unwrap();
+        assert_eq!(saved.len(), 2, "saved-per-uid bounds the file: {saved:?}");
+        assert!(saved.keys().all(|(uid, _)| *uid == Some(1000)));
     }
 }
