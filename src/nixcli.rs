@@ -186,6 +186,9 @@ pub struct AsUser {
     pub socket: PathBuf,
 }
 
+/// The niceness of `nix` run as a user.
+const USER_NICENESS: libc::c_int = 10;
+
 /// Variables passed on from the server to a `nix` run as another user.
 const PASSED_ON: &[&str] = &["PATH", "NIX_CONF_DIR", "NIX_CONFIG", "LANG", "LC_ALL", "TZ"];
 
@@ -364,7 +367,11 @@ impl Nix {
         if let (Some(user), Some(scratch)) = (as_user, &scratch) {
             let home = scratch.home();
             cmd.env_clear()
-                .envs(PASSED_ON.iter().filter_map(|k| Some((k, std::env::var_os(k)?))))
+                .envs(
+                    PASSED_ON
+                        .iter()
+                        .filter_map(|k| Some((k, std::env::var_os(k)?))),
+                )
                 .env("HOME", &home)
                 .env("TMPDIR", &home)
                 .env("XDG_CACHE_HOME", home.join(".cache"))
@@ -374,6 +381,17 @@ impl Nix {
                 .env("NIX_REMOTE", "daemon")
                 .env("NIX_DAEMON_SOCKET_PATH", &user.socket)
                 .current_dir("/");
+        }
+        if as_user.is_some() {
+            // Users' evaluations yield the CPU to root's and to the FUSE
+            // loop: a flood of them cannot slow everyone else down.
+            // SAFETY: setpriority is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, USER_NICENESS);
+                    Ok(())
+                });
+            }
         }
         die_with_parent(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| spawn_error(e.to_string()))?;

@@ -146,6 +146,9 @@ fn the_doc_documents_exactly_the_keys_the_parser_accepts() {
     assert!(f.max_parallel_builds.is_some() && f.build_timeout.is_some());
     assert!(f.eval_timeout.is_some() && f.ttl.is_some() && f.failure_ttl.is_some());
     assert!(f.builds_per_minute.is_some());
+    assert!(!f.trusted_users.is_empty() && !f.trusted_groups.is_empty());
+    assert!(f.evals_per_uid.is_some() && f.evals_per_minute.is_some());
+    assert!(f.refusal_ttl.is_some() && f.cache_entries.is_some() && f.saved_per_uid.is_some());
 }
 
 #[test]
@@ -188,6 +191,9 @@ fn the_defaults_the_doc_states_are_the_codes() {
         ("build-timeout", d.build_timeout.as_secs().to_string()),
         ("eval-timeout", d.eval_timeout.as_secs().to_string()),
         ("max-parallel-builds", d.max_parallel_builds.to_string()),
+        ("refusal-ttl", d.refusal_ttl.as_secs().to_string()),
+        ("cache-entries", d.cache_entries.to_string()),
+        ("saved-per-uid", d.saved_per_uid.to_string()),
         (
             "mountpoint",
             nixfs_layer::flakefs::DEFAULT_MOUNTPOINT.to_owned(),

@@ -461,7 +461,10 @@ ns_test! {
 
 ns_test! {
     fn bad_input_fails_at_once_with_its_errno_and_message() {
-        let s = setup("deny = [\"*#secret*\"]");
+        // nobody is trusted here (root evaluates for them, as for root):
+        // what they may read and build is the tree's own policy.
+        // tests/flake_security.rs has untrusted users.
+        let s = setup("deny = [\"*#secret*\"]\ntrusted-users = [\"65534\"]");
         let calls = s.nix_calls();
         let cases: Vec<(PathBuf, i32, &str)> = vec![
             (str_("--option"), libc::EINVAL, "may not start with '-'"),

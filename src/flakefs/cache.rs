@@ -102,12 +102,7 @@ impl CacheFile {
     }
 
     /// Appends one result.
-    pub fn append(
-        &self,
-        uid: Option<u32>,
-        reference: &str,
-        path: &Path,
-    ) -> Result<(), CacheError> {
+    pub fn append(&self, uid: Option<u32>, reference: &str, path: &Path) -> Result<(), CacheError> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(self.io())?;
         }
@@ -140,7 +135,8 @@ mod tests {
         c.append(None, "a#x", Path::new("/nix/store/1-x")).unwrap();
         c.append(None, "a#x", Path::new("/nix/store/2-x")).unwrap();
         c.append(None, "b#y", Path::new("/nix/store/3-y")).unwrap();
-        c.append(Some(1000), "b#y", Path::new("/nix/store/4-y")).unwrap();
+        c.append(Some(1000), "b#y", Path::new("/nix/store/4-y"))
+            .unwrap();
         std::fs::OpenOptions::new()
             .append(true)
             .open(c.path())

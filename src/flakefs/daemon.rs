@@ -2,6 +2,7 @@
 //! that in the background and waiting until it is mounted, and stopping it.
 
 use std::ffi::OsString;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -260,11 +261,15 @@ pub fn spawn(args: &[OsString], mountpoint: &Path, log: &Path) -> Result<u32, Fl
     if let Some(dir) = log.parent() {
         std::fs::create_dir_all(dir).map_err(log_err(dir))?;
     }
+    // Root's evaluations log what Nix said, which may quote what it read
+    // as root: the log is root's alone.
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(log)
         .map_err(log_err(log))?;
+    let _ = std::fs::set_permissions(log, std::fs::Permissions::from_mode(0o600));
     let err = out.try_clone().map_err(FlakeFsError::Spawn)?;
     let log_start = out.metadata().map(|m| m.len()).unwrap_or(0);
     let exe = std::env::current_exe().map_err(FlakeFsError::Spawn)?;

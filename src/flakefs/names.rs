@@ -62,6 +62,8 @@ pub enum NameError {
     UnknownScheme { reference: String, scheme: String },
     #[error("'{reference}': not a flake reference: {why}")]
     Unparseable { reference: String, why: String },
+    #[error("'{0}': a path may not hold '.' or '..' segments; give the directory itself")]
+    DotSegment(String),
     #[error("'{reference}': not a registry name: {why}")]
     NotRegistryName { reference: String, why: String },
     #[error("'{reference}': bad attribute path: {why}")]
@@ -330,7 +332,7 @@ fn classify<'a>(flake: &'a str, text: &str) -> Result<(Source, &'a str), NameErr
         None => (flake, ""),
     };
     if body.starts_with('/') {
-        return Ok((Source::Local(local_path(body)), params));
+        return Ok((Source::Local(local_path_checked(body, text)?), params));
     }
     if body == "." || body == ".." || body.starts_with("./") || body.starts_with("../") {
         return Err(NameError::RelativePath(text.to_owned()));
@@ -355,7 +357,7 @@ fn classify<'a>(flake: &'a str, text: &str) -> Result<(Source, &'a str), NameErr
         if !path.starts_with('/') {
             return Err(NameError::RelativePath(text.to_owned()));
         }
-        return Ok((Source::Local(local_path(path)), params));
+        return Ok((Source::Local(local_path_checked(path, text)?), params));
     }
     if REMOTE_SCHEMES.contains(&scheme) {
         if rest.is_empty() {
@@ -415,6 +417,21 @@ fn check_indirect(body: &str, params: &str, text: &str) -> Result<(), NameError>
         }
     }
     Ok(())
+}
+
+/// A local path with no `.` or `..` segment (decoded): the path Nix opens
+/// is then the path the caller's rights are checked on, symlinks aside.
+fn local_path_checked(p: &str, text: &str) -> Result<PathBuf, NameError> {
+    let path = local_path(p);
+    let dotted = path
+        .to_str()
+        .unwrap_or_default()
+        .split('/')
+        .any(|seg| seg == "." || seg == "..");
+    if dotted {
+        return Err(NameError::DotSegment(text.to_owned()));
+    }
+    Ok(path)
 }
 
 fn local_path(p: &str) -> PathBuf {
@@ -565,6 +582,9 @@ mod tests {
     #[case("flake:nixpkgs?dir=x#hello")]
     #[case("flake:tmp/../x#hello")]
     #[case("nixpkgs/x.lock")]
+    #[case("/srv/link/..#x")]
+    #[case("path:/srv/./f#x")]
+    #[case("git+file:///srv/a/%2E%2E/b#x")]
     fn refuses_bad_refs(#[case] r: &str) {
         let e = parse(r).unwrap_err();
         assert_eq!(e.errno(), libc::EINVAL, "{r}: {e}");

@@ -1,9 +1,10 @@
-//! Who may resolve what: allow/deny patterns on references, who may start
-//! builds, a per-uid build rate, and reading local flakes as the caller.
-//!
-//! The daemon runs as root and Nix reads (and copies into the world-readable
-//! store) whatever a local reference names, so a local reference is only
-//! evaluated when the calling user could read every file of it themselves.
+//! Who may resolve what: allow/deny patterns on references, whose
+//! references root evaluates with its own rights (root's and the trusted
+//! users'; everyone else's are evaluated as themselves, see the resolver),
+//! who may start builds, per-uid evaluation and build limits, and a first
+//! check, as the caller, that they can read every file of a local flake
+//! (a clear refusal before Nix starts; for untrusted callers Nix itself then
+//! reads as them).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -28,9 +29,7 @@ pub enum PolicyError {
         pattern: String,
         message: String,
     },
-    #[error(
-        "[flakefs] {key}: no user '{name}' on this system; give a user name or a numeric uid"
-    )]
+    #[error("[flakefs] {key}: no user '{name}' on this system; give a user name or a numeric uid")]
     NoUser { key: &'static str, name: String },
     #[error(
         "[flakefs] {key}: no group '{name}' on this system; give a group name or a numeric gid"
@@ -266,7 +265,10 @@ impl Policy {
         }
         let now = Instant::now();
         let mut all = self.recent_evals.lock().unwrap();
-        all.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) <= Duration::from_secs(60)));
+        all.retain(|_, q| {
+            q.back()
+                .is_some_and(|t| now.duration_since(*t) <= Duration::from_secs(60))
+        });
         let q = all.entry(uid).or_default();
         if over_rate(q, now, self.evals_per_minute) {
             return Err(Failure::new(
@@ -348,7 +350,7 @@ pub fn may_read(caller: &Caller, path: &Path) -> Result<(), Failure> {
     .map_err(|why| {
         Failure::new(
             libc::EACCES,
-            format!("uid {uid} may not read {shown} ({why}); the daemon evaluates local flakes only for users who can read them"),
+            format!("uid {uid} may not read {shown} ({why}); local flakes are evaluated only for users who can read them"),
         )
     })
 }

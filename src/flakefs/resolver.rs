@@ -317,12 +317,11 @@ impl Resolver {
         if matches!(r.source, Source::Local(_)) {
             return None;
         }
-        if uid != 0 {
-            if let Some(o) = self.cached(&(Owner::Uid(uid), r.text.clone()), r) {
-                return Some(o);
-            }
-        }
-        self.cached(&(Owner::Root, r.text.clone()), r)
+        self.cached(&(Owner::Root, r.text.clone()), r).or_else(|| {
+            (uid != 0)
+                .then(|| self.cached(&(Owner::Uid(uid), r.text.clone()), r))
+                .flatten()
+        })
     }
 
     /// The cached answer under `key`, if any and fresh.
@@ -422,26 +421,25 @@ impl Resolver {
         if let Source::Local(path) = &r.source {
             may_read(caller, path)?;
         }
-        let own = (caller.uid != 0).then(|| (Owner::Uid(caller.uid), r.text.clone()));
-        if let Some(o) = own.as_ref().and_then(|k| self.cached(k, r)) {
-            return o;
-        }
-        let root_key = (Owner::Root, r.text.clone());
-        if let Some(o) = self.cached(&root_key, r) {
-            return o;
-        }
-        if let Some(o) = self.verify_loaded(&root_key, r) {
-            return o;
-        }
-        let (key, as_user) = match own {
-            Some(own) if self.lends_rights(caller) => {
-                if let Some(o) = self.verify_loaded(&own, r) {
-                    return o;
-                }
-                let as_user = self.as_user(r, caller)?;
-                (own, Some(as_user))
+        // A local flake's answer is never shared, whoever evaluated it:
+        // what a caller's own files make Nix say is for that caller alone.
+        let local = matches!(r.source, Source::Local(_));
+        let root_key = (!local).then(|| (Owner::Root, r.text.clone()));
+        if let Some(k) = &root_key {
+            if let Some(o) = self.cached(k, r).or_else(|| self.verify_loaded(k, r)) {
+                return o;
             }
-            _ => (root_key, None),
+        }
+        let own = (Owner::Uid(caller.uid), r.text.clone());
+        if local || caller.uid != 0 {
+            if let Some(o) = self.cached(&own, r).or_else(|| self.verify_loaded(&own, r)) {
+                return o;
+            }
+        }
+        let lends = self.lends_rights(caller);
+        let key = match root_key {
+            Some(k) if !lends => k,
+            _ => own,
         };
         let (flight, leader) = {
             let mut flights = self.flights.lock().unwrap();
@@ -458,10 +456,15 @@ impl Resolver {
             flight.builder.lock().unwrap().get_or_insert(caller.uid);
         }
         if leader {
-            let outcome = match self.policy.take_eval(caller.uid) {
-                Ok(_permit) => self.compute(r, &key, caller.uid, as_user.as_ref(), &flight),
-                Err(f) => Err(f.uncached()),
-            };
+            // The limits first: a refused flood never reaches the daemon.
+            let outcome = self
+                .policy
+                .take_eval(caller.uid)
+                .map_err(Failure::uncached)
+                .and_then(|_permit| {
+                    let as_user = lends.then(|| self.as_user(r, caller)).transpose()?;
+                    self.compute(r, &key, caller.uid, as_user.as_ref(), &flight)
+                });
             *flight.done.lock().unwrap() = Some(outcome.clone());
             self.flights.lock().unwrap().remove(&key);
             flight.cv.notify_all();
@@ -645,7 +648,9 @@ impl Resolver {
                         tracing::warn!(error = %e, "could not record a locked result");
                     }
                 }
-                None => tracing::debug!(reference = %r.text, "not saved: the user has saved-per-uid results on disk"),
+                None => {
+                    tracing::debug!(reference = %r.text, "not saved: the user has saved-per-uid results on disk")
+                }
             }
         }
         let now = Instant::now();
@@ -700,7 +705,12 @@ mod tests {
         for i in 0..10_000 {
             let r = FlakeRef::parse(&format!("nixpkgs#p{i}")).unwrap();
             let key = (Owner::Uid(1000 + i % 7), r.text.clone());
-            let _ = resolver.remember(&key, &r, Err(Failure::new(libc::ENOENT, "no".into())), How::Built);
+            let _ = resolver.remember(
+                &key,
+                &r,
+                Err(Failure::new(libc::ENOENT, "no".into())),
+                How::Built,
+            );
         }
         assert_eq!(resolver.cached_entries(), 101);
         let hit = resolver.peek(&kept, 1000).unwrap().unwrap();
@@ -721,11 +731,19 @@ mod tests {
         for i in 0..5 {
             let r = FlakeRef::parse(&format!("github:o/r/{rev}#p{i}")).unwrap();
             let res = resolver
-                .remember(&(Owner::Uid(1000), r.text.clone()), &r, Ok(format!("/nix/store/p{i}").into()), How::LowerHit)
+                .remember(
+                    &(Owner::Uid(1000), r.text.clone()),
+                    &r,
+                    Ok(format!("/nix/store/p{i}").into()),
+                    How::LowerHit,
+                )
                 .unwrap();
             assert!(!res.shared);
             assert_eq!(res.valid_for, Some(Duration::ZERO));
-            assert!(resolver.peek(&r, 1001).is_none(), "another user does not get it");
+            assert!(
+                resolver.peek(&r, 1001).is_none(),
+                "another user does not get it"
+            );
             assert!(resolver.peek(&r, 0).is_none(), "nor does root");
             assert!(resolver.peek(&r, 1000).is_some());
         }
