@@ -29,6 +29,7 @@
 //! refusal-ttl = 5           # seconds
 //! cache-entries = 10000
 //! saved-per-uid = 100
+//! resolve = "published-first"  # or "published-only", "evaluate"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -118,6 +119,9 @@ pub struct FlakeFsConfig {
     /// Locked results one non-root uid may add to the file of results kept
     /// across restarts (default 100).
     pub saved_per_uid: Option<usize>,
+    /// What answers a reference: "published-first" (default: the lowers'
+    /// published indexes, then evaluation), "published-only", "evaluate".
+    pub resolve: Option<crate::flakefs::ResolveMode>,
 }
 
 impl Config {

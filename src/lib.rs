@@ -23,6 +23,7 @@ pub mod optimise;
 pub mod overlay;
 pub mod pathdb;
 pub mod promote;
+pub mod published;
 pub mod refscan;
 pub mod sdnotify;
 pub mod storecopy;

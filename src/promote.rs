@@ -9,7 +9,8 @@
 //! 2. copy each path's contents under a temporary name, check its NAR hash,
 //!    rename it into place (entries without a database row are not valid,
 //!    so readers ignore them until step 3);
-//! 3. write the new rows into a copy of the database, in rollback-journal
+//! 3. write the new rows (and the changes to the index of published flake
+//!    references, [`crate::published`]) into a copy of the database, in rollback-journal
 //!    mode (one self-contained file), fsync it, and rename it over
 //!    `db.sqlite`: a reader copies either the old file or the new one
 //!    (its copy is retried if the file changed meanwhile).
@@ -25,6 +26,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::closure::Graph;
 use crate::layer::Lower;
 use crate::pathdb::{adopt, DbError};
+use crate::published;
 use crate::storecopy::{self, CopyError};
 use crate::storepath::base_name;
 
@@ -81,6 +83,7 @@ pub fn promote(
     merged: &Connection,
     merged_db: &Path,
     lower: &Lower,
+    index: &[published::Change],
 ) -> Result<Promoted, PromoteError> {
     let db = lower.db();
     let sql = |path: &Path| {
@@ -229,6 +232,8 @@ pub fn promote(
         }
         out.paths.push(n.path.clone());
     }
+    // The index of published references, in the same database.
+    published::apply(&tx, index).map_err(sql(&tmp_db))?;
     tx.commit().map_err(sql(&tmp_db))?;
     drop(conn);
     File::open(&tmp_db)

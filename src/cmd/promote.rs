@@ -30,7 +30,7 @@ pub fn run(args: &PromoteArgs) -> Result<()> {
                 .ok_or_else(|| PromoteError::NotValid(a.clone()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let done = promote::promote(&graph, &roots, &store, &conn, &db, &lower)?;
+    let done = promote::promote(&graph, &roots, &store, &conn, &db, &lower, &[])?;
     println!(
         "promoted {} path(s) into {} ({} already there); run `nixfs-layer sync` then `nixfs-layer optimise` on its readers",
         done.paths.len(),

@@ -100,7 +100,8 @@ pub fn resolver(target: &Path, config: &FlakeFsConfig) -> Result<Resolver, Flake
         Some(CacheFile::new(&cache_file(target))),
     )
     .with_gc_roots(target.join("var/nix/gcroots/nixfs-layer-flakes"))
-    .with_daemon_socket(target.join("var/nix/daemon-socket/socket")))
+    .with_daemon_socket(target.join("var/nix/daemon-socket/socket"))
+    .with_indexes(&target.join("var/nix/db/db.sqlite")))
 }
 
 /// The topmost mount at exactly `mountpoint`, whoever's.

@@ -16,6 +16,7 @@
 pub mod cache;
 pub mod daemon;
 pub mod fs;
+pub mod index;
 pub mod names;
 pub mod policy;
 pub mod resolver;
@@ -78,6 +79,21 @@ pub struct Settings {
     pub cache_entries: usize,
     /// Locked results one non-root uid may add to the file kept across restarts.
     pub saved_per_uid: usize,
+    /// Where answers come from: published indexes and/or evaluation.
+    pub resolve: ResolveMode,
+}
+
+/// `[flakefs] resolve`: what answers a reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResolveMode {
+    /// The lowers' published indexes, then evaluation.
+    #[default]
+    PublishedFirst,
+    /// Only the published indexes: an unpublished reference fails at once.
+    PublishedOnly,
+    /// Evaluation only (indexes ignored).
+    Evaluate,
 }
 
 impl Settings {
@@ -93,6 +109,7 @@ impl Settings {
             refusal_ttl: Duration::from_secs(c.refusal_ttl.unwrap_or(5)),
             cache_entries: c.cache_entries.unwrap_or(10_000).max(16),
             saved_per_uid: c.saved_per_uid.unwrap_or(100),
+            resolve: c.resolve.unwrap_or_default(),
         }
     }
 }

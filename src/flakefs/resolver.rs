@@ -35,9 +35,10 @@ use lru::LruCache;
 use serde::Serialize;
 
 use super::cache::CacheFile;
+use super::index::Indexes;
 use super::names::{FlakeRef, Source};
 use super::policy::{may_read, Caller, Policy};
-use super::{Failure, Settings};
+use super::{Failure, ResolveMode, Settings};
 use crate::nixcli::{AsUser, Nix};
 use crate::pathdb::lookup::{Layer, Lookup};
 
@@ -53,6 +54,8 @@ pub enum How {
     Built,
     /// Answered from the cache, without evaluating.
     Cached,
+    /// Published in a lower's index: nothing evaluated, nothing written.
+    Published,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +69,8 @@ pub struct Resolved {
     /// Root's word, the same for every caller: the kernel may keep it. A
     /// result evaluated as the caller is not.
     pub shared: bool,
+    /// The index entry that answered, for `How::Published`.
+    pub published: Option<crate::published::Entry>,
 }
 
 pub type Outcome = Result<Resolved, Failure>;
@@ -180,6 +185,8 @@ pub struct Resolver {
     /// The nix-daemon's socket, through which users' references are
     /// evaluated as themselves.
     daemon_socket: Option<PathBuf>,
+    /// The lowers' published references.
+    indexes: Option<Indexes>,
     pub counters: Counters,
 }
 
@@ -266,6 +273,7 @@ impl Resolver {
             saved: Mutex::new(saved),
             gc_roots: None,
             daemon_socket: None,
+            indexes: None,
             counters: Counters::default(),
         }
     }
@@ -284,6 +292,38 @@ impl Resolver {
     pub fn with_daemon_socket(mut self, socket: PathBuf) -> Resolver {
         self.daemon_socket = Some(socket);
         self
+    }
+
+    /// Answers references the lowers publish from their indexes (listed in
+    /// the merged database `merged_db`), as `[flakefs] resolve` says.
+    pub fn with_indexes(mut self, merged_db: &Path) -> Resolver {
+        self.indexes = Some(Indexes::for_merged_db(merged_db));
+        self
+    }
+
+    /// The answer of the lowers' published indexes, if they have one that
+    /// is valid in the merged store.
+    fn published(&self, r: &FlakeRef) -> Option<Outcome> {
+        let (entry, lower) = self.indexes.as_ref()?.find(&r.text)?;
+        match self.lookup.layer(Path::new(&entry.path)) {
+            Ok(Some(_)) => Some(Ok(Resolved {
+                path: PathBuf::from(&entry.path),
+                how: How::Published,
+                locked: r.locked,
+                valid_for: Some(self.settings.ttl),
+                shared: true,
+                published: Some(entry),
+            })),
+            Ok(None) => {
+                tracing::warn!(reference = %r.text, path = %entry.path, lower = %lower.display(), "published path is not valid in this store (run `nixfs-layer sync`); ignoring the entry");
+                None
+            }
+            Err(e) => Some(Err(Failure::new(
+                libc::EIO,
+                format!("{}: {}: store database: {e}", r.text, entry.path),
+            )
+            .uncached())),
+        }
     }
 
     fn root(&self, path: &Path) {
@@ -343,6 +383,7 @@ impl Resolver {
                 locked: r.locked,
                 valid_for,
                 shared: key.0 == Owner::Root,
+                published: None,
             }),
             Err(f) => Err(f.clone().valid_for(valid_for.unwrap_or_default())),
         })
@@ -418,6 +459,22 @@ impl Resolver {
 
     fn resolve_inner(&self, r: &FlakeRef, caller: &Caller) -> Outcome {
         self.policy.check_ref(r)?;
+        // The lower owner's word: nothing of the caller's is read.
+        if self.settings.resolve != ResolveMode::Evaluate {
+            if let Some(o) = self.published(r) {
+                return o;
+            }
+            if self.settings.resolve == ResolveMode::PublishedOnly {
+                return Err(Failure::new(
+                    libc::ENOENT,
+                    format!(
+                        "{}: not published in any lower of this stack, and this host only resolves published references ([flakefs] resolve = \"published-only\"); publish it on the lower's owner: nixfs-layer publish '{}' --into LOWERDIR",
+                        r.text, r.text
+                    ),
+                )
+                .valid_for(self.settings.failure_ttl));
+            }
+        }
         if let Source::Local(path) = &r.source {
             may_read(caller, path)?;
         }
@@ -498,6 +555,7 @@ impl Resolver {
                 locked: true,
                 valid_for: None,
                 shared: key.0 == Owner::Root,
+                published: None,
             }))
         } else {
             cache.remove(key);
@@ -670,6 +728,7 @@ impl Resolver {
             locked: r.locked,
             valid_for: if shared { ttl } else { Some(Duration::ZERO) },
             shared,
+            published: None,
         })
     }
 }
