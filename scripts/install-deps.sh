@@ -3,7 +3,7 @@
 # Nix (Debian's nix-bin), FUSE 3, util-linux's unshare/setpriv/nsenter, sqlite3, man,
 # zstd/xz (export compression), /usr/bin/time (benchmarks), iproute2, sshfs
 # and OpenSSH (vm-tests), and Python 3 (tests/packaging.rs compiles the NixOS
-# VM tests' scripts).
+# VM tests' scripts), zsh and fish (their completions are tested).
 set -euo pipefail
 need=()
 command -v nix-store >/dev/null || need+=(nix-bin)
@@ -21,6 +21,9 @@ command -v sshfs >/dev/null || need+=(sshfs)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v python3 >/dev/null || need+=(python3)
+# tests/generated_docs.rs runs each shell's completion.
+command -v zsh >/dev/null || need+=(zsh)
+command -v fish >/dev/null || need+=(fish)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${need[*]}; run as root so they can be installed with apt-get" >&2
