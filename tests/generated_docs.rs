@@ -183,3 +183,173 @@ fn bash_parses_its_completions() {
         .unwrap();
     assert!(check.success(), "bash parses its completions");
 }
+
+/// The main page, rendered by man as plain text.
+fn main_page() -> String {
+    let dir = tempfile::tempdir().unwrap();
+    tool(&["generate", "man", "--out", dir.path().to_str().unwrap()]);
+    let out = Command::new("man")
+        .arg("-l")
+        .arg(dir.path().join("nixfs-layer.1"))
+        .env("MANWIDTH", "2000")
+        .env("MAN_KEEP_FORMATTING", "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // Without a terminal man still overstrikes bold ("b\x08b"): keep the
+    // character that stays.
+    let raw = String::from_utf8_lossy(&out.stdout);
+    let mut text = String::new();
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        if chars.peek() == Some(&'\u{8}') {
+            chars.next();
+            continue;
+        }
+        text.push(c);
+    }
+    text.replace(['\u{2010}', '\u{2212}'], "-")
+}
+
+/// The lines of `page`'s section `name` (up to the next heading).
+fn section<'a>(page: &'a str, name: &str) -> Vec<&'a str> {
+    let mut lines = page.lines().skip_while(|l| *l != name);
+    assert!(lines.next().is_some(), "the page has {name}: {page}");
+    lines
+        .take_while(|l| l.is_empty() || l.starts_with(' '))
+        .filter(|l| !l.trim().is_empty())
+        .collect()
+}
+
+fn repo_file(p: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(p)).unwrap()
+}
+
+/// README's exit-code table: (code, meaning), in order.
+fn readme_exit_codes() -> Vec<(String, String)> {
+    let readme = repo_file("README.md");
+    let table = readme.split_once("\n## Exit codes\n").unwrap().1;
+    table
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').splitn(2, '|').collect();
+            (
+                cells[0].trim().to_owned(),
+                cells[1].trim().trim_end_matches('|').trim().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_main_page_has_exit_status_examples_files_and_environment() {
+    let page = main_page();
+    for s in ["EXIT STATUS", "EXAMPLES", "FILES", "ENVIRONMENT"] {
+        assert!(!section(&page, s).is_empty(), "{s} is empty: {page}");
+    }
+
+    // EXIT STATUS lists README's codes, in its order, with its words.
+    let readme = readme_exit_codes();
+    let exit = section(&page, "EXIT STATUS");
+    let codes: Vec<&str> = exit
+        .iter()
+        .filter_map(|l| {
+            let t = l.trim_start();
+            let code = t.split_whitespace().next()?;
+            (code.parse::<u8>().is_ok() && l.len() - t.len() <= 8).then_some(code)
+        })
+        .collect();
+    let want: Vec<&str> = readme.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(codes, want, "{exit:#?}");
+    let text = exit
+        .join(" ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for (code, meaning) in &readme {
+        let plain = meaning.replace('`', "");
+        assert!(
+            text.contains(&format!("{code} {plain}")),
+            "{code}: {plain} in {text}"
+        );
+    }
+
+    // …and README's table has every code src/error.rs defines, and 0 and 2.
+    let mut defined: Vec<String> = repo_file("src/error.rs")
+        .lines()
+        .filter_map(|l| l.strip_prefix("pub const ")?.split_once(": u8 = "))
+        .map(|(_, v)| v.trim_end_matches(';').to_owned())
+        .chain(["0".to_owned(), "2".to_owned()])
+        .collect();
+    defined.sort_by_key(|c| c.parse::<u8>().unwrap());
+    defined.dedup();
+    assert_eq!(want, defined, "README's exit codes are src/error.rs's");
+
+    // EXAMPLES: every subcommand that reports or changes something appears.
+    let examples = section(&page, "EXAMPLES").join("\n");
+    for sub in [
+        "init", "mount", "sync", "status", "verify", "gc", "export", "import", "umount",
+    ] {
+        assert!(
+            examples.contains(&format!("nixfs-layer {sub}")),
+            "{sub}: {examples}"
+        );
+    }
+
+    // FILES: the config file, the flake tree's files and every file the
+    // tool keeps in an upper's nixfs-layer/ (as the source names them).
+    let files = section(&page, "FILES").join("\n");
+    let target = std::path::Path::new("TARGET");
+    let mut want_files = vec![
+        nixfs_layer::config::DEFAULT_CONFIG.to_owned(),
+        nixfs_layer::flakefs::cache_file(target)
+            .display()
+            .to_string(),
+        nixfs_layer::flakefs::log_file(target).display().to_string(),
+        "UPPER/nixfs-layer/upper.toml".to_owned(),
+        "UPPER/var/nix/db/db.sqlite".to_owned(),
+        "/run/nixfs-layer".to_owned(),
+    ];
+    for f in walkdir::WalkDir::new(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src")) {
+        let f = f.unwrap();
+        if f.path().extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(f.path()).unwrap();
+        for part in text.split("tool_dir().join(\"").skip(1) {
+            let name = part.split('"').next().unwrap();
+            want_files.push(format!("UPPER/nixfs-layer/{name}"));
+        }
+    }
+    assert!(want_files.len() > 10, "{want_files:?}");
+    for f in &want_files {
+        assert!(files.contains(f.as_str()), "FILES lacks {f}: {files}");
+    }
+
+    // ENVIRONMENT: every NIXFS_LAYER_* variable the tool reads but the
+    // test suite's failpoint.
+    let env = section(&page, "ENVIRONMENT").join("\n");
+    let mut vars = Vec::new();
+    for f in walkdir::WalkDir::new(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src")) {
+        let f = f.unwrap();
+        if f.path().extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(f.path()).unwrap();
+        for part in text.split("\"NIXFS_LAYER_").skip(1) {
+            let name: String = part
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                .collect();
+            vars.push(format!("NIXFS_LAYER_{name}"));
+        }
+    }
+    vars.retain(|v| v != "NIXFS_LAYER_KILL_AT");
+    assert!(vars.len() >= 2, "{vars:?}");
+    for v in vars.iter().chain(&["NOTIFY_SOCKET".to_owned()]) {
+        assert!(env.contains(v.as_str()), "ENVIRONMENT lacks {v}: {env}");
+    }
+}
