@@ -806,10 +806,19 @@ impl Input {
     /// Reads the whole stream (see [`read`]). A failing decompressor is
     /// reported in preference to what its short output looked like.
     pub fn read(mut self, tee: Option<&mut dyn Write>) -> Result<Contents, ExportError> {
-        let parsed = read(&mut self.reader, tee);
+        let mut watched = EofWatch {
+            inner: &mut self.reader,
+            eof: false,
+        };
+        let parsed = read(&mut watched, tee);
+        let at_eof = watched.eof;
         drop(self.reader);
         if let Some((mut child, program)) = self.child {
-            if parsed.is_err() {
+            // A parser that stopped early leaves the decompressor writing
+            // into a closed pipe: stop it, its failure would be ours. One
+            // that read to the end saw the decompressor close its output:
+            // let it exit, its status tells a truncated or corrupt file.
+            if parsed.is_err() && !at_eof {
                 let _ = child.kill();
             }
             let out = child.wait_with_output().map_err(|source| ExportError::Io {
@@ -829,6 +838,22 @@ impl Input {
             file: self.file,
             source,
         })
+    }
+}
+
+/// Notes whether a read returned end of file.
+struct EofWatch<R> {
+    inner: R,
+    eof: bool,
+}
+
+impl<R: Read> Read for EofWatch<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.eof = true;
+        }
+        Ok(n)
     }
 }
 
@@ -996,5 +1021,45 @@ mod tests {
         );
         assert_eq!(Compression::detect(XZ_MAGIC), Compression::Xz);
         assert_eq!(Compression::detect(&[1, 0]), Compression::None);
+    }
+
+    /// A compressed export cut short anywhere is called truncated or
+    /// corrupt, naming the file and the decompressor, never "not an export"
+    /// (which a decompressor that failed before writing anything used to
+    /// look like, when it was killed before its failure was seen).
+    #[test]
+    fn a_truncated_compressed_export_is_called_truncated() {
+        let (_t, bytes) = sample();
+        let dir = tempfile::tempdir().unwrap();
+        for program in ["zstd", "xz"] {
+            let whole = dir.path().join(format!("whole.{program}"));
+            let mut c = Command::new(program)
+                .args(["-c", "-q"])
+                .stdin(Stdio::piped())
+                .stdout(File::create(&whole).unwrap())
+                .spawn()
+                .unwrap();
+            c.stdin.take().unwrap().write_all(&bytes).unwrap();
+            assert!(c.wait().unwrap().success());
+            let z = fs::read(&whole).unwrap();
+            for cut in [8, z.len() / 2, z.len() - 9, z.len() - 1] {
+                for round in 0..20 {
+                    let file = dir.path().join(format!("cut-{cut}-{round}.{program}"));
+                    fs::write(&file, &z[..cut]).unwrap();
+                    let err = Input::open(&file).unwrap().read(None).unwrap_err();
+                    let msg = err.to_string();
+                    assert!(
+                        matches!(err, ExportError::Decompress { .. }),
+                        "{program} cut at {cut}/{}: {msg}",
+                        z.len()
+                    );
+                    assert!(msg.starts_with(&format!("{}: ", file.display())), "{msg}");
+                    assert!(
+                        msg.contains(program) && msg.contains("truncated or corrupt"),
+                        "{msg}"
+                    );
+                }
+            }
+        }
     }
 }
