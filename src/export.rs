@@ -680,8 +680,11 @@ impl Output {
                 Some(d) if !d.as_os_str().is_empty() => d,
                 _ => Path::new("."),
             };
+            // 0666 less the umask, as files other tools write (tempfile's
+            // default, 0600, would keep the export from other users).
             let t = tempfile::Builder::new()
                 .prefix(".nixfs-layer-export-")
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
                 .tempfile_in(dir)
                 .map_err(io)?;
             let (f, path) = t.into_parts();
@@ -1060,6 +1063,30 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// This process's umask, as the kernel reports it.
+    fn umask() -> u32 {
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+        u32::from_str_radix(line.split_whitespace().nth(1).unwrap(), 8).unwrap()
+    }
+
+    /// An export file gets 0666 less the umask (0644 under the usual 022),
+    /// compressed or not, as other tools' output files do.
+    #[test]
+    fn export_files_are_created_as_the_umask_says() {
+        use std::os::unix::fs::PermissionsExt;
+        let want = 0o666 & !umask();
+        let dir = tempfile::tempdir().unwrap();
+        for c in [Compression::None, Compression::Zstd] {
+            let file = dir.path().join(format!("out-{c:?}"));
+            let mut out = Output::create(&file, c).unwrap();
+            out.write_all(b"x").unwrap();
+            out.finish().unwrap();
+            let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, want, "{c:?}: {mode:o}, umask {:o}", umask());
         }
     }
 }
