@@ -38,6 +38,7 @@ suite_nix_tests=(
   promote         # builds with World::build, nix-store --verify on both sides
   schema          # compares init's schema with the one World::nix makes
   sync_robustness # lowers built with World::nix, verify_contents
+  first_contact   # Stack: resolve and a clean stop of the flake tree
   verify_gc       # Stack, builds and collectors through World::nix
 )
 # Not in the second pass, and why:
