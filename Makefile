@@ -1,5 +1,5 @@
 # Two commands a newcomer needs (both as root, on Debian):
-#   make demo   the main job end to end on a built-in example
+#   make demo   the main job end to end on a built-in example (installs nix-bin if missing)
 #   make test   the whole test suite (installs nix-bin, fuse3 if missing)
 # CI runs `make test TEST_ARGS=--modern-nix`: the tests that use the suite's
 # Nix once more, against Debian trixie's Nix in a chroot (see scripts/test.sh).

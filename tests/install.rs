@@ -1,6 +1,7 @@
 //! `make install` puts every file where distributions look for it, under
 //! PREFIX and DESTDIR, the installed binary runs, the unit names it where
-//! it was put, and `make uninstall` removes exactly what was installed.
+//! it was put, and `make uninstall` removes exactly what was installed;
+//! `make demo` installs only the packages the demo uses.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -115,4 +116,52 @@ fn make_install_honours_prefix_and_destdir_and_uninstall_removes_it(#[case] pref
 
     make(&["uninstall", &destdir, &prefix_arg]);
     assert_eq!(files(dest.path()), Vec::<String>::new());
+}
+
+/// `make demo` installs what the demo uses (Nix, unshare), not the test
+/// suite's extras (sshfs, OpenSSH, FUSE, …).
+#[test]
+fn the_demo_installs_only_what_it_uses() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let list = |args: &[&str]| -> Vec<String> {
+        let out = Command::new(repo.join("scripts/install-deps.sh"))
+            .args(args)
+            .arg("--list")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(list(&["--demo"]), ["nix-bin", "util-linux"]);
+    let all = list(&[]);
+    for p in [
+        "nix-bin",
+        "util-linux",
+        "fuse3",
+        "openssh-server",
+        "sshfs",
+        "zsh",
+        "fish",
+    ] {
+        assert!(all.contains(&p.to_owned()), "the suite needs {p}: {all:?}");
+    }
+    let demo = std::fs::read_to_string(repo.join("scripts/demo.sh")).unwrap();
+    let calls: Vec<&str> = demo
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("scripts/install-deps.sh"))
+        .collect();
+    assert_eq!(
+        calls,
+        ["scripts/install-deps.sh --demo"],
+        "demo.sh installs the demo's only"
+    );
 }
