@@ -76,6 +76,8 @@ impl Compression {
 pub enum FormatError {
     #[error("not an export (it starts with neither a path nor the end marker, and is not zstd or xz); is it a file made by `nix-store --export` or `nixfs-layer export`?")]
     NotAnExport,
+    #[error("not an export: it is {0}-compressed, but what it decompresses to starts with neither a path nor the end marker; is it a compressed `nix-store --export` or `nixfs-layer export` file?")]
+    NotAnExportInside(&'static str),
     #[error(
         "truncated: it ends at byte {offset} in the middle of {what}; copy or export it again"
     )]
@@ -809,6 +811,7 @@ impl Input {
     /// Reads the whole stream (see [`read`]). A failing decompressor is
     /// reported in preference to what its short output looked like.
     pub fn read(mut self, tee: Option<&mut dyn Write>) -> Result<Contents, ExportError> {
+        let compressed = self.child.as_ref().map(|(_, program)| *program);
         let mut watched = EofWatch {
             inner: &mut self.reader,
             eof: false,
@@ -839,7 +842,12 @@ impl Input {
         }
         parsed.map_err(|source| ExportError::Format {
             file: self.file,
-            source,
+            source: match (source, compressed) {
+                (FormatError::NotAnExport, Some(program)) => {
+                    FormatError::NotAnExportInside(program)
+                }
+                (source, _) => source,
+            },
         })
     }
 }
@@ -1087,6 +1095,38 @@ mod tests {
             out.finish().unwrap();
             let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, want, "{c:?}: {mode:o}, umask {:o}", umask());
+        }
+    }
+
+    /// A compressed file whose content is no export says it decompressed
+    /// (not "is not zstd or xz") and which compressor it was.
+    #[test]
+    fn a_compressed_file_that_is_no_export_says_it_decompressed() {
+        let dir = tempfile::tempdir().unwrap();
+        for program in ["zstd", "xz"] {
+            let file = dir.path().join(format!("notes.{program}"));
+            let mut c = Command::new(program)
+                .args(["-c", "-q"])
+                .stdin(Stdio::piped())
+                .stdout(File::create(&file).unwrap())
+                .spawn()
+                .unwrap();
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(b"some notes, no export\n")
+                .unwrap();
+            assert!(c.wait().unwrap().success());
+            let err = Input::open(&file).unwrap().read(None).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with(&format!(
+                    "{}: not an export: it is {program}-compressed",
+                    file.display()
+                )),
+                "{msg}"
+            );
+            assert!(!msg.contains("is not zstd or xz"), "{msg}");
         }
     }
 }
