@@ -1,6 +1,8 @@
 //! Man pages and completions come from the clap definitions: every
 //! subcommand has a page that renders, and each shell's completion, run as
-//! the shell runs it, completes subcommands, their options and values.
+//! the shell runs it (bash: its function with COMP_WORDS; fish: complete
+//! -C; zsh: a line typed with TAB on a pseudo-terminal), completes
+//! subcommands, their options and values.
 
 use std::process::Command;
 
@@ -171,6 +173,49 @@ fn zsh_loads_its_completions() {
     );
     let out = run_shell("zsh", &["-f", "-c"], &script);
     assert_eq!(out.trim(), "_nixfs-layer");
+}
+
+/// Types a line and TAB into an interactive zsh (on a pseudo-terminal,
+/// zsh/zpty) whose fpath holds the completions, and waits up to 15 s for
+/// `want` on its screen: "ok", or what the screen showed.
+const ZSH_TYPE: &str = r#"
+zmodload zsh/zpty
+zpty z zsh -f -i
+zpty -w z "PS1='>'; fpath=($1 \$fpath); autoload -U compinit; compinit -u -D"
+zpty -w -n z "$2"$'\t'
+out=
+integer deadline=$(( SECONDS + 15 ))
+while (( SECONDS < deadline )); do
+  if zpty -r -t z chunk; then out+=$chunk; else sleep 0.1; fi
+  [[ $out == *"$3"* ]] && break
+done
+zpty -d z
+[[ $out == *"$3"* ]] && print ok || print -r -- "$out"
+"#;
+
+#[test]
+fn zsh_completes_subcommands_their_options_and_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tool(&["generate", "completions", "zsh"]);
+    std::fs::write(dir.path().join("_nixfs-layer"), out.stdout).unwrap();
+    for (typed, want) in [
+        ("nixfs-layer status --j", "--json"),
+        ("nixfs-layer export --compress z", "--compress zstd"),
+        ("nixfs-layer st", "nixfs-layer status"),
+    ] {
+        let out = Command::new("zsh")
+            .args(["-f", "-c", ZSH_TYPE, "zsh"])
+            .arg(dir.path())
+            .args([typed, want])
+            .output()
+            .unwrap();
+        let screen = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            screen.trim(),
+            "ok",
+            "{typed}<TAB> shows no {want}: {screen:?}"
+        );
+    }
 }
 
 #[test]
