@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${NIXFS_LAYER_DEMO_INNER:-}" != 1 ]; then
   [ "$(id -u)" -eq 0 ] || { echo "the demo mounts overlayfs: run it as root" >&2; exit 1; }
-  scripts/install-deps.sh
+  scripts/install-deps.sh --demo
   cargo build --release --locked -q
   mkdir -p /nix
   exec env NIXFS_LAYER_DEMO_INNER=1 unshare -m --propagation private -- "$0" "$@"

@@ -39,6 +39,7 @@ suite_nix_tests=(
   promote         # builds with World::build, nix-store --verify on both sides
   schema          # compares init's schema with the one World::nix makes
   sync_robustness # lowers built with World::nix, verify_contents
+  first_contact   # Stack: resolve and a clean stop of the flake tree
   verify_gc       # Stack, builds and collectors through World::nix
 )
 # Not in the second pass, and why:
@@ -47,6 +48,7 @@ other_tests=(
   packaging        # runs the host's nix-instantiate directly (Command::new)
   config_reference # the config parser against docs/configuration.md, no Nix
   generated_docs   # man pages and completions, no Nix
+  install          # make install into a temporary DESTDIR, no Nix
   vm_nfs_fleet     # Nix runs inside the test hosts via nsenter: the host's
   vm_spark_path    #   (tests/common/hosts.rs), whatever NIXFS_LAYER_TEST_NIX says
   vm_template_update

@@ -76,6 +76,8 @@ impl Compression {
 pub enum FormatError {
     #[error("not an export (it starts with neither a path nor the end marker, and is not zstd or xz); is it a file made by `nix-store --export` or `nixfs-layer export`?")]
     NotAnExport,
+    #[error("not an export: it is {0}-compressed, but what it decompresses to starts with neither a path nor the end marker; is it a compressed `nix-store --export` or `nixfs-layer export` file?")]
+    NotAnExportInside(&'static str),
     #[error(
         "truncated: it ends at byte {offset} in the middle of {what}; copy or export it again"
     )]
@@ -680,8 +682,11 @@ impl Output {
                 Some(d) if !d.as_os_str().is_empty() => d,
                 _ => Path::new("."),
             };
+            // 0666 less the umask, as files other tools write (tempfile's
+            // default, 0600, would keep the export from other users).
             let t = tempfile::Builder::new()
                 .prefix(".nixfs-layer-export-")
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
                 .tempfile_in(dir)
                 .map_err(io)?;
             let (f, path) = t.into_parts();
@@ -806,10 +811,20 @@ impl Input {
     /// Reads the whole stream (see [`read`]). A failing decompressor is
     /// reported in preference to what its short output looked like.
     pub fn read(mut self, tee: Option<&mut dyn Write>) -> Result<Contents, ExportError> {
-        let parsed = read(&mut self.reader, tee);
+        let compressed = self.child.as_ref().map(|(_, program)| *program);
+        let mut watched = EofWatch {
+            inner: &mut self.reader,
+            eof: false,
+        };
+        let parsed = read(&mut watched, tee);
+        let at_eof = watched.eof;
         drop(self.reader);
         if let Some((mut child, program)) = self.child {
-            if parsed.is_err() {
+            // A parser that stopped early leaves the decompressor writing
+            // into a closed pipe: stop it, its failure would be ours. One
+            // that read to the end saw the decompressor close its output:
+            // let it exit, its status tells a truncated or corrupt file.
+            if parsed.is_err() && !at_eof {
                 let _ = child.kill();
             }
             let out = child.wait_with_output().map_err(|source| ExportError::Io {
@@ -827,8 +842,29 @@ impl Input {
         }
         parsed.map_err(|source| ExportError::Format {
             file: self.file,
-            source,
+            source: match (source, compressed) {
+                (FormatError::NotAnExport, Some(program)) => {
+                    FormatError::NotAnExportInside(program)
+                }
+                (source, _) => source,
+            },
         })
+    }
+}
+
+/// Notes whether a read returned end of file.
+struct EofWatch<R> {
+    inner: R,
+    eof: bool,
+}
+
+impl<R: Read> Read for EofWatch<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.eof = true;
+        }
+        Ok(n)
     }
 }
 
@@ -996,5 +1032,101 @@ mod tests {
         );
         assert_eq!(Compression::detect(XZ_MAGIC), Compression::Xz);
         assert_eq!(Compression::detect(&[1, 0]), Compression::None);
+    }
+
+    /// A compressed export cut short anywhere is called truncated or
+    /// corrupt, naming the file and the decompressor, never "not an export"
+    /// (which a decompressor that failed before writing anything used to
+    /// look like, when it was killed before its failure was seen).
+    #[test]
+    fn a_truncated_compressed_export_is_called_truncated() {
+        let (_t, bytes) = sample();
+        let dir = tempfile::tempdir().unwrap();
+        for program in ["zstd", "xz"] {
+            let whole = dir.path().join(format!("whole.{program}"));
+            let mut c = Command::new(program)
+                .args(["-c", "-q"])
+                .stdin(Stdio::piped())
+                .stdout(File::create(&whole).unwrap())
+                .spawn()
+                .unwrap();
+            c.stdin.take().unwrap().write_all(&bytes).unwrap();
+            assert!(c.wait().unwrap().success());
+            let z = fs::read(&whole).unwrap();
+            for cut in [8, z.len() / 2, z.len() - 9, z.len() - 1] {
+                for round in 0..20 {
+                    let file = dir.path().join(format!("cut-{cut}-{round}.{program}"));
+                    fs::write(&file, &z[..cut]).unwrap();
+                    let err = Input::open(&file).unwrap().read(None).unwrap_err();
+                    let msg = err.to_string();
+                    assert!(
+                        matches!(err, ExportError::Decompress { .. }),
+                        "{program} cut at {cut}/{}: {msg}",
+                        z.len()
+                    );
+                    assert!(msg.starts_with(&format!("{}: ", file.display())), "{msg}");
+                    assert!(
+                        msg.contains(program) && msg.contains("truncated or corrupt"),
+                        "{msg}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// This process's umask, as the kernel reports it.
+    fn umask() -> u32 {
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+        u32::from_str_radix(line.split_whitespace().nth(1).unwrap(), 8).unwrap()
+    }
+
+    /// An export file gets 0666 less the umask (0644 under the usual 022),
+    /// compressed or not, as other tools' output files do.
+    #[test]
+    fn export_files_are_created_as_the_umask_says() {
+        use std::os::unix::fs::PermissionsExt;
+        let want = 0o666 & !umask();
+        let dir = tempfile::tempdir().unwrap();
+        for c in [Compression::None, Compression::Zstd] {
+            let file = dir.path().join(format!("out-{c:?}"));
+            let mut out = Output::create(&file, c).unwrap();
+            out.write_all(b"x").unwrap();
+            out.finish().unwrap();
+            let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, want, "{c:?}: {mode:o}, umask {:o}", umask());
+        }
+    }
+
+    /// A compressed file whose content is no export says it decompressed
+    /// (not "is not zstd or xz") and which compressor it was.
+    #[test]
+    fn a_compressed_file_that_is_no_export_says_it_decompressed() {
+        let dir = tempfile::tempdir().unwrap();
+        for program in ["zstd", "xz"] {
+            let file = dir.path().join(format!("notes.{program}"));
+            let mut c = Command::new(program)
+                .args(["-c", "-q"])
+                .stdin(Stdio::piped())
+                .stdout(File::create(&file).unwrap())
+                .spawn()
+                .unwrap();
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(b"some notes, no export\n")
+                .unwrap();
+            assert!(c.wait().unwrap().success());
+            let err = Input::open(&file).unwrap().read(None).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with(&format!(
+                    "{}: not an export: it is {program}-compressed",
+                    file.display()
+                )),
+                "{msg}"
+            );
+            assert!(!msg.contains("is not zstd or xz"), "{msg}");
+        }
     }
 }

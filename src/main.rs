@@ -1,7 +1,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use nixfs_layer::cli::{Cli, Command};
 use nixfs_layer::cmd;
@@ -15,14 +17,31 @@ fn main() -> ExitCode {
         (false, 2) => "debug",
         _ => "trace",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("NIXFS_LAYER_LOG")
-                .unwrap_or_else(|_| EnvFilter::new(default_level)),
+    // fuser warns when the session it ends finds its mount gone, which is
+    // every clean stop (`umount` unmounted the tree first): its only
+    // warning, so that module logs errors only.
+    let default_filter = format!("{default_level},fuser::session=error");
+    // `resolve` prints its failure as the error message: the resolver's log
+    // line for it (the flake tree server's record) would say it twice.
+    let resolve = matches!(cli.command, Command::Resolve(_));
+    let not_resolved = tracing_subscriber::filter::filter_fn(move |meta| {
+        !(resolve
+            && meta.is_event()
+            && meta.target() == "nixfs_layer::flakefs::resolver"
+            && meta.fields().field("errno").is_some())
+    });
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Plain text when stderr is a log (journald), colours on a terminal.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter(
+                    EnvFilter::try_from_env("NIXFS_LAYER_LOG")
+                        .unwrap_or_else(|_| EnvFilter::new(&default_filter)),
+                )
+                .with_filter(not_resolved),
         )
-        .with_writer(std::io::stderr)
-        // Plain text when stderr is a log (journald), colours on a terminal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     let result = match &cli.command {

@@ -237,7 +237,7 @@ ns_test! {
         let cases = [
             (damaged("truncated", &bytes[..at + 3]), "truncated"),
             (damaged("flipped", &flipped), "corrupt: the NAR of"),
-            (damaged("truncated.zst", &zbytes[..zbytes.len() - 9]), "zstd"),
+            (damaged("truncated.zst", &zbytes[..zbytes.len() - 9]), "`zstd` failed"),
         ];
         for (file, says) in &cases {
             let out = s.w.tool(["import", file.to_str().unwrap()]);

@@ -333,9 +333,18 @@ ns_test! {
         assert_eq!(v["lowers"][0]["provided_paths"], lower_count);
         assert!(v["lowers"][0]["bytes"].as_u64().unwrap() > 0);
         assert_eq!(v["valid_paths"], lower_count + 2, "the pin is not counted");
+        // What Nix lists counts the pin: status says so, in both forms.
+        let nix_all = s.w.nix_ok("nix", ["path-info", "--all"]).lines().count() as u64;
+        assert_eq!(nix_all, lower_count + 3, "Nix lists the pin");
+        assert_eq!(v["nix_valid_paths"], nix_all, "nix_valid_paths is Nix's count");
 
         let text = s.w.tool_ok(["status"]);
         assert!(text.starts_with("/nix: mounted\n"), "{text}");
+        let valid = format!(
+            "  valid paths: {} of the layers; `nix path-info --all` lists {nix_all}, with the pin (…-nixfs-layer-lowers)\n",
+            lower_count + 2
+        );
+        assert!(text.contains(&valid), "{valid} in {text}");
         assert!(text.contains(&format!("lower {}: {lower_count} paths", s.lower.display())), "{text}");
 
         s.w.tool_ok(["umount"]);

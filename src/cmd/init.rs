@@ -12,10 +12,19 @@ pub fn run(args: &InitArgs) -> Result<()> {
         args.upper.clone().or(config.upper).ok_or_else(|| {
             Error::Usage("init needs --upper DIR (or `upper` in the config)".into())
         })?;
+    let existed = Upper::open(&dir).is_ok();
     let upper = Upper::init(&dir)?;
     pathdb::create(&upper.db())?;
     let conn = pathdb::open(&upper.db())?;
     pathdb::pin::ensure(&conn, &upper, &upper.store())?;
     tracing::info!(upper = %upper.dir().display(), "upper ready");
+    if existed {
+        println!("upper {} is initialised already", upper.dir().display());
+    } else {
+        println!(
+            "initialised upper {}: store/, work/, var/ with a fresh Nix database, nixfs-layer/",
+            upper.dir().display()
+        );
+    }
     Ok(())
 }

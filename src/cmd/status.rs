@@ -22,8 +22,12 @@ pub struct Status {
     pub mounted: bool,
     pub upper: Option<UpperStatus>,
     pub lowers: Vec<LowerStatus>,
-    /// Valid paths in the merged database (null when no upper is known).
+    /// Valid paths of the layers in the merged database, the pin left out
+    /// (null when no upper is known).
     pub valid_paths: Option<u64>,
+    /// What `nix path-info --all` lists: `valid_paths` and the pin
+    /// (`…-nixfs-layer-lowers`), null when no upper is known.
+    pub nix_valid_paths: Option<u64>,
     /// Whether the mounted overlay's work directory is sealed (null when
     /// nothing is mounted): see `overlay::seal`.
     pub sealed: Option<bool>,
@@ -113,6 +117,7 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         target: target.display().to_string(),
         mounted: mounted.is_some(),
         valid_paths: db_stats.as_ref().map(|s| s.valid_paths),
+        nix_valid_paths: db_stats.as_ref().map(|s| s.nix_valid_paths),
         upper: upper
             .as_ref()
             .zip(db_stats.as_ref())
@@ -241,7 +246,12 @@ fn print_text(s: &Status) {
         }
     }
     if let Some(n) = s.valid_paths {
-        println!("  valid paths: {n}");
+        match s.nix_valid_paths {
+            Some(all) if all != n => println!(
+                "  valid paths: {n} of the layers; `nix path-info --all` lists {all}, with the pin (…-nixfs-layer-lowers)"
+            ),
+            _ => println!("  valid paths: {n}"),
+        }
     }
     if s.sealed == Some(false) {
         println!("  not sealed: lower paths can be copied up or whited out through the store; run `nixfs-layer sync` to seal it");

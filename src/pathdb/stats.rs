@@ -34,7 +34,10 @@ pub struct LowerStats {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DbStats {
+    /// Valid paths of the layers (the pin left out).
     pub valid_paths: u64,
+    /// Every row of ValidPaths, the pin too: what `nix path-info --all` lists.
+    pub nix_valid_paths: u64,
     pub upper: UpperStats,
     pub lowers: Vec<LowerStats>,
 }
@@ -48,6 +51,9 @@ pub fn read(conn: &Connection, db: &Path) -> Result<DbStats, DbError> {
             [],
             |r| r.get(0),
         )
+        .map_err(&err)?;
+    let nix_valid_paths = conn
+        .query_row("select count(*) from ValidPaths", [], |r| r.get(0))
         .map_err(&err)?;
     let upper = conn
         .query_row(
@@ -91,6 +97,7 @@ pub fn read(conn: &Connection, db: &Path) -> Result<DbStats, DbError> {
         .map_err(&err)?;
     Ok(DbStats {
         valid_paths,
+        nix_valid_paths,
         upper,
         lowers,
     })
