@@ -37,6 +37,7 @@ suite_nix_tests=(
   layered_store   # Stack and World::nix throughout
   lifecycle       # Stack, racing mounts through the tool
   promote         # builds with World::build, nix-store --verify on both sides
+  publish         # flakes evaluated and built with the suite's Nix by publish
   schema          # compares init's schema with the one World::nix makes
   sync_robustness # lowers built with World::nix, verify_contents
   first_contact   # Stack: resolve and a clean stop of the flake tree

@@ -58,6 +58,11 @@ pub enum Command {
     Optimise(OptimiseArgs),
     /// Copy closures of upper paths into a lower you own and register them there.
     Promote(PromoteArgs),
+    /// Evaluate and build flake references and publish them into a lower
+    /// you own: their closures and an index every host reads offline.
+    Publish(PublishArgs),
+    /// List the flake references a lower (or every lower of the stack) publishes.
+    Published(PublishedArgs),
 }
 
 #[derive(Debug, Args)]
@@ -124,7 +129,7 @@ pub struct ResolveArgs {
     /// A flake reference, as under /nixfs/flake/str (e.g. nixpkgs#hello^dev).
     #[arg(value_name = "FLAKEREF")]
     pub reference: String,
-    /// Print a JSON object: ref, path, how (lower-hit, upper-hit, built, cached), locked.
+    /// Print a JSON object: ref, path, how (lower-hit, upper-hit, built, cached, published), locked, and the published entry if any.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -283,6 +288,34 @@ pub struct PromoteArgs {
     /// into; you must own it (the template, the NFS publisher).
     #[arg(long, value_name = "LOWERDIR")]
     pub into: PathBuf,
+    #[command(flatten)]
+    pub target: TargetArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Flake references as readers will type them (e.g. myenvs#python,
+    /// nixpkgs#hello^dev); the text is the key.
+    #[arg(value_name = "FLAKEREF", required = true)]
+    pub refs: Vec<String>,
+    /// The lower (a Nix root you own) to publish into.
+    #[arg(long, value_name = "LOWERDIR")]
+    pub into: PathBuf,
+    /// Drop these references from the index instead (their paths stay).
+    #[arg(long)]
+    pub remove: bool,
+    #[command(flatten)]
+    pub target: TargetArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishedArgs {
+    /// Only this lower's index [default: every lower of the mounted stack, top first].
+    #[arg(long, value_name = "DIR")]
+    pub lower: Option<PathBuf>,
+    /// Print a JSON array of {ref, path, output, locked, system, time, lower}.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub target: TargetArgs,
 }

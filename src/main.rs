@@ -60,6 +60,8 @@ fn main() -> ExitCode {
         Command::Import(a) => cmd::import::run(a),
         Command::Optimise(a) => cmd::optimise::run(a),
         Command::Promote(a) => cmd::promote::run(a),
+        Command::Publish(a) => cmd::publish::run(a),
+        Command::Published(a) => cmd::publish::list(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -271,6 +271,37 @@ impl Nix {
         })
     }
 
+    /// The locked form of `flake` (the part before `#`) as Nix reports it
+    /// (`nix flake metadata`'s `url`).
+    #[tracing::instrument(skip(self), level = "debug")]
+    pub fn locked_url(&self, flake: &str, timeout: Duration) -> Result<String, NixError> {
+        let out = self.run(
+            "flake",
+            &[
+                "flake",
+                "metadata",
+                "--json",
+                "--no-write-lock-file",
+                "--",
+                flake,
+            ],
+            flake,
+            timeout,
+            None,
+        )?;
+        #[derive(Deserialize)]
+        struct Meta {
+            url: String,
+        }
+        serde_json::from_str::<Meta>(&out)
+            .map(|m| m.url)
+            .map_err(|e| NixError::BadOutput {
+                command: "flake",
+                message: e.to_string(),
+                output: out,
+            })
+    }
+
     /// Builds `installable` (one output's attribute) and returns its output path.
     #[tracing::instrument(skip(self), level = "debug")]
     pub fn build(

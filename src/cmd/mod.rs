@@ -11,6 +11,7 @@ pub mod init;
 pub mod mount;
 pub mod optimise;
 pub mod promote;
+pub mod publish;
 pub mod resolve;
 pub mod status;
 pub mod sync;

@@ -19,6 +19,10 @@ struct Answer<'a> {
     path: String,
     how: How,
     locked: bool,
+    /// The index entry, when a lower published the reference: its locked
+    /// form and time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    published: Option<&'a crate::published::Entry>,
 }
 
 pub fn run(args: &ResolveArgs) -> Result<()> {
@@ -35,6 +39,7 @@ pub fn run(args: &ResolveArgs) -> Result<()> {
             path: res.path.display().to_string(),
             how: res.how,
             locked: res.locked,
+            published: res.published.as_ref(),
         };
         println!("{}", serde_json::to_string(&a).expect("answer serialises"));
     } else {

@@ -51,6 +51,9 @@ pub fn run(args: &SyncArgs, quiet: bool) -> Result<()> {
         // Drop the overlay's cached (possibly negative) entries for lower paths.
         overlay::refresh(&mounted.store())?;
     }
+    // The flake tree's entries: answers (a lower's published index above
+    // all, which may change with no path changing) may differ now.
+    crate::flakefs::daemon::refresh(&target);
     if !quiet {
         println!("sync: {summary}");
     }

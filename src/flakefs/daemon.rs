@@ -117,13 +117,49 @@ pub fn is_mounted(mountpoint: &Path) -> bool {
     })
 }
 
+/// The signal that tells a running server the stack changed (`sync` sends
+/// it): it invalidates the kernel's entries of the tree.
+pub const REFRESH: Signal = Signal::SIGUSR1;
+
+/// Where a server counts the refreshes it has done (so that `sync` can wait
+/// for its own to be done).
+fn refreshed_file(target: &Path, pid: u32) -> PathBuf {
+    target.join(format!("var/nixfs-layer/flakefs-refreshed.{pid}"))
+}
+
+fn refreshes(target: &Path, pid: u32) -> u64 {
+    std::fs::read_to_string(refreshed_file(target, pid))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Tells the servers of the tree over the store at `target` that the stack
+/// changed, and waits (up to two seconds) until each has invalidated the
+/// kernel's entries, so that no lookup after `sync` sees an old answer.
+pub fn refresh(target: &Path) {
+    let servers: Vec<(u32, u64)> = servers_for(target)
+        .into_iter()
+        .map(|s| (s.pid, refreshes(target, s.pid)))
+        .collect();
+    for (pid, _) in &servers {
+        let _ = kill(nix::unistd::Pid::from_raw(*pid as i32), REFRESH);
+    }
+    let until = Instant::now() + Duration::from_secs(2);
+    for (pid, before) in servers {
+        while refreshes(target, pid) <= before && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
 /// Mounts the tree and serves it until it is unmounted or a signal
 /// (TERM, INT, HUP) arrives; then unmounts it and stops running builds.
 pub fn serve(opts: &ServeOptions) -> Result<(), FlakeFsError> {
     // Before any thread exists, so that every thread inherits the mask and
     // only the waiter below receives these signals.
     let mut signals = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, REFRESH] {
         signals.add(s);
     }
     signals
@@ -144,6 +180,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), FlakeFsError> {
     }
     let resolver = Arc::new(resolver(&opts.target, &opts.config)?);
     let fs = FlakeFs::new(Arc::clone(&resolver));
+    let names = fs.names_handle();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         MountOption::FSName(FS_NAME.into()),
@@ -164,19 +201,39 @@ pub fn serve(opts: &ServeOptions) -> Result<(), FlakeFsError> {
     crate::sdnotify::notify("READY=1");
 
     let mp = mountpoint.clone();
+    let notifier = session.notifier();
+    let refreshed = refreshed_file(&opts.target, std::process::id());
+    let mut done = 0u64;
     std::thread::Builder::new()
         .name("flakefs-signals".into())
         .spawn(move || {
-            if let Ok(sig) = signals.wait() {
+            while let Ok(sig) = signals.wait() {
+                if sig == REFRESH {
+                    // The stack changed (a sync): answers, the published
+                    // ones above all, may differ now. The kernel asks again.
+                    let all = names.all();
+                    for (dir, name) in &all {
+                        let _ = notifier.inval_entry(fuser::INodeNo(*dir), name);
+                    }
+                    tracing::info!(
+                        entries = all.len(),
+                        "stack changed: the kernel's entries of the tree invalidated"
+                    );
+                    done += 1;
+                    let _ = std::fs::write(&refreshed, done.to_string());
+                    continue;
+                }
                 tracing::info!(?sig, "stopping the flake tree");
                 // The loop ends when the mount goes (the kernel answers ENODEV).
                 let _ = umount2(&mp, MntFlags::MNT_DETACH);
+                break;
             }
         })
         .map_err(FlakeFsError::Spawn)?;
 
     let result = session.run();
     nixcli::terminate_all();
+    let _ = std::fs::remove_file(refreshed_file(&opts.target, std::process::id()));
     // After an external unmount the mount is gone already; otherwise undo it.
     if is_mounted(&mountpoint) {
         let _ = umount2(&mountpoint, MntFlags::MNT_DETACH);

@@ -120,6 +120,25 @@ impl Nodes {
     }
 }
 
+/// A handle on the tree's names, usable from outside the FUSE loop.
+#[derive(Clone)]
+pub struct Names(Arc<Mutex<Nodes>>);
+
+impl Names {
+    /// (directory inode, name) of every entry.
+    pub fn all(&self) -> Vec<(u64, OsString)> {
+        let nodes = self.0.lock().unwrap();
+        nodes
+            .by_name
+            .keys()
+            .map(|(enc, name)| {
+                let dir = DIRS.iter().find(|(_, e)| e == enc).map_or(0, |(d, _)| *d);
+                (dir, name.clone())
+            })
+            .collect()
+    }
+}
+
 /// What every inode's attributes share: the server's uid and gid as owner,
 /// its start as every time.
 #[derive(Debug, Clone, Copy)]
@@ -174,6 +193,13 @@ impl FlakeFs {
                 time: SystemTime::now(),
             },
         }
+    }
+
+    /// Every name the kernel holds an entry of, with its directory's inode:
+    /// what to invalidate when answers may have changed (a lower's
+    /// published index after `sync`).
+    pub fn names_handle(&self) -> Names {
+        Names(Arc::clone(&self.nodes))
     }
 
     /// The errno of a failed entry.

@@ -1,0 +1,301 @@
+//! Fleet flake resolution: the lower's owner publishes flake references
+//! (git flakes with an input, made here), and executors whose HOME is fresh
+//! and who cannot reach the flakes' repositories resolve them through the
+//! tree with no Nix process at all. Real Nix, real overlay and FUSE mounts,
+//! each test in its own mount and PID namespace.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use base64::Engine;
+use common::hosts::BUILDS;
+use common::{sh, stderr, upper_entries, World, FLAKE_MOUNT};
+
+struct Fleet {
+    w: World,
+    lower: PathBuf,
+    publisher: PathBuf,
+    app: PathBuf,
+    dep: PathBuf,
+    /// Every `nix` the tool runs, one line each.
+    nix_log: PathBuf,
+}
+
+fn git(dir: &Path, args: &str) -> String {
+    sh(&format!(
+        "cd {} && git -c user.email=t@t -c user.name=t {args}",
+        dir.display()
+    ))
+}
+
+fn setup() -> Fleet {
+    let w = World::new();
+    std::fs::create_dir_all("/run/nixfs-layer-test").unwrap();
+    sh(&format!(
+        "mount -t tmpfs nixfs-layer-test /run/nixfs-layer-test && touch {BUILDS}"
+    ));
+    let dep = w.path("dep");
+    std::fs::create_dir(&dep).unwrap();
+    std::fs::write(dep.join("greeting"), "hello from v1").unwrap();
+    git(
+        &dep,
+        "init -q && git add -A && git -c user.email=t@t -c user.name=t commit -qm v1",
+    );
+    let app = w.path("app");
+    std::fs::create_dir(&app).unwrap();
+    std::fs::write(
+        app.join("flake.nix"),
+        format!(
+            r#"{{
+  inputs.dep = {{ url = "git+file://{}"; flake = false; }};
+  outputs = {{ self, dep }}: {{
+    packages.x86_64-linux.tool = builtins.derivation {{
+      name = "tool";
+      system = "x86_64-linux";
+      builder = "/bin/sh";
+      PATH = "/usr/bin:/bin";
+      greeting = builtins.readFile "${{dep}}/greeting";
+      args = [ "-c" ''
+        echo tool >> /run/nixfs-layer-test/builds
+        mkdir -p $out/bin
+        printf '#!/bin/sh\necho %s\n' "$greeting" > $out/bin/tool
+        chmod +x $out/bin/tool
+      '' ];
+    }};
+  }};
+}}"#,
+            dep.display()
+        ),
+    )
+    .unwrap();
+    git(
+        &app,
+        "init -q && git add -A && git -c user.email=t@t -c user.name=t commit -qm app",
+    );
+    let registry = w.path("registry.json");
+    std::fs::write(
+        &registry,
+        serde_json::json!({"version": 2, "flakes": [
+            {"from": {"type": "indirect", "id": "app"}, "to": {"type": "git", "url": format!("file://{}", app.display())}},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    *w.nix_conf.lock().unwrap() = format!("flake-registry = {}\n", registry.display());
+    // The lower starts with a store of its own (one unrelated path).
+    let lower = w.path("lower");
+    w.with_nix_at(&lower, || {
+        w.nix_ok(
+            "nix-store",
+            ["--add", common::fixture("flake/flake.nix").as_str()],
+        );
+    });
+    let publisher = w.path("publisher");
+    w.tool_ok(["init", "--upper", publisher.to_str().unwrap()]);
+    let nix_log = w.path("nix.log");
+    std::fs::write(&nix_log, "").unwrap();
+    let wrapper = w.path("nix-wrapper");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nfor a; do last=$a; done\necho \"$1 $last\" >> {}\nexec nix \"$@\"\n",
+            nix_log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    Fleet {
+        w,
+        lower,
+        publisher,
+        app,
+        dep,
+        nix_log,
+    }
+}
+
+impl Fleet {
+    fn tool(&self, args: &[&str]) -> std::process::Output {
+        self.w
+            .tool_command()
+            .env("NIXFS_LAYER_NIX", self.w.path("nix-wrapper"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+    fn tool_ok(&self, args: &[&str]) -> String {
+        let o = self.tool(args);
+        assert!(o.status.success(), "nixfs-layer {args:?}: {}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    }
+    fn nix_calls(&self) -> usize {
+        std::fs::read_to_string(&self.nix_log)
+            .unwrap()
+            .lines()
+            .count()
+    }
+    /// Publishes `refs` from a publisher stack mounted in a mount namespace
+    /// of its own (an executor may hold /nix in this one).
+    fn publish(&self, refs: &[&str]) -> String {
+        let tool = env!("CARGO_BIN_EXE_nixfs-layer");
+        let quoted: Vec<String> = refs.iter().map(|r| format!("'{r}'")).collect();
+        let script = format!(
+            "set -e; umount -R {FLAKE_MOUNT} 2>/dev/null || true; umount -R /nix 2>/dev/null || true
+             {tool} mount --lower {} --upper {} --no-flake-fs >&2
+             {tool} publish {} --into {}",
+            self.lower.display(),
+            self.publisher.display(),
+            quoted.join(" "),
+            self.lower.display()
+        );
+        let mut c = std::process::Command::new("unshare");
+        c.args(["-m", "--propagation", "private", "sh", "-c", &script]);
+        self.w.nix_env(&mut c);
+        let o = c.stdin(Stdio::null()).output().unwrap();
+        assert!(o.status.success(), "publish {refs:?}: {}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    }
+    /// The flakes' origin goes away (executors cannot reach it) and HOME
+    /// starts empty (no fetcher cache).
+    fn cut_off(&self) {
+        for d in [&self.app, &self.dep] {
+            std::fs::rename(d, d.with_extension("away")).unwrap();
+        }
+        let home = self.w.path("home");
+        std::fs::remove_dir_all(&home).unwrap();
+        std::fs::create_dir(&home).unwrap();
+    }
+    fn reconnect(&self) {
+        for d in [&self.app, &self.dep] {
+            std::fs::rename(d.with_extension("away"), d).unwrap();
+        }
+    }
+    fn executor(&self, name: &str, flakefs: &str) -> PathBuf {
+        let upper = self.w.path(name);
+        self.w.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
+        let config = self.w.path(&format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "lowers = [\"{}\"]\nupper = \"{}\"\n[flakefs]\n{flakefs}\n",
+                self.lower.display(),
+                upper.display()
+            ),
+        )
+        .unwrap();
+        self.tool_ok(&["mount", "--config", config.to_str().unwrap()]);
+        upper
+    }
+}
+
+fn readlink(p: &Path) -> String {
+    std::fs::read_link(p)
+        .unwrap_or_else(|e| panic!("readlink {}: {e}", p.display()))
+        .display()
+        .to_string()
+}
+fn str_(r: &str) -> PathBuf {
+    Path::new(FLAKE_MOUNT).join("flake/str").join(r)
+}
+fn b64(r: &str) -> PathBuf {
+    Path::new(FLAKE_MOUNT)
+        .join("flake/b64")
+        .join(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r))
+}
+
+ns_test! {
+    fn published_refs_resolve_offline_with_no_nix_and_follow_a_republish_at_sync() {
+        let f = setup();
+        let rev = git(&f.app, "rev-parse HEAD").trim().to_owned();
+        let locked = format!("git+file://{}?rev={rev}#tool", f.app.display());
+        let out = f.publish(&["app#tool", &locked]);
+        let v1: Vec<&str> = out.lines().map(|l| l.split(" -> ").nth(1).unwrap()).collect();
+        assert_eq!(v1.len(), 2, "{out}");
+        assert_eq!(v1[0], v1[1], "the alias and the locked ref are one path");
+        let v1 = v1[0].to_owned();
+        assert!(f.lower.join("store").join(v1.trim_start_matches("/nix/store/")).is_dir());
+        let listed = f.tool_ok(&["published", "--lower", f.lower.to_str().unwrap(), "--json"]);
+        let listed: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap();
+        assert_eq!(listed.len(), 2);
+        assert!(listed.iter().all(|e| e["path"] == v1.as_str()));
+        assert!(listed.iter().any(|e| e["locked"].as_str().unwrap().contains(&rev)), "{listed:?}");
+
+        f.cut_off();
+        let builds = std::fs::read_to_string(BUILDS).unwrap();
+        let upper = f.executor("executor", "");
+        let calls = f.nix_calls();
+        assert_eq!(readlink(&str_("app#tool")), v1);
+        assert_eq!(readlink(&b64(&locked)), v1);
+        let ran = std::process::Command::new(str_("app#tool").join("bin/tool")).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&ran.stdout), "hello from v1\n");
+        let json = f.tool_ok(&["resolve", "--json", "app#tool"]);
+        let a: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(a["how"], "published", "{json}");
+        assert!(a["published"]["locked"].as_str().unwrap().contains("rev="), "{json}");
+        assert_eq!(f.nix_calls(), calls, "no Nix process on the executor");
+        assert_eq!(std::fs::read_to_string(BUILDS).unwrap(), builds, "nothing built");
+        assert!(upper_entries(&upper).is_empty(), "nothing written: {:?}", upper_entries(&upper));
+
+        // The alias's flake changes and is published again while the
+        // executor stays mounted; its `sync` follows, still with no Nix.
+        f.reconnect();
+        std::fs::write(f.dep.join("greeting"), "hello from v2").unwrap();
+        git(&f.dep, "commit -qam v2");
+        let out = f.publish(&["app#tool"]);
+        let v2 = out.lines().next().unwrap().split(" -> ").nth(1).unwrap().to_owned();
+        assert_ne!(v2, v1);
+        f.cut_off();
+        let calls = f.nix_calls();
+        f.tool_ok(&["sync"]);
+        assert_eq!(readlink(&str_("app#tool")), v2, "no stale kernel entry after sync");
+        let ran = std::process::Command::new(str_("app#tool").join("bin/tool")).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&ran.stdout), "hello from v2\n");
+        assert_eq!(readlink(&b64(&locked)), v1, "the locked ref keeps its entry");
+        assert_eq!(f.nix_calls(), calls, "still no Nix process");
+        // Dropped entries: the alias is evaluated again (and fails offline).
+        f.reconnect();
+        f.publish(&["--remove", "app#tool"]);
+        let listed = f.tool_ok(&["published", "--lower", f.lower.to_str().unwrap()]);
+        assert_eq!(listed.lines().count(), 1, "{listed}");
+    }
+}
+
+ns_test! {
+    fn published_only_refuses_what_is_not_published_and_a_damaged_index_is_skipped() {
+        let f = setup();
+        f.publish(&["app#tool"]);
+        f.cut_off();
+        let _upper = f.executor("executor", "resolve = \"published-only\"");
+        let calls = f.nix_calls();
+        let e = std::fs::metadata(str_("other#x").join("bin")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        let config = f.w.path("executor.toml");
+        let config = config.to_str().unwrap();
+        let o = f.tool(&["resolve", "--config", config, "other#x"]);
+        assert_eq!(o.status.code(), Some(66), "{}", stderr(&o));
+        assert!(stderr(&o).contains("nixfs-layer publish"), "{}", stderr(&o));
+        assert_eq!(f.nix_calls(), calls, "no Nix for an unpublished ref");
+        assert!(readlink(&str_("app#tool")).starts_with("/nix/store/"));
+
+        // A row that is not an entry (a hostile or broken index): skipped
+        // with a warning; the rest still answers.
+        let db = f.lower.join("var/nix/db/db.sqlite");
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute(
+            "insert into NixfsLayerPublished values ('evil#x', '/etc/shadow', 'out', null, null, 1)",
+            [],
+        )
+        .unwrap();
+        drop(c);
+        let o = f.tool(&["resolve", "--config", config, "evil#x"]);
+        assert_eq!(o.status.code(), Some(66), "{}", stderr(&o));
+        assert!(stderr(&o).contains("malformed published entry"), "{}", stderr(&o));
+        let o = f.tool(&["resolve", "--config", config, "app#tool"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(f.nix_calls(), calls);
+    }
+}
