@@ -161,7 +161,16 @@ fn main() {
             percent_encoding::utf8_percent_encode(r, percent_encoding::NON_ALPHANUMERIC)
                 .to_string(),
         );
-        assert_eq!(std::fs::read_link(&p).unwrap(), Path::new(&hello));
+        let got = std::fs::read_link(&p).unwrap_or_else(|e| {
+            let why = Command::new("getfattr")
+                .args(["--absolute-names", "-n", "user.nixfs.error"])
+                .arg(&p)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            panic!("{r}: {e}: {why}")
+        });
+        assert_eq!(got, Path::new(&hello));
     }
     let first_access = t.elapsed();
     let rss_all = rss();

@@ -164,6 +164,12 @@ impl Cache {
     fn len(&self) -> usize {
         self.shared.len() + self.own.len()
     }
+    fn grow_shared(&mut self, cap: usize) {
+        if cap > self.shared.cap().get() {
+            self.shared
+                .resize(NonZeroUsize::new(cap).expect("not zero"));
+        }
+    }
 }
 
 pub struct Resolver {
@@ -237,6 +243,11 @@ impl Resolver {
             match f.load() {
                 Ok(entries) => {
                     let n = entries.len();
+                    // Root's map holds every locked result root has on disk
+                    // and room besides: only root and trusted users add to
+                    // it, so no flood can grow it.
+                    let roots = entries.keys().filter(|(uid, _)| uid.is_none()).count();
+                    cache.grow_shared(roots + settings.cache_entries);
                     for ((uid, r), path) in entries {
                         let owner = match uid {
                             Some(u) => {
