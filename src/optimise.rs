@@ -17,9 +17,10 @@ use serde::Serialize;
 use crate::layer::Upper;
 use crate::overlay::{self, MountError};
 use crate::pathdb::{pin, sql_err, DbError};
+use crate::stack::{LowerLayer, Origin};
 use crate::storecopy;
 use crate::storepath::base_name;
-use crate::verify::{apparent_size, hash_parallel, LowerLayer};
+use crate::verify::{apparent_size, hash_parallel};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OptimiseError {
@@ -72,9 +73,11 @@ pub fn optimise(
     // Registered paths (upper or lower, not the pin) with an upper entry
     // that a current lower has too.
     let rows: Vec<(String, String)> = conn
-        .prepare("select o.path, v.hash from NixfsLayerOrigin o join ValidPaths v on v.path = o.path where o.layer >= 0 order by o.path")
+        .prepare("select o.path, v.hash, o.layer from NixfsLayerOrigin o join ValidPaths v on v.path = o.path order by o.path")
         .and_then(|mut s| {
-            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, Origin>(2)?)))?
+                .filter(|r| !matches!(r, Ok((_, _, Origin::Pin))))
+                .map(|r| r.map(|(p, h, _)| (p, h)))
                 .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(&err)?;
@@ -133,8 +136,8 @@ pub fn optimise(
     .map_err(&err)?;
     for (path, lower, _) in &moving {
         tx.execute(
-            "update NixfsLayerOrigin set layer = ?2 where path = ?1 and layer = 0",
-            params![path, lower.id],
+            "update NixfsLayerOrigin set layer = ?2 where path = ?1 and layer = ?3",
+            params![path, Origin::Lower(lower.id), Origin::Upper],
         )
         .map_err(&err)?;
         tx.execute(

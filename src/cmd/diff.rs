@@ -16,7 +16,8 @@ use crate::gcroots;
 use crate::layer::Upper;
 use crate::pathdb;
 
-use super::{require_mounted, resolve_target};
+use super::resolve_target;
+use crate::stack::require_mounted;
 
 /// Version of the JSON document; bumped only for incompatible changes.
 pub const DIFF_FORMAT: u32 = 1;

@@ -19,7 +19,8 @@ use crate::pathdb::merge::{self, Needed, SyncOptions};
 use crate::pathdb::{health, keep};
 
 use super::flakefs;
-use super::{lock_upper, resolve_target, FlakeFsRecord, MountRecord, Progress};
+use super::{resolve_target, Progress};
+use crate::stack::{lock_upper, FlakeFsRecord, MountRecord};
 
 pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     let config = Config::load(args.config.config.as_deref())?;
@@ -42,7 +43,7 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     // The locks first (target, then upper, always in that order): two
     // mounts racing on one upper or one target must not both find it free;
     // the second waits, then finds it mounted.
-    let _target_lock = super::lock_target(&target)?;
+    let _target_lock = crate::stack::lock_target(&target)?;
     let _lock = lock_upper(&stack.upper)?;
     check_target_free(&target, &stack)?;
     // A damaged merged database is refused before anything is written or
@@ -202,7 +203,7 @@ fn wait_for_stop(stack: &Stack, target: &Path) -> Result<()> {
         if sig > 0 {
             break;
         }
-        if super::find_mounted(target)?.is_none() {
+        if crate::stack::find_mounted(target)?.is_none() {
             return Ok(());
         }
     }
@@ -213,10 +214,10 @@ fn wait_for_stop(stack: &Stack, target: &Path) -> Result<()> {
 /// After a foreground mount stopped serving: unmount what is left, unless
 /// `umount` is at work (it holds the lock and waits for this process).
 fn stop_here(stack: &Stack, target: &Path) -> Result<()> {
-    let Some(_lock) = super::try_lock_upper(&stack.upper)? else {
+    let Some(_lock) = crate::stack::try_lock_upper(&stack.upper)? else {
         return Ok(());
     };
-    if let Some(m) = super::find_mounted(target)? {
+    if let Some(m) = crate::stack::find_mounted(target)? {
         super::umount::unmount_stack(&m, false)?;
     }
     Ok(())

@@ -10,7 +10,8 @@ use crate::error::Result;
 use crate::layer::Upper;
 use crate::pathdb::{self, stats};
 
-use super::{find_mounted, resolve_target};
+use super::resolve_target;
+use crate::stack::find_mounted;
 
 /// Version of the JSON document; bumped only for incompatible changes.
 pub const STATUS_FORMAT: u32 = 1;
@@ -146,9 +147,9 @@ pub fn run(args: &StatusArgs) -> Result<()> {
 
 /// What a mounted stack is missing: the state bind, its flake tree or the
 /// tree's server (a `mount` or `sync --lower` killed midway).
-fn health(m: &super::Mounted) -> (&'static str, Vec<String>, Option<FlakeTreeStatus>) {
+fn health(m: &crate::stack::Mounted) -> (&'static str, Vec<String>, Option<FlakeTreeStatus>) {
     let mut problems = Vec::new();
-    let var = m.target.join("var");
+    let var = m.var();
     let mounts = crate::overlay::mounts().unwrap_or_default();
     if crate::overlay::mount_at(&mounts, &var).is_none() {
         problems.push(format!(
@@ -161,7 +162,7 @@ fn health(m: &super::Mounted) -> (&'static str, Vec<String>, Option<FlakeTreeSta
     let tree = m.record.flakefs.as_ref().map(|f| {
         let server = servers.iter().find(|s| s.mountpoint == f.mountpoint);
         let mounted = crate::flakefs::daemon::is_mounted(&f.mountpoint);
-        let locked_results = std::fs::read_to_string(crate::flakefs::cache_file(&m.target))
+        let locked_results = std::fs::read_to_string(m.layout().flake_cache())
             .map(|t| t.lines().count() as u64)
             .unwrap_or(0);
         FlakeTreeStatus {

@@ -13,7 +13,8 @@ use crate::pathdb::{self, keep, ClosureBroken, DbError};
 use crate::storecopy::{self, CopyError};
 use crate::storepath::base_name;
 
-use super::{lock_upper, require_mounted, resolve_target, Mounted, Progress};
+use super::{resolve_target, Progress};
+use crate::stack::{lock_upper, require_mounted, Mounted};
 
 pub fn run(args: &SyncArgs, quiet: bool) -> Result<()> {
     let args_target = &args.target;

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use crate::overlay::{self, MountError};
 
-use super::{lock_upper, require_mounted, resolve_target, Mounted};
+use super::resolve_target;
+use crate::stack::{lock_upper, require_mounted, Mounted};
 
 pub fn run(args: &UmountArgs) -> Result<()> {
     let config = Config::load(args.target.config.config.as_deref())?;

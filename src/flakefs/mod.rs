@@ -91,10 +91,10 @@ impl Settings {
 /// Where the daemon keeps locked results for the store at `target`: in its
 /// state (`TARGET/var`, the upper's `var/` when stacked).
 pub fn cache_file(target: &Path) -> PathBuf {
-    target.join("var/nixfs-layer/flake-cache.jsonl")
+    crate::stack::Target::new(target).flake_cache()
 }
 
 /// The daemon's log when it runs in the background.
 pub fn log_file(target: &Path) -> PathBuf {
-    target.join("var/log/nixfs-layer/flakefs.log")
+    crate::stack::Target::new(target).flake_log()
 }

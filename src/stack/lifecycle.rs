@@ -1,0 +1,1 @@
+//! Mount, unmount, remount and switching lowers (filled in below).
