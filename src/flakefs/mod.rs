@@ -98,3 +98,23 @@ pub fn cache_file(target: &Path) -> PathBuf {
 pub fn log_file(target: &Path) -> PathBuf {
     crate::stack::Target::new(target).flake_log()
 }
+
+/// The arguments that make a child serve the tree (`--foreground` is added).
+pub fn serve_args(
+    mountpoint: &Path,
+    target: &Path,
+    config: Option<&Path>,
+) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = vec![
+        "flakefs".into(),
+        "--mountpoint".into(),
+        mountpoint.into(),
+        "--target".into(),
+        target.into(),
+    ];
+    if let Some(c) = config {
+        a.push("--config".into());
+        a.push(c.into());
+    }
+    a
+}

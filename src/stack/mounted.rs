@@ -37,7 +37,11 @@ impl MountRecord {
 /// The flake tree's server, for `umount` to stop.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FlakeFsRecord {
-    pub pid: u32,
+    /// The server's pid; none while it is being started (the record names
+    /// the tree before the server runs, so that a mount killed before it
+    /// leaves a tree `umount` knows of).
+    #[serde(default)]
+    pub pid: Option<u32>,
     pub mountpoint: PathBuf,
 }
 
