@@ -395,6 +395,11 @@ impl Upper {
     pub fn switch_journal(&self) -> PathBuf {
         self.tool_dir().join("switch.json")
     }
+    /// Where `optimise` moves the upper copies it drops before deleting
+    /// them; while it exists, the overlay has yet to forget them.
+    pub fn optimise_trash(&self) -> PathBuf {
+        self.tool_dir().join("optimise-trash")
+    }
     /// Nix's GC roots: the pin's, the collector's and the user's.
     pub fn gcroots(&self) -> PathBuf {
         self.var().join("nix/gcroots")
