@@ -30,10 +30,10 @@ use serde::Serialize;
 
 use crate::export::last_line;
 use crate::layer::Upper;
+use crate::nar::apparent_size;
 use crate::pathdb::{self, sql_err, DbError};
 use crate::stack::{LowerLayer, Origin};
 use crate::storepath::{base_name, STORE_DIR};
-use crate::verify::apparent_size;
 
 /// Where the roots that keep shared paths alive during a run live.
 const RUN_ROOTS: &str = "nix/gcroots/nixfs-layer-gc";

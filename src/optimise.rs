@@ -25,12 +25,12 @@ use serde::Serialize;
 
 use crate::failpoint;
 use crate::layer::Upper;
+use crate::nar::{apparent_size, hash_parallel};
 use crate::overlay::{self, MountError};
 use crate::pathdb::{pin, sql_err, DbError};
 use crate::stack::{LowerLayer, Origin};
 use crate::storecopy;
 use crate::storepath::base_name;
-use crate::verify::{apparent_size, hash_parallel};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OptimiseError {

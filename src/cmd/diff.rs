@@ -62,7 +62,7 @@ pub struct Report {
 /// The root's link as Nix names it: under `TARGET/var` rather than the upper's `var/`.
 fn as_seen(upper: &Upper, target: &Path, link: &Path) -> PathBuf {
     match link.strip_prefix(upper.var()) {
-        Ok(rest) => target.join("var").join(rest),
+        Ok(rest) => crate::stack::Target::new(target).var().join(rest),
         Err(_) => link.to_owned(),
     }
 }

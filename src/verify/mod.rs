@@ -16,13 +16,12 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;
 
 use crate::layer::{LayerError, Upper};
-use crate::nar::{self, NarHash};
+pub(crate) use crate::nar::{apparent_size, hash_parallel};
 use crate::overlay::MountError;
 use crate::pathdb::{sql_err, DbError};
 use crate::stack::{Layers, Origin};
@@ -429,17 +428,6 @@ pub(crate) fn missing_content(
     out
 }
 
-/// Apparent size of the files under `path` (not following symlinks).
-pub(crate) fn apparent_size(path: &Path) -> u64 {
-    walkdir::WalkDir::new(path)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .filter(|m| !m.is_dir())
-        .map(|m| m.len())
-        .sum()
-}
-
 /// Entries of the upper store that are not valid paths (Nix's bookkeeping
 /// and whiteouts aside).
 pub(crate) fn unregistered(layers: &Layers, upper: &UpperStore, rows: &[Row]) -> Vec<Unregistered> {
@@ -651,36 +639,6 @@ fn content_location(layers: &Layers, upper: &UpperStore, row: &Row) -> Option<Pa
         .map(|l| l.store().join(name))
 }
 
-/// NAR-hashes `paths` on every core; results in input order.
-pub(crate) fn hash_parallel(paths: &[PathBuf]) -> Vec<io::Result<NarHash>> {
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(paths.len())
-        .max(1);
-    let next = AtomicUsize::new(0);
-    let mut results: Vec<(usize, io::Result<NarHash>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(p) = paths.get(i) else { break };
-                        mine.push((i, nar::hash_path(p)));
-                    }
-                    mine
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("hashing thread panicked"))
-            .collect()
-    });
-    results.sort_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, r)| r).collect()
-}
-
 /// Valid paths whose content does not hash to their recorded narHash.
 fn hash_mismatches(layers: &Layers, upper: &UpperStore, rows: &[&Row]) -> Vec<HashMismatch> {
     let located: Vec<(&Row, PathBuf)> = rows
@@ -713,6 +671,7 @@ fn hash_mismatches(layers: &Layers, upper: &UpperStore, rows: &[&Row]) -> Vec<Ha
 mod tests {
     use super::*;
     use crate::layer::Upper;
+    use crate::nar;
     use crate::stack::LowerLayer;
 
     #[test]
