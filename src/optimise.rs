@@ -16,7 +16,7 @@
 //! any other (both copies are identical), and a trash directory left
 //! behind is emptied, the overlay refreshed, then removed. The store holds
 //! each copy whole or not at all, so what Nix sees is the same content
-//! throughout.
+//! throughout. `mount` deletes such a trash directory too.
 
 use std::path::PathBuf;
 
@@ -191,6 +191,22 @@ pub fn optimise(
     empty_trash(upper, store)?;
     out.remounted = true;
     Ok(out)
+}
+
+/// Before a mount (no overlay to refresh): deletes the copies a killed
+/// `optimise` had moved out of the store, completing its run.
+pub fn finish_unmounted(upper: &Upper) -> Result<(), OptimiseError> {
+    let trash = upper.optimise_trash();
+    if !trash.exists() {
+        return Ok(());
+    }
+    tracing::warn!(
+        "finishing an interrupted `optimise`: removing the copies it had moved out of the store"
+    );
+    storecopy::remove_tree(&trash).map_err(|source| OptimiseError::Remove {
+        path: trash.clone(),
+        source,
+    })
 }
 
 /// Makes the overlay forget the copies moved into the trash, then deletes

@@ -398,10 +398,22 @@ ns_test! {
             assert_nothing_left(&s, when);
         };
         let mut kills = 0;
-        for p in ["optimise:committed", "optimise:moved", "optimise:refreshed"] {
+        // (The last: killed mid-way, then remounted; the mount deletes
+        // what the run had moved out of the store.)
+        for (p, remount) in [("optimise:committed", false), ("optimise:moved", false), ("optimise:refreshed", false), ("optimise:moved", true)] {
             reset();
             let out = optimise().env("NIXFS_LAYER_KILL_AT", p).output().unwrap();
             assert_eq!(std::os::unix::process::ExitStatusExt::signal(&out.status), Some(9), "{p}: killed there: {}", stderr(&out));
+            if p != "optimise:committed" {
+                let doc: serde_json::Value = serde_json::from_slice(&s.w.tool(["status", "--json"]).stdout).unwrap();
+                assert_eq!(doc["state"], "half-mounted", "{p}: {doc}");
+                assert!(doc["problems"].to_string().contains("nixfs-layer optimise"), "{p}: names what to run: {doc}");
+            }
+            if remount {
+                s.w.tool_ok(["umount"]);
+                s.mount();
+                assert!(!s.upper.join("nixfs-layer/optimise-trash").exists(), "{p}: mount finished the run");
+            }
             kills += 1;
             check(p);
         }
@@ -419,6 +431,6 @@ ns_test! {
             kills += 1;
             check(&format!("random kill {i} after {delay:?}"));
         }
-        assert!(kills >= 15, "{kills} kills");
+        assert!(kills >= 16, "{kills} kills");
     }
 }

@@ -96,6 +96,15 @@ pub fn run(args: &StatusArgs) -> Result<()> {
             state = "half-mounted";
         }
     }
+    if let Some(u) = upper.as_ref().filter(|u| u.optimise_trash().exists()) {
+        problems.push(format!(
+            "an `optimise` on {} was cut short after it moved upper copies out of the store: run `nixfs-layer optimise` to finish it",
+            u.dir().display()
+        ));
+        if state == "mounted" {
+            state = "half-mounted";
+        }
+    }
     let replaced = mounted
         .as_ref()
         .map(|m| m.replaced_lowers())

@@ -125,6 +125,8 @@ pub fn mount(opts: &MountOptions, progress: Progress<'_>) -> Result<Mounting> {
         );
     }
 
+    // An `optimise` cut short: what it had moved out of the store goes.
+    crate::optimise::finish_unmounted(&stack.upper)?;
     let summary = merge::sync(
         &stack.upper,
         &stack.lowers,
