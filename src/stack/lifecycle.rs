@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::layer::{self, Lower, Replaced, Stack};
+use super::layer::{self, Lower, Replaced, Stack, Upper};
 use super::{
     find_mounted, lock_target, lock_upper, require_mounted, try_lock_upper, FlakeFsRecord,
     MountRecord, Mounted, Target, UpperLock,
@@ -648,4 +648,89 @@ pub fn switch_lowers(
     failpoint::hit("sync-lower:adopted");
     let mounting = mount(&mount_opts(opts.lowers.clone()), progress).map_err(restore)?;
     Ok(Switched { kept, mounting })
+}
+
+/// The flake tree served with a mounted stack, as `status` reports it.
+#[derive(Debug, serde::Serialize)]
+pub struct FlakeTreeStatus {
+    pub mountpoint: String,
+    /// The server's pid (null when none runs).
+    pub pid: Option<u32>,
+    /// Mounted and served by a running server.
+    pub alive: bool,
+    /// Results of locked references kept across restarts.
+    pub locked_results: u64,
+}
+
+/// What a mounted stack is missing: the state bind, its flake tree or the
+/// tree's server (a `mount` or `sync --lower` killed midway).
+pub fn health(m: &Mounted) -> (&'static str, Vec<String>, Option<FlakeTreeStatus>) {
+    let mut problems = Vec::new();
+    let var = m.var();
+    let mounts = overlay::mounts().unwrap_or_default();
+    if overlay::mount_at(&mounts, &var).is_none() {
+        problems.push(format!(
+            "{} is not bound (Nix there would use an empty state): run `nixfs-layer umount --target {}`, then mount again",
+            var.display(),
+            m.target.display()
+        ));
+    }
+    let servers = daemon::servers_for(&m.target);
+    let tree = m.record.flakefs.as_ref().map(|f| {
+        let server = servers.iter().find(|s| s.mountpoint == f.mountpoint);
+        let mounted = daemon::is_mounted(&f.mountpoint);
+        let locked_results = std::fs::read_to_string(m.layout().flake_cache())
+            .map(|t| t.lines().count() as u64)
+            .unwrap_or(0);
+        FlakeTreeStatus {
+            mountpoint: f.mountpoint.display().to_string(),
+            pid: server.map(|s| s.pid),
+            alive: mounted && server.is_some(),
+            locked_results,
+        }
+    });
+    if let Some(t) = &tree {
+        if !t.alive {
+            problems.push(format!(
+                "the flake tree at {} has no running server: run `nixfs-layer umount --target {}`, then mount again",
+                t.mountpoint,
+                m.target.display()
+            ));
+        }
+    }
+    for s in &servers {
+        if m.record.flakefs.as_ref().map(|f| &f.mountpoint) != Some(&s.mountpoint) {
+            problems.push(format!(
+                "a flake tree server (pid {}) serves this store at {} without a record: run `nixfs-layer umount --target {}`",
+                s.pid,
+                s.mountpoint.display(),
+                m.target.display()
+            ));
+        }
+    }
+    let state = if problems.is_empty() {
+        "mounted"
+    } else {
+        "half-mounted"
+    };
+    (state, problems, tree)
+}
+
+/// Transactions on `upper` cut short that a command other than `umount`
+/// finishes: one line each, naming it.
+pub fn pending(upper: &Upper) -> Vec<String> {
+    let mut problems = Vec::new();
+    if keep::switch_pending(upper) {
+        problems.push(format!(
+            "a `sync --lower` on {} was cut short after copying what the upper needs: the next `nixfs-layer mount` of this upper finishes it",
+            upper.dir().display()
+        ));
+    }
+    if upper.optimise_trash().exists() {
+        problems.push(format!(
+            "an `optimise` on {} was cut short after it moved upper copies out of the store: run `nixfs-layer optimise` to finish it",
+            upper.dir().display()
+        ));
+    }
+    problems
 }
