@@ -9,6 +9,7 @@ use std::path::Path;
 use rusqlite::Connection;
 
 use crate::pathdb::{sql_err, DbError};
+use crate::stack::Origin;
 
 /// One valid path of the merged store.
 #[derive(Debug, Clone)]
@@ -18,8 +19,7 @@ pub struct Node {
     pub hash: String,
     pub deriver: Option<String>,
     pub nar_size: u64,
-    /// NixfsLayerOrigin.layer: 0 upper, > 0 a lower, -1 the pin.
-    pub layer: i64,
+    pub origin: Origin,
     /// Whether a lower of the current stack listed it at the last sync.
     pub in_lower: bool,
     /// References (indexes into [`Graph::nodes`]), self included when the
@@ -30,15 +30,15 @@ pub struct Node {
 impl Node {
     /// A machine that has the lowers has this path too.
     pub fn lower_has(&self) -> bool {
-        self.layer > 0 || self.in_lower
+        matches!(self.origin, Origin::Lower(_)) || self.in_lower
     }
     /// Registered through the merged store and no lower has it.
     pub fn upper_only(&self) -> bool {
-        self.layer == 0 && !self.in_lower
+        self.origin == Origin::Upper && !self.in_lower
     }
     /// The pin (`…-nixfs-layer-lowers`): never exported, never listed.
     pub fn is_pin(&self) -> bool {
-        self.layer < 0
+        self.origin == Origin::Pin
     }
 }
 
@@ -71,7 +71,7 @@ impl Graph {
                             hash: r.get(2)?,
                             deriver: r.get::<_, Option<String>>(3)?.filter(|d| !d.is_empty()),
                             nar_size: r.get::<_, i64>(4)?.max(0) as u64,
-                            layer: r.get(5)?,
+                            origin: r.get(5)?,
                             in_lower: r.get(6)?,
                             refs: Vec::new(),
                         },
@@ -169,7 +169,7 @@ mod tests {
             hash: String::new(),
             deriver: None,
             nar_size: 0,
-            layer: 0,
+            origin: Origin::Upper,
             in_lower: false,
             refs,
         }

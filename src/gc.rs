@@ -30,9 +30,10 @@ use serde::Serialize;
 
 use crate::export::last_line;
 use crate::layer::Upper;
+use crate::nar::apparent_size;
 use crate::pathdb::{self, sql_err, DbError};
+use crate::stack::{LowerLayer, Origin};
 use crate::storepath::{base_name, STORE_DIR};
-use crate::verify::{apparent_size, LowerLayer};
 
 /// Where the roots that keep shared paths alive during a run live.
 const RUN_ROOTS: &str = "nix/gcroots/nixfs-layer-gc";
@@ -95,7 +96,7 @@ pub struct GcReport {
 /// A valid path's size and provenance.
 struct Info {
     nar_size: u64,
-    layer: i64,
+    origin: Origin,
 }
 
 fn valid_paths(conn: &Connection, db: &Path) -> Result<HashMap<String, Info>, GcError> {
@@ -110,7 +111,7 @@ fn valid_paths(conn: &Connection, db: &Path) -> Result<HashMap<String, Info>, Gc
                     r.get::<_, String>(0)?,
                     Info {
                         nar_size: r.get(1)?,
-                        layer: r.get(2)?,
+                        origin: r.get(2)?,
                     },
                 ))
             })?
@@ -150,7 +151,7 @@ pub fn collect(
     let lower_dead: Vec<&String> = dead
         .iter()
         .filter(|p| {
-            before.get(*p).is_some_and(|i| i.layer != 0)
+            before.get(*p).is_some_and(|i| !i.origin.is_upper())
                 || lowers.iter().any(|l| l.has(base_name(p)))
         })
         .collect();
@@ -183,7 +184,12 @@ pub fn collect(
         let after = valid_paths(&conn, &db)?;
         let candidates: BTreeSet<&String> = dead
             .iter()
-            .chain(before.iter().filter(|(_, i)| i.layer == 0).map(|(p, _)| p))
+            .chain(
+                before
+                    .iter()
+                    .filter(|(_, i)| i.origin.is_upper())
+                    .map(|(p, _)| p),
+            )
             .collect();
         candidates
             .into_iter()
@@ -276,7 +282,7 @@ impl RunRoots {
         };
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).map_err(io(&dir))?;
-        for (p, _) in valid.iter().filter(|(_, i)| i.layer == 0) {
+        for (p, _) in valid.iter().filter(|(_, i)| i.origin.is_upper()) {
             let name = base_name(p);
             if lowers.iter().any(|l| l.has(name)) {
                 symlink(p, dir.join(name)).map_err(io(&dir))?;

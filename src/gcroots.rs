@@ -48,7 +48,7 @@ fn resolve(upper: &Upper, link: &Path) -> Option<String> {
 /// as (root, store path it keeps alive).
 pub fn user_roots(upper: &Upper) -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
-    let gcroots = upper.var().join("nix/gcroots");
+    let gcroots = upper.gcroots();
     let ours = gcroots.join(PIN_ROOT);
     for top in [gcroots, upper.var().join("nix/profiles")] {
         let walk = walkdir::WalkDir::new(&top)

@@ -6,20 +6,31 @@
 //! top lower's copy and the recorded narHash all agree, the path becomes
 //! lower-provided in one database transaction (provenance moves to that
 //! lower, and the pin refers to it so Nix's collector keeps it, see
-//! `pathdb::pin`), then the upper copy is deleted and the overlay is
-//! remounted so that it forgets the removed entries.
+//! `pathdb::pin`), then the upper copy is moved out of the store (one
+//! rename each, into `UPPER/nixfs-layer/optimise-trash`), the overlay is
+//! remounted so that it forgets the removed entries, and the moved copies
+//! are deleted.
+//!
+//! Killed at any point, the next `optimise` completes the run: a path
+//! already lower-provided whose upper copy is still there is dropped like
+//! any other (both copies are identical), and a trash directory left
+//! behind is emptied, the overlay refreshed, then removed. The store holds
+//! each copy whole or not at all, so what Nix sees is the same content
+//! throughout. `mount` deletes such a trash directory too.
 
 use std::path::PathBuf;
 
 use rusqlite::{params, Connection, TransactionBehavior};
 use serde::Serialize;
 
+use crate::failpoint;
 use crate::layer::Upper;
+use crate::nar::{apparent_size, hash_parallel};
 use crate::overlay::{self, MountError};
 use crate::pathdb::{pin, sql_err, DbError};
+use crate::stack::{LowerLayer, Origin};
 use crate::storecopy;
 use crate::storepath::base_name;
-use crate::verify::{apparent_size, hash_parallel, LowerLayer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OptimiseError {
@@ -27,7 +38,7 @@ pub enum OptimiseError {
     Db(#[from] DbError),
     #[error(transparent)]
     Mount(#[from] MountError),
-    #[error("{path}: {source}; the path is lower-provided now, `nixfs-layer verify --repair` removes the rest of the copy")]
+    #[error("{path}: {source}; the paths being dropped are lower-provided now (the upper copies hold the same bytes): run `nixfs-layer optimise` again to finish removing them")]
     Remove {
         path: PathBuf,
         source: std::io::Error,
@@ -69,12 +80,23 @@ pub fn optimise(
 ) -> Result<Optimised, OptimiseError> {
     let db = upper.db();
     let err = sql_err(&db);
+    let mut out = Optimised::default();
+    // A run cut short after it moved copies out of the store: finish it.
+    if upper.optimise_trash().exists() {
+        tracing::warn!(
+            "finishing an interrupted `optimise`: removing the copies it had moved out of the store"
+        );
+        empty_trash(upper, store)?;
+        out.remounted = true;
+    }
     // Registered paths (upper or lower, not the pin) with an upper entry
     // that a current lower has too.
     let rows: Vec<(String, String)> = conn
-        .prepare("select o.path, v.hash from NixfsLayerOrigin o join ValidPaths v on v.path = o.path where o.layer >= 0 order by o.path")
+        .prepare("select o.path, v.hash, o.layer from NixfsLayerOrigin o join ValidPaths v on v.path = o.path order by o.path")
         .and_then(|mut s| {
-            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, Origin>(2)?)))?
+                .filter(|r| !matches!(r, Ok((_, _, Origin::Pin))))
+                .map(|r| r.map(|(p, h, _)| (p, h)))
                 .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(&err)?;
@@ -89,7 +111,6 @@ pub fn optimise(
             candidates.push((path, hash, l));
         }
     }
-    let mut out = Optimised::default();
     if candidates.is_empty() {
         return Ok(out);
     }
@@ -133,8 +154,8 @@ pub fn optimise(
     .map_err(&err)?;
     for (path, lower, _) in &moving {
         tx.execute(
-            "update NixfsLayerOrigin set layer = ?2 where path = ?1 and layer = 0",
-            params![path, lower.id],
+            "update NixfsLayerOrigin set layer = ?2 where path = ?1 and layer = ?3",
+            params![path, Origin::Lower(lower.id), Origin::Upper],
         )
         .map_err(&err)?;
         tx.execute(
@@ -147,13 +168,18 @@ pub fn optimise(
     tx.execute_batch("drop table temp.optimised")
         .map_err(&err)?;
     tx.commit().map_err(&err)?;
+    failpoint::hit("optimise:committed");
 
+    let trash = upper.optimise_trash();
+    let remove_err = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| OptimiseError::Remove { path, source }
+    };
+    std::fs::create_dir_all(&trash).map_err(remove_err(&trash))?;
     for (path, lower, entry) in moving {
         let bytes = apparent_size(&entry);
-        storecopy::remove_tree(&entry).map_err(|source| OptimiseError::Remove {
-            path: entry.clone(),
-            source,
-        })?;
+        std::fs::rename(&entry, trash.join(base_name(path))).map_err(remove_err(&entry))?;
+        failpoint::hit("optimise:moved");
         tracing::info!(%path, bytes, "removed the upper copy of a path a lower has");
         out.bytes_freed += bytes;
         out.dropped.push(Dropped {
@@ -162,7 +188,35 @@ pub fn optimise(
             bytes,
         });
     }
-    overlay::refresh(store)?;
+    empty_trash(upper, store)?;
     out.remounted = true;
     Ok(out)
+}
+
+/// Before a mount (no overlay to refresh): deletes the copies a killed
+/// `optimise` had moved out of the store, completing its run.
+pub fn finish_unmounted(upper: &Upper) -> Result<(), OptimiseError> {
+    let trash = upper.optimise_trash();
+    if !trash.exists() {
+        return Ok(());
+    }
+    tracing::warn!(
+        "finishing an interrupted `optimise`: removing the copies it had moved out of the store"
+    );
+    storecopy::remove_tree(&trash).map_err(|source| OptimiseError::Remove {
+        path: trash.clone(),
+        source,
+    })
+}
+
+/// Makes the overlay forget the copies moved into the trash, then deletes
+/// them and the trash directory (its absence says the run is complete).
+fn empty_trash(upper: &Upper, store: &std::path::Path) -> Result<(), OptimiseError> {
+    let trash = upper.optimise_trash();
+    overlay::refresh(store)?;
+    failpoint::hit("optimise:refreshed");
+    storecopy::remove_tree(&trash).map_err(|source| OptimiseError::Remove {
+        path: trash.clone(),
+        source,
+    })
 }

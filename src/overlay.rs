@@ -453,7 +453,7 @@ const FS_IMMUTABLE_FL: libc::c_int = 0x10;
 
 /// The directory overlayfs makes its copy-ups and whiteouts in.
 pub fn seal_dir(upper: &Upper) -> PathBuf {
-    upper.work().join("work")
+    upper.seal_dir()
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> MountError + '_ {

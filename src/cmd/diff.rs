@@ -16,7 +16,8 @@ use crate::gcroots;
 use crate::layer::Upper;
 use crate::pathdb;
 
-use super::{require_mounted, resolve_target};
+use super::resolve_target;
+use crate::stack::require_mounted;
 
 /// Version of the JSON document; bumped only for incompatible changes.
 pub const DIFF_FORMAT: u32 = 1;
@@ -61,7 +62,7 @@ pub struct Report {
 /// The root's link as Nix names it: under `TARGET/var` rather than the upper's `var/`.
 fn as_seen(upper: &Upper, target: &Path, link: &Path) -> PathBuf {
     match link.strip_prefix(upper.var()) {
-        Ok(rest) => target.join("var").join(rest),
+        Ok(rest) => crate::stack::Target::new(target).var().join(rest),
         Err(_) => link.to_owned(),
     }
 }

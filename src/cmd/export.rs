@@ -16,7 +16,8 @@ use crate::gcroots;
 use crate::pathdb;
 use crate::storepath::{base_name, STORE_DIR};
 
-use super::{require_mounted, resolve_target};
+use super::resolve_target;
+use crate::stack::require_mounted;
 
 /// The store path `arg` names: a store path (or a path inside one), or a
 /// link leading to one (`./result`).

@@ -1,13 +1,12 @@
 //! `nixfs-layer flakefs [--mountpoint DIR] [--target DIR] [--foreground]`
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use crate::cli::FlakeFsArgs;
 use crate::config::Config;
 use crate::error::Result;
 use crate::flakefs::daemon::{self, ServeOptions};
-use crate::flakefs::{log_file, DEFAULT_MOUNTPOINT};
+use crate::flakefs::{log_file, serve_args, DEFAULT_MOUNTPOINT};
 use crate::overlay;
 
 use super::resolve_target;
@@ -45,20 +44,4 @@ pub fn mountpoint(flag: Option<&Path>, config: &Config) -> PathBuf {
     flag.map(Path::to_owned)
         .or_else(|| config.flakefs.mountpoint.clone())
         .unwrap_or_else(|| PathBuf::from(DEFAULT_MOUNTPOINT))
-}
-
-/// The arguments that make a child serve the tree (`--foreground` is added).
-pub fn serve_args(mountpoint: &Path, target: &Path, config: Option<&Path>) -> Vec<OsString> {
-    let mut a: Vec<OsString> = vec![
-        "flakefs".into(),
-        "--mountpoint".into(),
-        mountpoint.into(),
-        "--target".into(),
-        target.into(),
-    ];
-    if let Some(c) = config {
-        a.push("--config".into());
-        a.push(c.into());
-    }
-    a
 }

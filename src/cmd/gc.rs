@@ -5,10 +5,10 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::gc::{self, GcOptions};
 use crate::overlay;
-use crate::pathdb;
-use crate::verify::Layers;
+use crate::stack::Layers;
 
-use super::{lock_upper, require_mounted, resolve_target};
+use super::resolve_target;
+use crate::stack::{lock_upper, require_mounted};
 
 pub fn run(args: &GcArgs) -> Result<()> {
     let config = Config::load(args.target.config.config.as_deref())?;
@@ -16,10 +16,7 @@ pub fn run(args: &GcArgs) -> Result<()> {
     overlay::check_privileges("gc")?;
     let mounted = require_mounted(&target)?;
     let _lock = lock_upper(&mounted.upper)?;
-    let lowers = {
-        let conn = pathdb::open_read_only(&mounted.upper.db())?;
-        Layers::read(&conn, &mounted.upper, Some(&mounted.store()))?.lowers
-    };
+    let lowers = Layers::of_mounted(&mounted)?.lowers;
     let report = gc::collect(
         &target,
         &mounted.upper,

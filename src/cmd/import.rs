@@ -31,7 +31,8 @@ use crate::export::{last_line, Contents, ExportError, Input};
 use crate::pathdb::{self, sql_err};
 use crate::storepath::STORE_DIR;
 
-use super::{lock_upper, require_mounted, resolve_target};
+use super::resolve_target;
+use crate::stack::{lock_upper, require_mounted};
 
 /// Pass 1's checks against the store: which entries are new.
 fn check_against_store(

@@ -7,9 +7,10 @@ use crate::error::Result;
 use crate::optimise;
 use crate::overlay;
 use crate::pathdb;
-use crate::verify::Layers;
+use crate::stack::Layers;
 
-use super::{lock_upper, require_mounted, resolve_target};
+use super::resolve_target;
+use crate::stack::{lock_upper, require_mounted};
 
 pub fn run(args: &OptimiseArgs) -> Result<()> {
     let config = Config::load(args.target.config.config.as_deref())?;

@@ -9,7 +9,8 @@ use crate::pathdb;
 use crate::promote::{self, PromoteError};
 
 use super::export::store_path_of;
-use super::{require_mounted, resolve_target};
+use super::resolve_target;
+use crate::stack::require_mounted;
 
 pub fn run(args: &PromoteArgs) -> Result<()> {
     let config = Config::load(args.target.config.config.as_deref())?;

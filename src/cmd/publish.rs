@@ -17,7 +17,8 @@ use crate::pathdb;
 use crate::promote::{self, PromoteError};
 use crate::published::{self, Change, Entry};
 
-use super::{require_mounted, resolve_target};
+use super::resolve_target;
+use crate::stack::require_mounted;
 
 pub fn run(args: &PublishArgs) -> Result<()> {
     let config = Config::load(args.target.config.config.as_deref())?;

@@ -9,8 +9,10 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::layer::Upper;
 use crate::pathdb::{self, stats};
+use crate::stack::lifecycle::{self, FlakeTreeStatus};
 
-use super::{find_mounted, resolve_target};
+use super::resolve_target;
+use crate::stack::find_mounted;
 
 /// Version of the JSON document; bumped only for incompatible changes.
 pub const STATUS_FORMAT: u32 = 1;
@@ -38,17 +40,6 @@ pub struct Status {
     pub problems: Vec<String>,
     /// The flake tree served with the mounted stack, if any.
     pub flake_tree: Option<FlakeTreeStatus>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct FlakeTreeStatus {
-    pub mountpoint: String,
-    /// The server's pid (null when none runs).
-    pub pid: Option<u32>,
-    /// Mounted and served by a running server.
-    pub alive: bool,
-    /// Results of locked references kept across restarts.
-    pub locked_results: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -87,17 +78,15 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         None => None,
     };
     let (mut state, mut problems, flake_tree) = match &mounted {
-        Some(m) => health(m),
+        Some(m) => lifecycle::health(m),
         None => ("not mounted", Vec::new(), None),
     };
-    if let Some(u) = upper.as_ref().filter(|u| pathdb::keep::switch_pending(u)) {
-        problems.push(format!(
-            "a `sync --lower` on {} was cut short after copying what the upper needs: the next `nixfs-layer mount` of this upper finishes it",
-            u.dir().display()
-        ));
-        if state == "mounted" {
+    if let Some(u) = &upper {
+        let pending = lifecycle::pending(u);
+        if !pending.is_empty() && state == "mounted" {
             state = "half-mounted";
         }
+        problems.extend(pending);
     }
     let replaced = mounted
         .as_ref()
@@ -147,60 +136,6 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         print_text(&status);
     }
     Ok(())
-}
-
-/// What a mounted stack is missing: the state bind, its flake tree or the
-/// tree's server (a `mount` or `sync --lower` killed midway).
-fn health(m: &super::Mounted) -> (&'static str, Vec<String>, Option<FlakeTreeStatus>) {
-    let mut problems = Vec::new();
-    let var = m.target.join("var");
-    let mounts = crate::overlay::mounts().unwrap_or_default();
-    if crate::overlay::mount_at(&mounts, &var).is_none() {
-        problems.push(format!(
-            "{} is not bound (Nix there would use an empty state): run `nixfs-layer umount --target {}`, then mount again",
-            var.display(),
-            m.target.display()
-        ));
-    }
-    let servers = crate::flakefs::daemon::servers_for(&m.target);
-    let tree = m.record.flakefs.as_ref().map(|f| {
-        let server = servers.iter().find(|s| s.mountpoint == f.mountpoint);
-        let mounted = crate::flakefs::daemon::is_mounted(&f.mountpoint);
-        let locked_results = std::fs::read_to_string(crate::flakefs::cache_file(&m.target))
-            .map(|t| t.lines().count() as u64)
-            .unwrap_or(0);
-        FlakeTreeStatus {
-            mountpoint: f.mountpoint.display().to_string(),
-            pid: server.map(|s| s.pid),
-            alive: mounted && server.is_some(),
-            locked_results,
-        }
-    });
-    if let Some(t) = &tree {
-        if !t.alive {
-            problems.push(format!(
-                "the flake tree at {} has no running server: run `nixfs-layer umount --target {}`, then mount again",
-                t.mountpoint,
-                m.target.display()
-            ));
-        }
-    }
-    for s in &servers {
-        if m.record.flakefs.as_ref().map(|f| &f.mountpoint) != Some(&s.mountpoint) {
-            problems.push(format!(
-                "a flake tree server (pid {}) serves this store at {} without a record: run `nixfs-layer umount --target {}`",
-                s.pid,
-                s.mountpoint.display(),
-                m.target.display()
-            ));
-        }
-    }
-    let state = if problems.is_empty() {
-        "mounted"
-    } else {
-        "half-mounted"
-    };
-    (state, problems, tree)
 }
 
 fn print_text(s: &Status) {

@@ -10,11 +10,13 @@ use crate::error::{Error, Result};
 use crate::layer::Upper;
 use crate::overlay;
 use crate::pathdb;
+use crate::stack::Layers;
 use crate::verify::rebuild;
 use crate::verify::repair::{self, Repairs};
-use crate::verify::{self, Layers, Problems, VerifyError};
+use crate::verify::{self, Problems, VerifyError};
 
-use super::{find_mounted, lock_upper, resolve_target};
+use super::resolve_target;
+use crate::stack::{find_mounted, lock_upper};
 
 /// Version of the JSON document; bumped only for incompatible changes.
 pub const VERIFY_FORMAT: u32 = 1;

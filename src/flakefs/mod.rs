@@ -117,10 +117,30 @@ impl Settings {
 /// Where the daemon keeps locked results for the store at `target`: in its
 /// state (`TARGET/var`, the upper's `var/` when stacked).
 pub fn cache_file(target: &Path) -> PathBuf {
-    target.join("var/nixfs-layer/flake-cache.jsonl")
+    crate::stack::Target::new(target).flake_cache()
 }
 
 /// The daemon's log when it runs in the background.
 pub fn log_file(target: &Path) -> PathBuf {
-    target.join("var/log/nixfs-layer/flakefs.log")
+    crate::stack::Target::new(target).flake_log()
+}
+
+/// The arguments that make a child serve the tree (`--foreground` is added).
+pub fn serve_args(
+    mountpoint: &Path,
+    target: &Path,
+    config: Option<&Path>,
+) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = vec![
+        "flakefs".into(),
+        "--mountpoint".into(),
+        mountpoint.into(),
+        "--target".into(),
+        target.into(),
+    ];
+    if let Some(c) = config {
+        a.push("--config".into());
+        a.push(c.into());
+    }
+    a
 }

@@ -40,7 +40,8 @@ use super::names::{FlakeRef, Source};
 use super::policy::{may_read, Caller, Policy};
 use super::{Failure, ResolveMode, Settings};
 use crate::nixcli::{AsUser, Nix};
-use crate::pathdb::lookup::{Layer, Lookup};
+use crate::pathdb::lookup::{Found, Lookup};
+use crate::stack::Origin;
 
 /// How a result was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -622,8 +623,8 @@ impl Resolver {
         match self.lookup.layer(&path) {
             Ok(Some(layer)) => {
                 let how = match layer {
-                    Layer::Lower(_) => How::LowerHit,
-                    Layer::Upper | Layer::Store => How::UpperHit,
+                    Found::Stack(Origin::Lower(_)) => How::LowerHit,
+                    Found::Stack(Origin::Upper | Origin::Pin) | Found::PlainStore => How::UpperHit,
                 };
                 return Ok(self.remember(key, r, Ok(path), how).expect("success"));
             }

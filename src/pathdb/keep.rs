@@ -164,7 +164,7 @@ pub fn adopt_into_upper(
 /// Where a switch to new lowers keeps its verified copies until they are
 /// the upper's.
 pub fn staging_dir(upper: &Upper) -> std::path::PathBuf {
-    upper.tool_dir().join("staging")
+    upper.staging_dir()
 }
 
 /// The journal of a switch to new lowers: written once the copies of the
@@ -172,7 +172,7 @@ pub fn staging_dir(upper: &Upper) -> std::path::PathBuf {
 /// are the upper's. Its presence means: these copies are good, make them
 /// the upper's (see [`finish_switch`]).
 fn switch_journal(upper: &Upper) -> std::path::PathBuf {
-    upper.tool_dir().join("switch.json")
+    upper.switch_journal()
 }
 
 fn journal_io(path: &Path) -> impl FnOnce(std::io::Error) -> DbError + '_ {

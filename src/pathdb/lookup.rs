@@ -8,16 +8,15 @@ use rusqlite::{Connection, OptionalExtension};
 
 use super::realisations::has_table;
 use super::{open_read_only, sql_err, DbError};
+use crate::stack::{Origin, Target};
 
-/// Where a valid path comes from.
+/// Where a valid path was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layer {
-    /// Registered through the merged store (a build or an add).
-    Upper,
-    /// Provided by a lower (`NixfsLayerLower.id`).
-    Lower(i64),
+pub enum Found {
+    /// In a layer of our stack.
+    Stack(Origin),
     /// Valid in a plain Nix store that is not a nixfs-layer stack.
-    Store,
+    PlainStore,
 }
 
 /// The database of the store at `TARGET`, opened per question so that a
@@ -31,18 +30,18 @@ impl Lookup {
     /// The database Nix uses for the store at `target` (`TARGET/var/nix/db/db.sqlite`).
     pub fn for_target(target: &Path) -> Lookup {
         Lookup {
-            db: target.join("var/nix/db/db.sqlite"),
+            db: Target::new(target).db(),
         }
     }
 
     /// Which layer has `path` valid, or None when it is not valid.
-    pub fn layer(&self, path: &Path) -> Result<Option<Layer>, DbError> {
+    pub fn layer(&self, path: &Path) -> Result<Option<Found>, DbError> {
         let conn = open_read_only(&self.db)?;
         layer_of(&conn, &self.db, path)
     }
 }
 
-fn layer_of(conn: &Connection, db: &Path, path: &Path) -> Result<Option<Layer>, DbError> {
+fn layer_of(conn: &Connection, db: &Path, path: &Path) -> Result<Option<Found>, DbError> {
     let err = sql_err(db);
     let path = path.to_string_lossy();
     if !has_table(conn, "main", "NixfsLayerOrigin").map_err(&err)? {
@@ -52,9 +51,9 @@ fn layer_of(conn: &Connection, db: &Path, path: &Path) -> Result<Option<Layer>, 
             })
             .optional()
             .map_err(&err)?;
-        return Ok(valid.map(|()| Layer::Store));
+        return Ok(valid.map(|()| Found::PlainStore));
     }
-    let row: Option<Option<i64>> = conn
+    let row: Option<Origin> = conn
         .query_row(
             "select o.layer from ValidPaths v left join NixfsLayerOrigin o on o.path = v.path
              where v.path = ?1",
@@ -63,10 +62,7 @@ fn layer_of(conn: &Connection, db: &Path, path: &Path) -> Result<Option<Layer>, 
         )
         .optional()
         .map_err(&err)?;
-    Ok(row.map(|layer| match layer {
-        Some(0) | None => Layer::Upper,
-        Some(id) => Layer::Lower(id),
-    }))
+    Ok(row.map(Found::Stack))
 }
 
 #[cfg(test)]
@@ -95,11 +91,11 @@ mod tests {
         let l = Lookup::for_target(t.path());
         assert_eq!(
             l.layer(Path::new("/nix/store/aaaa-up")).unwrap(),
-            Some(Layer::Upper)
+            Some(Found::Stack(Origin::Upper))
         );
         assert_eq!(
             l.layer(Path::new("/nix/store/bbbb-low")).unwrap(),
-            Some(Layer::Lower(3))
+            Some(Found::Stack(Origin::Lower(3)))
         );
         assert_eq!(l.layer(Path::new("/nix/store/cccc-none")).unwrap(), None);
     }
@@ -120,7 +116,7 @@ mod tests {
         let l = Lookup::for_target(t.path());
         assert_eq!(
             l.layer(Path::new("/nix/store/aaaa-x")).unwrap(),
-            Some(Layer::Store)
+            Some(Found::PlainStore)
         );
         assert_eq!(l.layer(Path::new("/nix/store/bbbb-y")).unwrap(), None);
     }

@@ -175,7 +175,7 @@ pub(crate) fn now() -> i64 {
 struct LowerState<'a> {
     lower: &'a Lower,
     /// NixfsLayerLower.id
-    id: i64,
+    id: crate::stack::LowerId,
     /// Its fingerprint now.
     fingerprint: snapshot::Fingerprint,
     /// Schema name of its attached snapshot, when it changed.

@@ -24,10 +24,11 @@ use super::{sql_err, DbError};
 use crate::gcroots::PIN_ROOT;
 use crate::layer::Upper;
 use crate::nar;
+use crate::stack::Origin;
 use crate::storepath::{make_store_path, StorePath};
 
 /// Provenance of the pin: neither upper (0) nor a lower (> 0).
-pub const PIN_LAYER: i64 = -1;
+pub const PIN_LAYER: Origin = Origin::Pin;
 
 const NAME: &str = "nixfs-layer-lowers";
 const CONTENT: &str = "This store path keeps the paths of nixfs-layer's lower layers alive for \
@@ -68,7 +69,7 @@ pub fn ensure(tx: &Connection, upper: &Upper, store: &Path) -> Result<i64, DbErr
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444)).map_err(io(&tmp))?;
         fs::rename(&tmp, &file).map_err(io(&file))?;
     }
-    let root = upper.var().join("nix/gcroots").join(PIN_ROOT);
+    let root = upper.gcroots().join(PIN_ROOT);
     if fs::read_link(&root).ok().as_deref() != Some(Path::new(&pin.to_absolute())) {
         let _ = fs::remove_file(&root);
         symlink(pin.to_absolute(), &root).map_err(io(&root))?;

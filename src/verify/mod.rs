@@ -16,15 +16,15 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;
 
 use crate::layer::{LayerError, Upper};
-use crate::nar::{self, NarHash};
+pub(crate) use crate::nar::{apparent_size, hash_parallel};
 use crate::overlay::MountError;
 use crate::pathdb::{sql_err, DbError};
+use crate::stack::{Layers, Origin};
 use crate::storepath::{StorePath, STORE_DIR};
 
 #[derive(Debug, thiserror::Error)]
@@ -51,83 +51,6 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> VerifyError + '_ {
     move |source| VerifyError::Io {
         path: path.to_owned(),
         source,
-    }
-}
-
-/// A lower of the current stack, as the merged database records it.
-#[derive(Debug, Clone)]
-pub struct LowerLayer {
-    /// NixfsLayerLower.id: the provenance value of the paths it provides.
-    pub id: i64,
-    pub dir: PathBuf,
-}
-
-impl LowerLayer {
-    pub fn store(&self) -> PathBuf {
-        self.dir.join("store")
-    }
-    /// Whether this lower's store has an entry `name`, of any kind: a
-    /// symlink counts even when what it points to does not exist (its
-    /// entry is what overlayfs shows and what a whiteout would hide).
-    pub(crate) fn has(&self, name: &str) -> bool {
-        fs::symlink_metadata(self.store().join(name)).is_ok()
-    }
-}
-
-/// The stack being verified.
-#[derive(Debug, Clone)]
-pub struct Layers {
-    pub upper: Upper,
-    /// In stack order, first on top.
-    pub lowers: Vec<LowerLayer>,
-    /// `TARGET/store` when the stack is mounted.
-    pub mounted_store: Option<PathBuf>,
-}
-
-impl Layers {
-    /// The stack the upper's merged database records (its lowers need not
-    /// exist any more: then their paths are reported missing).
-    pub fn read(
-        conn: &Connection,
-        upper: &Upper,
-        mounted_store: Option<&Path>,
-    ) -> Result<Layers, VerifyError> {
-        let db = upper.db();
-        let lowers = conn
-            .prepare(
-                "select id, dir from NixfsLayerLower where priority is not null order by priority",
-            )
-            .and_then(|mut s| {
-                s.query_map([], |r| {
-                    Ok(LowerLayer {
-                        id: r.get(0)?,
-                        dir: PathBuf::from(r.get::<_, String>(1)?),
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .map_err(sql_err(&db))?;
-        Ok(Layers {
-            upper: upper.clone(),
-            lowers,
-            mounted_store: mounted_store.map(Path::to_owned),
-        })
-    }
-
-    fn lower(&self, id: i64) -> Option<&LowerLayer> {
-        self.lowers.iter().find(|l| l.id == id)
-    }
-
-    /// Name of the layer a provenance value stands for.
-    fn label(&self, layer: i64) -> String {
-        if layer <= 0 {
-            "upper".into()
-        } else {
-            self.lower(layer).map_or_else(
-                || format!("lower #{layer} (no longer in the stack)"),
-                |l| l.dir.display().to_string(),
-            )
-        }
     }
 }
 
@@ -173,12 +96,11 @@ fn is_bookkeeping(name: &str, upper: &UpperStore) -> bool {
 pub(crate) struct Row {
     pub path: StorePath,
     pub hash: String,
-    /// Provenance: 0 upper, > 0 a lower's id, -1 the pin.
-    pub layer: i64,
+    pub origin: Origin,
 }
 
 fn valid_rows(conn: &Connection, db: &Path) -> Result<Vec<Row>, VerifyError> {
-    let raw: Vec<(String, String, i64)> = conn
+    let raw: Vec<(String, String, Origin)> = conn
         .prepare(
             "select v.path, v.hash, coalesce(o.layer, 0) from ValidPaths v
              left join NixfsLayerOrigin o on o.path = v.path order by v.path",
@@ -190,8 +112,8 @@ fn valid_rows(conn: &Connection, db: &Path) -> Result<Vec<Row>, VerifyError> {
         .map_err(sql_err(db))?;
     Ok(raw
         .into_iter()
-        .filter_map(|(path, hash, layer)| match StorePath::parse(&path) {
-            Ok(path) => Some(Row { path, hash, layer }),
+        .filter_map(|(path, hash, origin)| match StorePath::parse(&path) {
+            Ok(path) => Some(Row { path, hash, origin }),
             Err(e) => {
                 tracing::warn!(error = %e, "valid path outside /nix/store; not checked");
                 None
@@ -444,7 +366,7 @@ fn mismatches_after_repair(
                 .rows
                 .binary_search_by(|b| b.path.cmp(&row.path))
                 .is_ok_and(|i| {
-                    before.rows[i].hash == row.hash && before.rows[i].layer == row.layer
+                    before.rows[i].hash == row.hash && before.rows[i].origin == row.origin
                 });
         match (hashed_before, found.get(path.as_str())) {
             (false, _) => todo.push(row),
@@ -455,7 +377,7 @@ fn mismatches_after_repair(
             (true, Some(_)) if removed.contains(path.as_str()) => todo.push(row),
             (true, Some(m)) => out.push(HashMismatch {
                 path,
-                layer: layers.label(row.layer),
+                layer: layers.label(row.origin),
                 expected: row.hash.clone(),
                 actual: m.actual.clone(),
             }),
@@ -482,8 +404,8 @@ pub(crate) fn missing_content(
     let mut out = Vec::new();
     for row in rows {
         let name = row.path.base_name();
-        let reason = if row.layer > 0 {
-            match (upper.get(name), layers.lower(row.layer)) {
+        let reason = if let Origin::Lower(id) = row.origin {
+            match (upper.get(name), layers.lower(id)) {
                 (Some(Entry::Whiteout), _) => Some(MissingReason::Whiteout),
                 (_, Some(l)) if l.has(name) => None,
                 _ => Some(MissingReason::Absent),
@@ -498,23 +420,12 @@ pub(crate) fn missing_content(
         if let Some(reason) = reason {
             out.push(MissingContent {
                 path: row.path.to_absolute(),
-                layer: layers.label(row.layer),
+                layer: layers.label(row.origin),
                 reason,
             });
         }
     }
     out
-}
-
-/// Apparent size of the files under `path` (not following symlinks).
-pub(crate) fn apparent_size(path: &Path) -> u64 {
-    walkdir::WalkDir::new(path)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .filter(|m| !m.is_dir())
-        .map(|m| m.len())
-        .sum()
 }
 
 /// Entries of the upper store that are not valid paths (Nix's bookkeeping
@@ -720,40 +631,12 @@ fn content_location(layers: &Layers, upper: &UpperStore, row: &Row) -> Option<Pa
     if upper.get(name) == Some(&Entry::Real) {
         return Some(layers.upper.store().join(name));
     }
-    let preferred = layers.lower(row.layer).filter(|l| l.has(name));
+    let preferred = (row.origin.lower())
+        .and_then(|id| layers.lower(id))
+        .filter(|l| l.has(name));
     preferred
         .or_else(|| layers.lowers.iter().find(|l| l.has(name)))
         .map(|l| l.store().join(name))
-}
-
-/// NAR-hashes `paths` on every core; results in input order.
-pub(crate) fn hash_parallel(paths: &[PathBuf]) -> Vec<io::Result<NarHash>> {
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(paths.len())
-        .max(1);
-    let next = AtomicUsize::new(0);
-    let mut results: Vec<(usize, io::Result<NarHash>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(p) = paths.get(i) else { break };
-                        mine.push((i, nar::hash_path(p)));
-                    }
-                    mine
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("hashing thread panicked"))
-            .collect()
-    });
-    results.sort_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Valid paths whose content does not hash to their recorded narHash.
@@ -776,7 +659,7 @@ fn hash_mismatches(layers: &Layers, upper: &UpperStore, rows: &[&Row]) -> Vec<Ha
             };
             Some(HashMismatch {
                 path: row.path.to_absolute(),
-                layer: layers.label(row.layer),
+                layer: layers.label(row.origin),
                 expected: row.hash.clone(),
                 actual,
             })
@@ -787,6 +670,9 @@ fn hash_mismatches(layers: &Layers, upper: &UpperStore, rows: &[&Row]) -> Vec<Ha
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layer::Upper;
+    use crate::nar;
+    use crate::stack::LowerLayer;
 
     #[test]
     fn bookkeeping_entries_are_not_store_content() {
@@ -829,10 +715,10 @@ mod tests {
         // whether it hashes to the row's recorded hash; hashing a row whose
         // verdict is reused would change the answer.
         let path = |n: &str| StorePath::parse(&format!("/nix/store/{H}-{n}")).unwrap();
-        let row = |n: &str, layer: i64| Row {
+        let row = |n: &str, origin: Origin| Row {
             path: path(n),
             hash: good.clone(),
-            layer,
+            origin,
         };
         for (n, content) in [
             ("a", "changed behind our back"), // hashed fine before: not again
@@ -847,7 +733,7 @@ mod tests {
         fs::write(layers.upper.store().join(path("d").base_name()), "unhashed").unwrap();
         let mismatch = |n: &str, actual: &str| HashMismatch {
             path: path(n).to_absolute(),
-            layer: layers.label(1),
+            layer: layers.label(Origin::Lower(1)),
             expected: good.clone(),
             actual: actual.into(),
         };
@@ -855,13 +741,15 @@ mod tests {
             problems: Problems {
                 missing_content: vec![MissingContent {
                     path: path("c").to_absolute(),
-                    layer: layers.label(1),
+                    layer: layers.label(Origin::Lower(1)),
                     reason: MissingReason::Whiteout,
                 }],
                 hash_mismatches: Some(vec![mismatch("b", "sha256:as-found-then")]),
                 ..Default::default()
             },
-            rows: ["a", "b", "c", "e"].map(|n| row(n, 1)).to_vec(),
+            rows: ["a", "b", "c", "e"]
+                .map(|n| row(n, Origin::Lower(1)))
+                .to_vec(),
         };
         let done = repair::Repairs {
             whiteouts_removed: vec![path("c").to_absolute()],
@@ -870,10 +758,10 @@ mod tests {
             ..Default::default()
         };
         let rows: Vec<Row> = ["a", "b", "c"]
-            .map(|n| row(n, 1))
+            .map(|n| row(n, Origin::Lower(1)))
             .into_iter()
-            .chain([row("d", 0)])
-            .chain(["e", "f", "g"].map(|n| row(n, 1)))
+            .chain([row("d", Origin::Upper)])
+            .chain(["e", "f", "g"].map(|n| row(n, Origin::Lower(1))))
             .collect();
         let upper = scan_upper(&layers.upper.store()).unwrap();
         let missing = missing_content(&layers, &upper, &rows);

@@ -8,7 +8,8 @@
 //!        <dir>/work                       overlayfs workdir
 //!        <dir>/var/nix/db/db.sqlite       the merged database Nix uses
 //!        <dir>/var/{nix,log}/...          the rest of Nix's state (bound on TARGET/var)
-//!        <dir>/nixfs-layer/               this tool's state (marker, lock, snapshots)
+//!        <dir>/nixfs-layer/               this tool's state (marker, lock, mount record,
+//!                                         snapshots, a lower switch's staging and journal)
 //! ```
 
 use std::fs;
@@ -336,7 +337,7 @@ impl Upper {
             upper.store(),
             upper.work(),
             upper.db_dir(),
-            upper.var().join("nix/gcroots"),
+            upper.gcroots(),
             upper.var().join("nix/profiles"),
             upper.var().join("nix/temproots"),
             upper.var().join("log/nix/drvs"),
@@ -381,8 +382,32 @@ impl Upper {
     pub fn lock_file(&self) -> PathBuf {
         self.tool_dir().join("lock")
     }
+    /// What `mount` recorded (`stack::MountRecord`).
     pub fn mount_record(&self) -> PathBuf {
         self.tool_dir().join("mount.json")
+    }
+    /// Where a switch to new lowers keeps its verified copies until they
+    /// are the upper's (`pathdb::keep`).
+    pub fn staging_dir(&self) -> PathBuf {
+        self.tool_dir().join("staging")
+    }
+    /// The journal of a switch to new lowers (`pathdb::keep`).
+    pub fn switch_journal(&self) -> PathBuf {
+        self.tool_dir().join("switch.json")
+    }
+    /// Where `optimise` moves the upper copies it drops before deleting
+    /// them; while it exists, the overlay has yet to forget them.
+    pub fn optimise_trash(&self) -> PathBuf {
+        self.tool_dir().join("optimise-trash")
+    }
+    /// Nix's GC roots: the pin's, the collector's and the user's.
+    pub fn gcroots(&self) -> PathBuf {
+        self.var().join("nix/gcroots")
+    }
+    /// The directory overlayfs makes its copy-ups and whiteouts in, made
+    /// immutable while mounted (`overlay::seal`).
+    pub fn seal_dir(&self) -> PathBuf {
+        self.work().join("work")
     }
 }
 

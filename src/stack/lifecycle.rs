@@ -1,0 +1,739 @@
+//! The stack's lifecycle as library functions: [`mount`], [`unmount`],
+//! [`sync`] (which remounts when a lower was replaced) and
+//! [`switch_lowers`]. The commands in `cmd/` parse their flags into these
+//! options and print what comes back.
+//!
+//! Each step that changes what is on disk or mounted is preceded by what
+//! lets a later process finish or undo it: the mount record (written
+//! before the first mount call, naming the flake tree before its server is
+//! started), the switch journal (`pathdb::keep`). `crate::failpoint` names
+//! the points between the steps where the tests kill the process.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::layer::{self, Lower, Replaced, Stack, Upper};
+use super::{
+    find_mounted, lock_target, lock_upper, require_mounted, try_lock_upper, FlakeFsRecord,
+    MountRecord, Mounted, Target, UpperLock,
+};
+use crate::config::FlakeFsConfig;
+use crate::error::{Error, Result};
+use crate::failpoint;
+use crate::flakefs::daemon::{self, ServeOptions};
+use crate::overlay::{self, MountError};
+use crate::pathdb::merge::{self, Needed, SyncOptions, SyncSummary};
+use crate::pathdb::{self, health, journal, keep, ClosureBroken, DbError};
+use crate::storecopy::{self, CopyError};
+use crate::storepath::base_name;
+
+/// Reports the merge's phases (a spinner on a terminal).
+pub type Progress<'a> = Option<&'a dyn Fn(&str)>;
+
+/// The flake tree served with a stack.
+#[derive(Debug, Clone)]
+pub struct FlakeTree {
+    pub mountpoint: PathBuf,
+    /// The configuration file a spawned server is to read.
+    pub config_file: Option<PathBuf>,
+    /// The configuration a server in this process uses.
+    pub config: FlakeFsConfig,
+}
+
+/// What to mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// First on top.
+    pub lowers: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub target: PathBuf,
+    pub flake_tree: Option<FlakeTree>,
+    /// Stay: serve the tree in this process (or, without one, wait for a
+    /// stop signal), and unmount when stopped. See [`Mounting::serve`].
+    pub foreground: bool,
+}
+
+/// A stack just mounted. Holds the upper's lock until dropped or served.
+pub struct Mounting {
+    pub stack: Stack,
+    pub target: PathBuf,
+    pub summary: SyncSummary,
+    /// Paths an interrupted `sync --lower` had copied, made the upper's now.
+    pub finished_switch: usize,
+    /// Where the flake tree is, if one is served.
+    pub flake_mountpoint: Option<PathBuf>,
+    serve_here: Option<ServeOptions>,
+    foreground: bool,
+    lock: UpperLock,
+}
+
+impl Mounting {
+    /// For a foreground mount: serves the flake tree (or waits for a stop
+    /// signal), then unmounts what is left. Returns at once otherwise.
+    pub fn serve(self) -> Result<()> {
+        let Mounting {
+            stack,
+            target,
+            serve_here,
+            foreground,
+            lock,
+            ..
+        } = self;
+        if let Some(opts) = serve_here {
+            // `umount` takes the upper's lock: let go of it while serving.
+            drop(lock);
+            daemon::serve(&opts)?;
+            // Stopped by a signal (a service manager's stop) or by `umount`:
+            // either way leave nothing mounted. `umount` holds the lock while
+            // it works, so after it there is nothing left to do here.
+            crate::sdnotify::notify("STOPPING=1");
+            stop_here(&stack, &target)
+        } else if foreground {
+            drop(lock);
+            wait_for_stop(&stack, &target)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Mounts a stack: checks everything and brings the merged database up to
+/// date before the first mount call; records the mount (flake tree
+/// included) before it; undoes what was mounted if a later step fails.
+pub fn mount(opts: &MountOptions, progress: Progress<'_>) -> Result<Mounting> {
+    let target = &opts.target;
+    overlay::check_privileges("mount")?;
+    overlay::check_overlay_available()?;
+    let stack = Stack::open(&opts.lowers, &opts.upper)?;
+    layer::check_target(target, &stack.lowers, &stack.upper)?;
+    // The locks first (target, then upper, always in that order): two
+    // mounts racing on one upper or one target must not both find it free;
+    // the second waits, then finds it mounted.
+    let target_lock = lock_target(target)?;
+    let lock = lock_upper(&stack.upper)?;
+    check_target_free(target, &stack)?;
+    // A damaged merged database is refused before anything is written or
+    // mounted (Nix would go on writing into it).
+    health::quick_check(&stack.upper.db())?;
+    // A switch to new lowers cut short: its verified copies become the
+    // upper's, whichever lowers are mounted now.
+    let finished = keep::finish_switch(&stack.upper)?;
+    if !finished.is_empty() {
+        tracing::warn!(
+            count = finished.len(),
+            "finished an interrupted `sync --lower`: the paths it had copied are the upper's now"
+        );
+    }
+
+    // An `optimise` cut short: what it had moved out of the store goes.
+    crate::optimise::finish_unmounted(&stack.upper)?;
+    let summary = merge::sync(
+        &stack.upper,
+        &stack.lowers,
+        &SyncOptions {
+            // The lower may have lost paths while nothing was mounted (a
+            // template updated while its AppVM was off): mount anyway and
+            // report what broke; `verify` lists it.
+            needed: Needed::KeepBroken,
+            progress,
+            ..Default::default()
+        },
+    )?;
+    failpoint::hit("mount:merged");
+    tracing::info!(%summary, "merged database up to date");
+
+    let layout = Target::new(target);
+    let (store, var) = (layout.store(), layout.var());
+    for d in [&store, &var] {
+        std::fs::create_dir_all(d).map_err(|source| Error::Io {
+            path: d.clone(),
+            source,
+        })?;
+    }
+    // The record goes first, so that whatever is mounted from here on can
+    // always be found and undone by `umount`, even if this process is
+    // killed. It names the flake tree before its server starts: a mount
+    // killed before the server shows a tree without one (`status`), which
+    // `umount` clears.
+    let serve_here = opts.foreground && opts.flake_tree.is_some();
+    let mut record = MountRecord {
+        target: target.clone(),
+        lowers: stack.lowers.iter().map(|l| l.dir().to_owned()).collect(),
+        lower_ids: stack
+            .lowers
+            .iter()
+            .map(Lower::identity)
+            .collect::<Result<_, _>>()?,
+        flakefs: opts.flake_tree.as_ref().map(|t| FlakeFsRecord {
+            pid: serve_here.then(std::process::id),
+            mountpoint: t.mountpoint.clone(),
+        }),
+    };
+    let rec_path = stack.upper.mount_record();
+    record.write(&rec_path)?;
+    failpoint::hit("mount:recorded");
+    let mut guard = MountGuard {
+        mounts: Vec::new(),
+        record: Some(rec_path.clone()),
+    };
+    overlay::mount_overlay(&stack.lowers, &stack.upper, &store)?;
+    guard.mounts.push(store.clone());
+    failpoint::hit("mount:overlay");
+    overlay::bind(&stack.upper.var(), &var)?;
+    guard.mounts.push(var.clone());
+    failpoint::hit("mount:var");
+    let mut serve = None;
+    if let Some(tree) = &opts.flake_tree {
+        if serve_here {
+            serve = Some(ServeOptions {
+                mountpoint: tree.mountpoint.clone(),
+                target: target.clone(),
+                config: tree.config.clone(),
+            });
+        } else {
+            let pid = daemon::spawn(
+                &crate::flakefs::serve_args(&tree.mountpoint, target, tree.config_file.as_deref()),
+                &tree.mountpoint,
+                &layout.flake_log(),
+            )?;
+            failpoint::hit("mount:server");
+            if let Some(f) = &mut record.flakefs {
+                f.pid = Some(pid);
+            }
+            record.write(&rec_path)?;
+        }
+    }
+    guard.disarm();
+    drop(target_lock);
+    failpoint::hit("mount:done");
+    Ok(Mounting {
+        flake_mountpoint: opts.flake_tree.as_ref().map(|t| t.mountpoint.clone()),
+        stack,
+        target: target.clone(),
+        summary,
+        finished_switch: finished.len(),
+        serve_here: serve,
+        foreground: opts.foreground,
+        lock,
+    })
+}
+
+/// `mount --foreground` without the flake tree: ready now; on SIGTERM,
+/// SIGINT or SIGHUP unmount and return; if `umount` unmounted the stack
+/// meanwhile, return as well.
+fn wait_for_stop(stack: &Stack, target: &Path) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals.thread_block().map_err(|e| Error::Io {
+        path: target.to_owned(),
+        source: e.into(),
+    })?;
+    crate::sdnotify::notify("READY=1");
+    let half_second = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 500_000_000,
+    };
+    loop {
+        // SAFETY: a valid signal set and timeout; no siginfo wanted.
+        let sig =
+            unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), &half_second) };
+        if sig > 0 {
+            break;
+        }
+        if find_mounted(target)?.is_none() {
+            return Ok(());
+        }
+    }
+    crate::sdnotify::notify("STOPPING=1");
+    stop_here(stack, target)
+}
+
+/// After a foreground mount stopped serving: unmount what is left, unless
+/// `umount` is at work (it holds the lock and waits for this process).
+fn stop_here(stack: &Stack, target: &Path) -> Result<()> {
+    let Some(_lock) = try_lock_upper(&stack.upper)? else {
+        return Ok(());
+    };
+    if let Some(m) = find_mounted(target)? {
+        unmount_stack(&m, false)?;
+    }
+    Ok(())
+}
+
+/// Refuses a target that already has something mounted where we would mount,
+/// and an upper that already serves another mount.
+fn check_target_free(target: &Path, stack: &Stack) -> Result<()> {
+    let mounts = overlay::mounts()?;
+    for lower in &stack.lowers {
+        overlay::check_lower_sees_target(&mounts, lower.dir(), target)?;
+    }
+    let layout = Target::new(target);
+    for p in [layout.store(), layout.var()] {
+        if overlay::mount_at(&mounts, &p).is_some() {
+            return Err(MountError::AlreadyMounted(p, target.to_owned()).into());
+        }
+    }
+    overlay::check_not_held_elsewhere(&stack.upper)?;
+    let upper_store = stack.upper.store();
+    if let Some(m) = mounts.iter().find(|m| {
+        m.fs_type == "overlay"
+            && m.option("upperdir").map(PathBuf::from).as_deref() == Some(&upper_store)
+    }) {
+        return Err(MountError::UpperInUse {
+            upper: stack.upper.dir().to_owned(),
+            at: m.mount_point.clone(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Unmounts (in reverse) whatever it still lists when dropped.
+struct MountGuard {
+    mounts: Vec<PathBuf>,
+    record: Option<PathBuf>,
+}
+
+impl MountGuard {
+    /// Everything went well: keep the mounts and the record.
+    fn disarm(&mut self) {
+        self.mounts.clear();
+        self.record = None;
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        for p in self.mounts.iter().rev() {
+            if let Err(e) = overlay::unmount(p) {
+                tracing::error!(path = %p.display(), error = %e, "could not undo a mount after a failure");
+            }
+        }
+        if let Some(r) = &self.record {
+            let _ = std::fs::remove_file(r);
+        }
+    }
+}
+
+/// Unmounts the stack at `target`, all or nothing: while anything uses it
+/// (after waiting up to `wait`, if given) nothing is torn down and the
+/// error names the holders.
+pub fn unmount(target: &Path, wait: Option<Duration>) -> Result<()> {
+    overlay::check_privileges("umount")?;
+    let mounted = require_mounted(target)?;
+    let _lock = lock_upper(&mounted.upper)?;
+    wait_until_unused(&mounted, wait)?;
+    // What Nix registered since the last sync goes into the journal that
+    // `verify --repair` would rebuild a damaged database from.
+    journal::catch_up(&mounted.upper, &mounted.record.lowers);
+    unmount_stack(&mounted, true)
+}
+
+/// What keeps a stack from going: processes of this namespace using the
+/// target (but the flake tree's server and what it started: they are
+/// stopped first), and other mount namespaces holding the overlay (a
+/// build in a namespace of its own). Nothing at all is torn down while
+/// any remains: after `wait`, if given, it is an error naming them.
+fn wait_until_unused(mounted: &Mounted, wait: Option<Duration>) -> Result<()> {
+    let servers: Vec<u32> = daemon::servers_for(&mounted.target)
+        .iter()
+        .map(|s| s.pid)
+        .collect();
+    let deadline = wait.map(|w| Instant::now() + w);
+    loop {
+        let mut holders = overlay::users_of(&mounted.target, |pid| {
+            servers.iter().any(|s| overlay::descends_from(pid, *s))
+        });
+        holders.extend(overlay::holders_elsewhere(&mounted.upper));
+        if holders.is_empty() {
+            return Ok(());
+        }
+        if deadline.is_some_and(|d| Instant::now() < d) {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        let mut named: Vec<String> = holders
+            .iter()
+            .take(5)
+            .map(|h| format!("pid {} ({}, {})", h.pid, h.command, h.mount_point.display()))
+            .collect();
+        if holders.len() > 5 {
+            named.push(format!("{} more", holders.len() - 5));
+        }
+        return Err(MountError::InUse {
+            target: mounted.target.clone(),
+            holders: named.join(", "),
+        }
+        .into());
+    }
+}
+
+/// Unmounts a stack (the caller holds the upper's lock): the flake tree
+/// first when `stop_tree` (its server keeps the store's database open),
+/// then the state bind and the overlay; if the overlay is busy, the state
+/// is bound again so nothing is left half-unmounted.
+pub fn unmount_stack(mounted: &Mounted, stop_tree: bool) -> Result<()> {
+    if stop_tree {
+        // Any server serving this target (also one a `mount` killed before
+        // recording its pid).
+        let running = daemon::servers_for(&mounted.target);
+        for s in &running {
+            daemon::stop(Some(s.pid), &s.mountpoint)?;
+        }
+        // A tree whose server died is still mounted (and answers ENOTCONN).
+        if let Some(f) = &mounted.record.flakefs {
+            if !running.iter().any(|s| s.mountpoint == f.mountpoint) {
+                daemon::stop(None, &f.mountpoint)?;
+            }
+        }
+    }
+    let (var, store) = (mounted.var(), mounted.store());
+    let mounts = overlay::mounts()?;
+    let var_is_ours = overlay::mount_at(&mounts, &var).is_some();
+    if var_is_ours {
+        unmount_settling(&var)?;
+    }
+    if let Err(e) = unmount_settling(&store) {
+        // Leave things as they were: put the state back.
+        if var_is_ours {
+            overlay::bind(&mounted.upper.var(), &var)?;
+        }
+        return Err(e.into());
+    }
+    let _ = std::fs::remove_file(mounted.upper.mount_record());
+    // The seal stays while another namespace still has the overlay (a
+    // build in a namespace of its own): it protects the lowers there.
+    match overlay::holders_elsewhere(&mounted.upper).first() {
+        None => overlay::unseal(&mounted.upper)?,
+        Some(h) => tracing::warn!(
+            pid = h.pid,
+            command = %h.command,
+            "upper {} is still mounted in another mount namespace; its overlay work directory stays sealed",
+            mounted.upper.dir().display()
+        ),
+    }
+    Ok(())
+}
+
+/// Unmounts `target`, retrying EBUSY for a moment: processes that just
+/// exited (the flake tree's server) can hold it briefly after they are gone.
+fn unmount_settling(target: &Path) -> Result<(), MountError> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match overlay::unmount(target) {
+            Err(MountError::Busy(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            r => return r,
+        }
+    }
+}
+
+/// What [`sync`] did.
+pub struct Synced {
+    pub summary: SyncSummary,
+    /// Lowers replaced under the mount: `TARGET/store` was mounted afresh.
+    pub replaced: Vec<Replaced>,
+    /// The overlay was found unsealed (a mount killed before its seal) and
+    /// sealed.
+    pub sealed: bool,
+}
+
+/// Brings the mounted stack's merged database in line with its lowers,
+/// mounting `TARGET/store` afresh first if a lower was replaced under it,
+/// and refreshing the overlay when something changed.
+pub fn sync(target: &Path, force: bool, progress: Progress<'_>) -> Result<Synced> {
+    overlay::check_privileges("sync")?;
+    let mounted = require_mounted(target)?;
+    let _lock = lock_upper(&mounted.upper)?;
+    let sealed = !overlay::is_sealed(&mounted.upper);
+    if sealed {
+        overlay::seal(&mounted.upper)?;
+        tracing::warn!(upper = %mounted.upper.dir().display(), "the overlay was not sealed; sealed it");
+    }
+    let lowers = mounted.lowers()?;
+    let replaced = remount_if_replaced(&mounted, &lowers)?;
+    let summary = merge::sync(
+        &mounted.upper,
+        &lowers,
+        &SyncOptions {
+            force,
+            progress,
+            mounted_store: Some(&mounted.store()),
+            check_before_changes: true,
+            ..Default::default()
+        },
+    )?;
+    if summary.changed() {
+        // Drop the overlay's cached (possibly negative) entries for lower paths.
+        overlay::refresh(&mounted.store())?;
+    }
+    // The flake tree's entries: answers (a lower's published index above
+    // all, which may change with no path changing) may differ now.
+    crate::flakefs::daemon::refresh(target);
+    Ok(Synced {
+        summary,
+        replaced,
+        sealed,
+    })
+}
+
+/// A lower directory replaced under the mount (a new tree renamed into
+/// place): the overlay still shows the old one, perhaps deleted by now, so
+/// `TARGET/store` is mounted afresh, onto what the lowers' paths are now,
+/// before the merge reads their databases. Busy: refused, nothing changed.
+fn remount_if_replaced(mounted: &Mounted, lowers: &[Lower]) -> Result<Vec<Replaced>> {
+    let replaced = mounted.replaced_lowers();
+    let Some(first) = replaced.first() else {
+        return Ok(replaced);
+    };
+    let store = mounted.store();
+    overlay::mount_afresh(lowers, &mounted.upper, &store).map_err(|e| match e {
+        MountError::Busy(_) => MountError::ReplacedBusy {
+            lower: first.dir.clone(),
+            store: store.clone(),
+        },
+        e => e,
+    })?;
+    let mut record = mounted.record.clone();
+    record.lower_ids = lowers
+        .iter()
+        .map(Lower::identity)
+        .collect::<Result<_, _>>()?;
+    record.write(&mounted.upper.mount_record())?;
+    for r in &replaced {
+        tracing::info!(lower = %r.dir.display(), was = %r.was, now = ?r.now.map(|n| n.to_string()), "lower replaced under the mount");
+    }
+    Ok(replaced)
+}
+
+/// How to switch a mounted stack to new lowers.
+#[derive(Debug, Clone)]
+pub struct SwitchOptions {
+    /// The new lowers, first on top.
+    pub lowers: Vec<PathBuf>,
+    /// Copy what the upper needs and the new lowers lack (else refuse).
+    pub keep_needed: bool,
+    /// For the flake tree, served again if it was: the configuration file
+    /// its server reads, and whether the configuration enables it.
+    pub config_file: Option<PathBuf>,
+    pub flakefs: FlakeFsConfig,
+}
+
+/// What [`switch_lowers`] did.
+pub struct Switched {
+    /// Paths the upper needed and the new lowers lacked, copied into it.
+    pub kept: Vec<String>,
+    /// The stack on the new lowers.
+    pub mounting: Mounting,
+}
+
+/// Moves the stack mounted at `target` to new lowers. While the old lowers
+/// are still mounted, the paths the upper needs (closures of its own paths
+/// and of the GC roots) that the new lowers lack are copied into a staging
+/// directory and checked against their NAR hashes; then the stack is
+/// unmounted, the copies become upper paths, and it is mounted again with
+/// the new lowers. Nothing else is copied. Without `keep_needed`, such
+/// paths make the switch fail before anything changes.
+pub fn switch_lowers(
+    target: &Path,
+    opts: &SwitchOptions,
+    progress: Progress<'_>,
+) -> Result<Switched> {
+    overlay::check_privileges("sync")?;
+    let mounted = require_mounted(target)?;
+    let upper = &mounted.upper;
+    let lock = lock_upper(upper)?;
+    // Refused before the old stack is unmounted: mount would refuse it then.
+    pathdb::health::quick_check(&upper.db())?;
+    let new = Stack::open(&opts.lowers, upper.dir())?;
+    layer::check_target(&mounted.target, &new.lowers, upper)?;
+    let conn = pathdb::open(&upper.db())?;
+    let needed = keep::needed(&conn, upper)?;
+    let missing = keep::missing_from(&new.lowers, &upper.tmp_dir(), &needed)?;
+    drop(conn);
+    if !missing.is_empty() && !opts.keep_needed {
+        return Err(DbError::ClosureBroken(ClosureBroken {
+            total: missing.len(),
+            needed: missing
+                .iter()
+                .take(10)
+                .map(|n| (n.path.clone(), n.needed_by.clone()))
+                .collect(),
+        })
+        .into());
+    }
+
+    // Copy what is missing, through the merged view, and check it. A
+    // journal left by a switch killed before it unmounted (the stack is
+    // still on its old lowers) is dropped with its copies.
+    let staging = upper.staging_dir();
+    keep::abandon_switch(upper);
+    let io = |path: PathBuf| move |source| Error::io(&path, source);
+    std::fs::create_dir_all(&staging).map_err(io(staging.clone()))?;
+    for n in &missing {
+        let base = base_name(&n.path);
+        let (src, dst) = (mounted.store().join(base), staging.join(base));
+        if let Err(e) = storecopy::copy_verified(&src, &dst, &n.nar_hash) {
+            keep::abandon_switch(upper);
+            return Err(match e {
+                CopyError::Mismatch {
+                    expected, actual, ..
+                } => Error::Io {
+                    path: src,
+                    source: std::io::Error::other(format!(
+                        "its contents do not match its recorded hash {expected} (got {actual}); nothing was switched, run `nixfs-layer verify --check-contents`"
+                    )),
+                },
+                CopyError::Read { path, source } | CopyError::Write { path, source } => {
+                    Error::io(&path, source)
+                }
+            });
+        }
+    }
+    failpoint::hit("sync-lower:copied");
+    let kept: Vec<String> = missing.iter().map(|n| n.path.clone()).collect();
+    // From here on the copies are good: whatever stops this process, the
+    // next mount of this upper makes them the upper's (keep::finish_switch).
+    keep::begin_switch(upper, &kept)?;
+    failpoint::hit("sync-lower:journaled");
+
+    // Unmount, make the copies the upper's, mount with the new lowers.
+    let flake_tree = mounted
+        .record
+        .flakefs
+        .as_ref()
+        .filter(|_| opts.flakefs.enable.unwrap_or(true))
+        .map(|f| FlakeTree {
+            mountpoint: f.mountpoint.clone(),
+            config_file: opts.config_file.clone(),
+            config: opts.flakefs.clone(),
+        });
+    let mount_opts = |lowers: Vec<PathBuf>| MountOptions {
+        lowers,
+        upper: upper.dir().to_owned(),
+        target: mounted.target.clone(),
+        flake_tree: flake_tree.clone(),
+        foreground: false,
+    };
+    let old_lowers = mounted.record.lowers.clone();
+    drop(lock);
+    if let Err(e) = unmount(&mounted.target, None) {
+        // Still on the old lowers: nothing to finish.
+        keep::abandon_switch(upper);
+        return Err(e);
+    }
+    // From here on nothing is mounted: whatever fails, put the old stack
+    // back rather than leave the target empty. Copies already moved into
+    // the upper hold the same bytes as the old lowers' paths; `verify
+    // --repair` tidies them.
+    let restore = |e: Error| -> Error {
+        match mount(&mount_opts(old_lowers.clone()), None) {
+            Ok(_) => {
+                tracing::warn!(target = %mounted.target.display(), "the switch failed; the old lowers are mounted again")
+            }
+            Err(back) => {
+                tracing::error!(error = %back, target = %mounted.target.display(), "the switch failed and the old lowers could not be mounted again either; nothing is mounted there")
+            }
+        }
+        e
+    };
+    failpoint::hit("sync-lower:unmounted");
+    let adopted = (|| -> Result<()> {
+        let _lock = lock_upper(upper)?;
+        keep::finish_switch(upper)?;
+        Ok(())
+    })();
+    adopted.map_err(restore)?;
+    failpoint::hit("sync-lower:adopted");
+    let mounting = mount(&mount_opts(opts.lowers.clone()), progress).map_err(restore)?;
+    Ok(Switched { kept, mounting })
+}
+
+/// The flake tree served with a mounted stack, as `status` reports it.
+#[derive(Debug, serde::Serialize)]
+pub struct FlakeTreeStatus {
+    pub mountpoint: String,
+    /// The server's pid (null when none runs).
+    pub pid: Option<u32>,
+    /// Mounted and served by a running server.
+    pub alive: bool,
+    /// Results of locked references kept across restarts.
+    pub locked_results: u64,
+}
+
+/// What a mounted stack is missing: the state bind, its flake tree or the
+/// tree's server (a `mount` or `sync --lower` killed midway).
+pub fn health(m: &Mounted) -> (&'static str, Vec<String>, Option<FlakeTreeStatus>) {
+    let mut problems = Vec::new();
+    let var = m.var();
+    let mounts = overlay::mounts().unwrap_or_default();
+    if overlay::mount_at(&mounts, &var).is_none() {
+        problems.push(format!(
+            "{} is not bound (Nix there would use an empty state): run `nixfs-layer umount --target {}`, then mount again",
+            var.display(),
+            m.target.display()
+        ));
+    }
+    let servers = daemon::servers_for(&m.target);
+    let tree = m.record.flakefs.as_ref().map(|f| {
+        let server = servers.iter().find(|s| s.mountpoint == f.mountpoint);
+        let mounted = daemon::is_mounted(&f.mountpoint);
+        let locked_results = std::fs::read_to_string(m.layout().flake_cache())
+            .map(|t| t.lines().count() as u64)
+            .unwrap_or(0);
+        FlakeTreeStatus {
+            mountpoint: f.mountpoint.display().to_string(),
+            pid: server.map(|s| s.pid),
+            alive: mounted && server.is_some(),
+            locked_results,
+        }
+    });
+    if let Some(t) = &tree {
+        if !t.alive {
+            problems.push(format!(
+                "the flake tree at {} has no running server: run `nixfs-layer umount --target {}`, then mount again",
+                t.mountpoint,
+                m.target.display()
+            ));
+        }
+    }
+    for s in &servers {
+        if m.record.flakefs.as_ref().map(|f| &f.mountpoint) != Some(&s.mountpoint) {
+            problems.push(format!(
+                "a flake tree server (pid {}) serves this store at {} without a record: run `nixfs-layer umount --target {}`",
+                s.pid,
+                s.mountpoint.display(),
+                m.target.display()
+            ));
+        }
+    }
+    let state = if problems.is_empty() {
+        "mounted"
+    } else {
+        "half-mounted"
+    };
+    (state, problems, tree)
+}
+
+/// Transactions on `upper` cut short that a command other than `umount`
+/// finishes: one line each, naming it.
+pub fn pending(upper: &Upper) -> Vec<String> {
+    let mut problems = Vec::new();
+    if keep::switch_pending(upper) {
+        problems.push(format!(
+            "a `sync --lower` on {} was cut short after copying what the upper needs: the next `nixfs-layer mount` of this upper finishes it",
+            upper.dir().display()
+        ));
+    }
+    if upper.optimise_trash().exists() {
+        problems.push(format!(
+            "an `optimise` on {} was cut short after it moved upper copies out of the store: run `nixfs-layer optimise` to finish it",
+            upper.dir().display()
+        ));
+    }
+    problems
+}
