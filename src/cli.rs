@@ -58,10 +58,11 @@ pub enum Command {
     Optimise(OptimiseArgs),
     /// Copy closures of upper paths into a lower you own and register them there.
     Promote(PromoteArgs),
-    /// Evaluate and build flake references and publish them into a lower
-    /// you own: their closures and an index every host reads offline.
+    /// Publish flake references into a lower you own: their closures and
+    /// an index every host reads offline, evaluated and built here.
     Publish(PublishArgs),
-    /// List the flake references a lower (or every lower of the stack) publishes.
+    /// List the flake references a lower (or every lower of the stack)
+    /// publishes.
     Published(PublishedArgs),
 }
 

@@ -177,6 +177,14 @@ pub fn extra_sections() -> String {
             "A \\fBsync \\-\\-keep\\-needed\\fR switch under way, finished by the next \\fBmount\\fR.",
         ),
         (
+            "UPPER/nixfs\\-layer/optimise\\-trash".to_owned(),
+            "Upper copies an \\fBoptimise\\fR run moved out of the store and has not deleted yet; the next \\fBoptimise\\fR (or \\fBmount\\fR) deletes them.",
+        ),
+        (
+            "TARGET/var/nixfs\\-layer/flakefs\\-refreshed.PID".to_owned(),
+            "How many times the flake tree server PID invalidated the kernel's entries (\\fBsync\\fR waits for its count to grow).",
+        ),
+        (
             "TARGET/var/nix/gcroots/nixfs\\-layer\\-lowers".to_owned(),
             "The GC root of the pin path that keeps every lower path alive for Nix's collector.",
         ),
