@@ -1,6 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -36,11 +37,13 @@ fn main() -> ExitCode {
                 .with_writer(std::io::stderr)
                 // Plain text when stderr is a log (journald), colours on a terminal.
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                // One filter: nested per-layer filters drop the first
+                // event of some callsites.
                 .with_filter(
                     EnvFilter::try_from_env("NIXFS_LAYER_LOG")
-                        .unwrap_or_else(|_| EnvFilter::new(&default_filter)),
-                )
-                .with_filter(not_resolved),
+                        .unwrap_or_else(|_| EnvFilter::new(&default_filter))
+                        .and(not_resolved),
+                ),
         )
         .init();
 
