@@ -34,6 +34,7 @@ suite_nix_tests=(
   fault_lowers    # lowers built and replaced with World::build, verify_contents
   flake_tree      # the lower is built and evaluated with World::nix_ok
   flake_security  # the same, plus a nix-daemon of the suite's Nix on the stack
+  json_reports    # Stack, builds and collectors through World::nix
   layered_store   # Stack and World::nix throughout
   lifecycle       # Stack, racing mounts through the tool
   promote         # builds with World::build, nix-store --verify on both sides

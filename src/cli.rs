@@ -79,6 +79,9 @@ pub struct InitArgs {
     /// Directory for the upper layer (created if missing).
     #[arg(long, value_name = "DIR")]
     pub upper: Option<PathBuf>,
+    /// Machine-readable output on stdout (see docs/json.md).
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub config: ConfigArg,
 }
@@ -105,6 +108,9 @@ pub struct MountArgs {
     /// (Type=notify) and unmounts everything when stopped.
     #[arg(long)]
     pub foreground: bool,
+    /// Machine-readable output on stdout (see docs/json.md).
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub config: ConfigArg,
 }
@@ -130,7 +136,7 @@ pub struct ResolveArgs {
     /// A flake reference, as under /nixfs/flake/str (e.g. nixpkgs#hello^dev).
     #[arg(value_name = "FLAKEREF")]
     pub reference: String,
-    /// Print a JSON object: ref, path, how (lower-hit, upper-hit, built, cached, published), locked, and the published entry if any.
+    /// Print a JSON object: ref, path, how (lower-hit, upper-hit, built, cached, published), locked, and the published entry if any (see docs/json.md).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -183,6 +189,9 @@ pub struct SyncArgs {
     /// GC roots need that the new lowers lack (else the switch is refused).
     #[arg(long, requires = "lowers")]
     pub keep_needed: bool,
+    /// Machine-readable output on stdout (see docs/json.md).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -216,6 +225,9 @@ pub struct GcArgs {
     /// Stop after freeing this many bytes.
     #[arg(long, value_name = "BYTES")]
     pub max_freed: Option<u64>,
+    /// Machine-readable output on stdout (see docs/json.md).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -258,6 +270,9 @@ pub struct ExportArgs {
     /// Also export the paths the lowers have (for a machine without them).
     #[arg(long)]
     pub full: bool,
+    /// Machine-readable output on stdout (see docs/json.md); not with `-o -`.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub target: TargetArgs,
 }
@@ -267,6 +282,9 @@ pub struct ImportArgs {
     /// An export file, plain or compressed with zstd or xz.
     #[arg(value_name = "FILE")]
     pub file: std::path::PathBuf,
+    /// Machine-readable output on stdout (see docs/json.md).
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub target: TargetArgs,
 }
@@ -275,7 +293,7 @@ pub struct ImportArgs {
 pub struct OptimiseArgs {
     #[command(flatten)]
     pub target: TargetArgs,
-    /// Machine-readable output: the dropped and kept paths, bytes freed.
+    /// Machine-readable output: the dropped and kept paths, bytes freed (see docs/json.md).
     #[arg(long)]
     pub json: bool,
 }
@@ -289,6 +307,9 @@ pub struct PromoteArgs {
     /// into; you must own it (the template, the NFS publisher).
     #[arg(long, value_name = "LOWERDIR")]
     pub into: PathBuf,
+    /// Machine-readable output on stdout (see docs/json.md).
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub target: TargetArgs,
 }
@@ -305,6 +326,9 @@ pub struct PublishArgs {
     /// Drop these references from the index instead (their paths stay).
     #[arg(long)]
     pub remove: bool,
+    /// Machine-readable output on stdout (see docs/json.md).
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub target: TargetArgs,
 }
@@ -314,7 +338,7 @@ pub struct PublishedArgs {
     /// Only this lower's index [default: every lower of the mounted stack, top first].
     #[arg(long, value_name = "DIR")]
     pub lower: Option<PathBuf>,
-    /// Print a JSON array of {ref, path, output, locked, system, time, lower}.
+    /// Print a JSON array of {ref, path, output, locked, system, time, lower} (see docs/json.md).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]

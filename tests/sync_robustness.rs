@@ -547,7 +547,7 @@ ns_test! {
         assert_eq!(on_terminal(&s.w, &format!("{bin} --quiet sync")), "", "sync --quiet on a terminal");
         s.w.tool_ok(["--quiet", "umount"]);
 
-        // mount of a fresh upper off a terminal: its one line, nothing else.
+        // mount of a fresh upper off a terminal: its one line on stdout, nothing else.
         let fresh = |name: &str| {
             let u = s.w.path(name);
             init(&s.w, &u);
@@ -556,9 +556,9 @@ ns_test! {
         let u = fresh("upper-plain");
         let out = s.w.tool(s.mount_args(&u));
         assert!(out.status.success(), "{}", stderr(&out));
-        assert!(out.stdout.is_empty());
-        let err = stderr(&out);
-        assert!(err.starts_with("mounted 1 lower(s) and upper ") && err.lines().count() == 1, "mount's stderr off a terminal: {err:?}");
+        assert_eq!(stderr(&out), "", "mount's stderr off a terminal");
+        let said = String::from_utf8(out.stdout).unwrap();
+        assert!(said.starts_with("mounted 1 lower(s) and upper ") && said.lines().count() == 1, "mount's stdout off a terminal: {said:?}");
         s.w.tool_ok(["--quiet", "umount"]);
         let u = fresh("upper-quiet");
         let out = s.w.tool(["--quiet".to_owned()].into_iter().chain(s.mount_args(&u)));

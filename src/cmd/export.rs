@@ -41,6 +41,11 @@ pub(crate) fn store_path_of(arg: &str, store: &Path) -> Option<String> {
 pub fn run(args: &ExportArgs) -> Result<()> {
     let config = Config::load(args.target.config.config.as_deref())?;
     let target = resolve_target(args.target.target.as_deref(), &config)?;
+    if args.json && args.output == Path::new("-") {
+        return Err(crate::error::Error::Usage(
+            "export --json prints its report on stdout: write the export to a file (-o FILE), not to stdout (-o -)".into(),
+        ));
+    }
     let mounted = require_mounted(&target)?;
     let store = mounted.store();
     let db = mounted.upper.db();
@@ -93,6 +98,20 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         source,
     })?;
     out.finish()?;
+    if args.json {
+        let paths: Vec<&str> = order
+            .iter()
+            .map(|&i| graph.nodes[i].path.as_str())
+            .collect();
+        super::print_json(&serde_json::json!({
+            "format": 1,
+            "output": args.output,
+            "compress": args.compress,
+            "paths": paths,
+            "nar_bytes": nar_bytes,
+        }));
+        return Ok(());
+    }
     let summary = format!(
         "exported {} path(s), {} bytes of NAR, to {}",
         order.len(),

@@ -26,6 +26,15 @@ pub fn run(args: &GcArgs) -> Result<()> {
             max_freed: args.max_freed,
         },
     )?;
+    if args.json {
+        super::print_json(&serde_json::json!({
+            "format": 1,
+            "dry_run": report.dry_run,
+            "paths": report.paths,
+            "bytes": report.bytes,
+        }));
+        return Ok(());
+    }
     println!(
         "{} {} path(s), {} bytes",
         if report.dry_run {

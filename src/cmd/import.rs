@@ -151,6 +151,16 @@ pub fn run(args: &ImportArgs) -> Result<()> {
             return Err(ExportError::NotRegistered { path: p.clone() }.into());
         }
     }
+    if args.json {
+        super::print_json(&serde_json::json!({
+            "format": 1,
+            "file": args.file,
+            "imported": new,
+            "already_present": contents.entries.len() - new.len(),
+            "checksummed": contents.checksummed,
+        }));
+        return Ok(());
+    }
     println!(
         "imported {} path(s), {} already present{}",
         new.len(),

@@ -18,7 +18,13 @@ pub fn run(args: &InitArgs) -> Result<()> {
     let conn = pathdb::open(&upper.db())?;
     pathdb::pin::ensure(&conn, &upper, &upper.store())?;
     tracing::info!(upper = %upper.dir().display(), "upper ready");
-    if existed {
+    if args.json {
+        super::print_json(&serde_json::json!({
+            "format": 1,
+            "upper": upper.dir(),
+            "created": !existed,
+        }));
+    } else if existed {
         println!("upper {} is initialised already", upper.dir().display());
     } else {
         println!(

@@ -1,9 +1,14 @@
 //! `nixfs-layer mount --lower DIR… --upper DIR [--target DIR]`: the
 //! options from the flags and the config, then `stack::lifecycle::mount`.
 
+use std::path::Path;
+
+use serde::Serialize;
+
 use crate::cli::MountArgs;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::pathdb::merge::SyncSummary;
 use crate::stack::lifecycle::{self, FlakeTree, MountOptions};
 
 use super::{flakefs, resolve_target, Progress};
@@ -37,18 +42,56 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     let phase = |p: &str| progress.phase(p);
     let mounting = lifecycle::mount(&opts, Some(&phase))?;
     drop(progress);
-    print_mounted(&mounting, quiet);
+    if args.json {
+        warn_merge(&mounting.summary);
+        super::print_json(&mounted_doc(&mounting, None));
+    } else {
+        print_mounted(&mounting, quiet);
+    }
     mounting.serve()
+}
+
+/// `mount --json`'s document (and `sync --lower --json`'s, with `kept`).
+#[derive(Serialize)]
+pub struct MountedDoc<'a> {
+    format: u32,
+    target: &'a Path,
+    upper: &'a Path,
+    lowers: Vec<&'a Path>,
+    summary: &'a SyncSummary,
+    finished_switch: usize,
+    flake_tree: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kept: Option<&'a [String]>,
+}
+
+pub fn mounted_doc<'a>(m: &'a lifecycle::Mounting, kept: Option<&'a [String]>) -> MountedDoc<'a> {
+    MountedDoc {
+        format: 1,
+        target: &m.target,
+        upper: m.stack.upper.dir(),
+        lowers: m.stack.lowers.iter().map(|l| l.dir()).collect(),
+        summary: &m.summary,
+        finished_switch: m.finished_switch,
+        flake_tree: m.flake_mountpoint.as_deref(),
+        kept,
+    }
+}
+
+/// The warnings of a merge: paths the upper needs that left the lowers,
+/// lower paths whose store entry vanished.
+pub fn warn_merge(summary: &SyncSummary) {
+    for p in &summary.broken {
+        eprintln!("nixfs-layer: warning: {p} left the lowers but upper paths need it; its content is missing (see `nixfs-layer verify`)");
+    }
+    super::warn_vanished(summary);
 }
 
 /// The warnings of a mount's merge, and (unless `quiet`) what was mounted.
 pub fn print_mounted(m: &lifecycle::Mounting, quiet: bool) {
-    for p in &m.summary.broken {
-        eprintln!("nixfs-layer: warning: {p} left the lowers but upper paths need it; its content is missing (see `nixfs-layer verify`)");
-    }
-    super::warn_vanished(&m.summary);
+    warn_merge(&m.summary);
     if !quiet {
-        eprintln!(
+        println!(
             "mounted {} lower(s) and upper {} at {} ({}){}",
             m.stack.lowers.len(),
             m.stack.upper.dir().display(),

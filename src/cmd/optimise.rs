@@ -22,7 +22,16 @@ pub fn run(args: &OptimiseArgs) -> Result<()> {
     let layers = Layers::read(&conn, &mounted.upper, Some(&mounted.store()))?;
     let r = optimise::optimise(&mut conn, &mounted.upper, &layers.lowers, &mounted.store())?;
     if args.json {
-        super::print_json(&r);
+        #[derive(serde::Serialize)]
+        struct Doc<'a> {
+            format: u32,
+            #[serde(flatten)]
+            report: &'a optimise::Optimised,
+        }
+        super::print_json(&Doc {
+            format: 1,
+            report: &r,
+        });
         return Ok(());
     }
     println!(

@@ -32,6 +32,15 @@ pub fn run(args: &PromoteArgs) -> Result<()> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     let done = promote::promote(&graph, &roots, &store, &conn, &db, &lower, &[])?;
+    if args.json {
+        super::print_json(&serde_json::json!({
+            "format": 1,
+            "into": lower.dir(),
+            "promoted": done.paths,
+            "already": done.already,
+        }));
+        return Ok(());
+    }
     println!(
         "promoted {} path(s) into {} ({} already there); run `nixfs-layer sync` then `nixfs-layer optimise` on its readers",
         done.paths.len(),

@@ -65,13 +65,38 @@ pub fn run(args: &PublishArgs) -> Result<()> {
         &lower,
         &changes,
     )?;
+    if args.json {
+        let published: Vec<&Entry> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Set(e) => Some(e),
+                Change::Remove(_) => None,
+            })
+            .collect();
+        let removed: Vec<&str> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Remove(r) => Some(r.as_str()),
+                Change::Set(_) => None,
+            })
+            .collect();
+        super::print_json(&serde_json::json!({
+            "format": 1,
+            "into": lower.dir(),
+            "published": published,
+            "removed": removed,
+            "copied": done.paths,
+            "already": done.already,
+        }));
+        return Ok(());
+    }
     for c in &changes {
         match c {
             Change::Set(e) => println!("{} -> {}", e.reference, e.path),
             Change::Remove(r) => println!("removed {r}"),
         }
     }
-    eprintln!(
+    println!(
         "published {} reference(s) into {}: {} path(s) copied, {} already there; readers follow at their next `nixfs-layer sync`",
         changes.len(),
         lower.dir().display(),

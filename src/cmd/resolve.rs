@@ -14,14 +14,14 @@ use super::resolve_target;
 
 #[derive(Serialize)]
 struct Answer<'a> {
+    format: u32,
     #[serde(rename = "ref")]
     reference: &'a str,
     path: String,
     how: How,
     locked: bool,
     /// The index entry, when a lower published the reference: its locked
-    /// form and time.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// form and time; `null` otherwise.
     published: Option<&'a crate::published::Entry>,
 }
 
@@ -35,6 +35,7 @@ pub fn run(args: &ResolveArgs) -> Result<()> {
         .map_err(Error::Resolve)?;
     if args.json {
         let a = Answer {
+            format: 1,
             reference: &r.text,
             path: res.path.display().to_string(),
             how: res.how,

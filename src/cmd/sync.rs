@@ -23,6 +23,14 @@ pub fn run(args: &SyncArgs, quiet: bool) -> Result<()> {
         let phase = |p: &str| progress.phase(p);
         let switched = lifecycle::switch_lowers(&target, &opts, Some(&phase))?;
         drop(progress);
+        if args.json {
+            super::mount::warn_merge(&switched.mounting.summary);
+            super::print_json(&super::mount::mounted_doc(
+                &switched.mounting,
+                Some(&switched.kept),
+            ));
+            return Ok(());
+        }
         if !quiet && !switched.kept.is_empty() {
             eprintln!(
                 "kept {} path(s) the upper needs and the new lowers lack: {}",
@@ -37,12 +45,29 @@ pub fn run(args: &SyncArgs, quiet: bool) -> Result<()> {
     let phase = |p: &str| progress.phase(p);
     let synced = lifecycle::sync(&target, args.force, Some(&phase))?;
     drop(progress);
+    let store = crate::stack::Target::new(&target).store();
+    if args.json {
+        super::warn_vanished(&synced.summary);
+        let replaced: Vec<_> = synced
+            .replaced
+            .iter()
+            .map(|r| serde_json::json!({ "lower": r.dir, "store": store }))
+            .collect();
+        super::print_json(&serde_json::json!({
+            "format": 1,
+            "target": target,
+            "summary": synced.summary,
+            "replaced": replaced,
+            "sealed": synced.sealed,
+        }));
+        return Ok(());
+    }
     if !quiet {
         for r in &synced.replaced {
             eprintln!(
                 "sync: lower {} was replaced since it was mounted; mounted {} afresh on the new one",
                 r.dir.display(),
-                crate::stack::Target::new(&target).store().display()
+                store.display()
             );
         }
     }
