@@ -66,11 +66,9 @@ ns_test! {
             let h = Host::start(&w, name);
             cable(&publisher, &h, ip);
             let lower = h.dir.join("lower");
-            // No sshfs reconnect here: with it, the two concurrent first
-            // evaluations on a host get EIO from lstat of a lower path
-            // through the overlay in about 1 run in 7, without it in about
-            // 1 in 28 (the cause lies between sshfs, FUSE and overlayfs and
-            // is not found yet; the failure prints the server's log).
+            // No sshfs reconnect and a patient keepalive (see Sshd::sshfs):
+            // a 3 s keepalive dropped the link when the machine was loaded,
+            // failing lookups with EIO (reconnect) or ENOTCONN (without).
             sshd.sshfs(&h, root, &lower, false);
             let upper = h.dir.join("upper");
             h.tool_ok(["init", "--upper", upper.to_str().unwrap()]);

@@ -275,22 +275,25 @@ impl Sshd {
     }
 
     /// Mounts `remote` (a directory of the serving host) read-only on
-    /// `mountpoint` in `host` with sshfs. Reconnects on demand; a dead
-    /// link is noticed within ~3 s, and requests then fail with EIO.
-    /// `reconnect`: sshfs reconnects after a lost link (the NFS-fleet
-    /// scenario cuts the network and expects reads to work again). Without
-    /// it, concurrent first lookups through the overlay failed with EIO in
-    /// 1 of 28 runs of the spark scenario, against 8 of 55 with it (cause
-    /// not found yet: see tests/vm_spark_path.rs).
+    /// `mountpoint` in `host` with sshfs.
+    /// `reconnect`: sshfs reconnects after a lost link, which is noticed
+    /// within ~3 s (the NFS-fleet scenario cuts the network and expects
+    /// reads to work again). Without it the link is given a minute: a
+    /// keepalive of 3 s dropped a healthy link on a loaded machine (the
+    /// suite runs beside it), and every later request failed with ENOTCONN.
     pub fn sshfs(&self, host: &Host, remote: &Path, mountpoint: &Path, reconnect: bool) {
         std::fs::create_dir_all(mountpoint).unwrap();
         host.sh(&format!(
-            "sshfs -o ro,allow_other,{reconnect}ServerAliveInterval=1,ServerAliveCountMax=2,\
+            "sshfs -o ro,allow_other,{reconnect}ServerAliveCountMax=2,\
              ConnectTimeout=2,BatchMode=yes,IdentityFile={key},StrictHostKeyChecking=no,\
              UserKnownHostsFile=/dev/null,LogLevel=ERROR,cache=no,attr_timeout=0,entry_timeout=0 \
              root@{addr}:{remote} {mp}",
             key = self.client_key.display(),
-            reconnect = if reconnect { "reconnect," } else { "" },
+            reconnect = if reconnect {
+                "reconnect,ServerAliveInterval=1,"
+            } else {
+                "ServerAliveInterval=30,"
+            },
             addr = self.addr,
             remote = remote.display(),
             mp = mountpoint.display()
