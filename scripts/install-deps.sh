@@ -2,7 +2,8 @@
 # Installs what the tests and the demo need on a Debian machine, if missing:
 # Nix (Debian's nix-bin), FUSE 3, util-linux's unshare/setpriv/nsenter, sqlite3, man,
 # zstd/xz (export compression), /usr/bin/time (benchmarks), iproute2, sshfs
-# and OpenSSH (vm-tests), Python 3 (tests/packaging.rs compiles the NixOS
+# and OpenSSH (vm-tests), nix-setup-systemd (Debian's multi-user Nix: the
+# nixbld build users and nix-daemon's units, for the nix-daemon tests), Python 3 (tests/packaging.rs compiles the NixOS
 # VM tests' scripts), zsh and fish (their completions are tested).
 #
 #   scripts/install-deps.sh          what the test suite needs
@@ -22,6 +23,7 @@ done
 demo_deps='nix-bin|command -v nix-store
 util-linux|command -v unshare'
 test_deps='fuse3|command -v fusermount3
+nix-setup-systemd|getent group nixbld
 util-linux|command -v setpriv
 sqlite3|command -v sqlite3
 man-db|command -v man

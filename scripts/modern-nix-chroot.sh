@@ -20,7 +20,24 @@ complete() {
   [ -f "$1/$marker" ] && [ -x "$1/usr/bin/nix-store" ] && [ -x "$1/usr/bin/nix" ]
 }
 
+# Build users as Debian's nix-setup-systemd makes them (group nixbld,
+# nixbld1..10): the tests run a nix-daemon of this Nix that builds as them.
+# Added to a chroot made before this step existed as well.
+build_users() {
+  local r=$1 n
+  groupadd --root "$r" --force --system nixbld
+  for n in $(seq 1 10); do
+    grep -q "^nixbld$n:" "$r/etc/passwd" ||
+      useradd --root "$r" --system --comment "Nix build user $n" --home-dir /var/empty \
+        --gid nixbld --groups nixbld --no-user-group --shell /usr/sbin/nologin "nixbld$n"
+  done
+}
+
 if complete "$dir"; then
+  if ! grep -q '^nixbld10:' "$dir/etc/passwd"; then
+    [ "$(id -u)" -eq 0 ] || { echo "adding build users to the modern-Nix chroot needs root" >&2; exit 1; }
+    build_users "$dir"
+  fi
   echo "$dir"
   exit 0
 fi
@@ -80,6 +97,7 @@ in_chroot() {
 }
 version=$(in_chroot nix-store --version)
 in_chroot nix --extra-experimental-features nix-command --version >/dev/null
+build_users "$tmp"
 echo "$version" >&2
 echo "$version built $(date -u +%FT%TZ) in $(($(date +%s) - start))s" >"$tmp/$marker"
 trap - EXIT

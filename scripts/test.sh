@@ -36,6 +36,7 @@ suite_nix_tests=(
   flake_security  # the same, plus a nix-daemon of the suite's Nix on the stack
   json_reports    # Stack, builds and collectors through World::nix
   layered_store   # Stack and World::nix throughout
+  nix_daemon      # a nix-daemon of the suite's Nix on the stack, its clients
   lifecycle       # Stack, racing mounts through the tool
   promote         # builds with World::build, nix-store --verify on both sides
   publish         # flakes evaluated and built with the suite's Nix by publish

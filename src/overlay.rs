@@ -824,3 +824,96 @@ mod tests {
         assert!(!filesystems_has_overlay("nodev\tsysfs\n\text4\n"));
     }
 }
+
+/// A listening Unix socket bound to a path under a directory (a
+/// nix-daemon's, or systemd's `nix-daemon.socket`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListeningSocket {
+    /// The path it was bound to.
+    pub path: PathBuf,
+    /// The processes holding it: pid and command.
+    pub holders: Vec<(u32, String)>,
+}
+
+impl ListeningSocket {
+    /// Whether connecting to its path reaches a listener. Not so when a
+    /// mount covered the directory after the socket was bound (a daemon
+    /// started before the stack was mounted). Connecting makes a
+    /// nix-daemon fork a worker for a moment.
+    pub fn reachable(&self) -> bool {
+        std::os::unix::net::UnixStream::connect(&self.path).is_ok()
+    }
+}
+
+/// The listening Unix sockets bound under `dir` (by the paths they were
+/// bound to, from /proc/net/unix) that some process holds, with those
+/// processes.
+pub fn listening_sockets(dir: &Path) -> Vec<ListeningSocket> {
+    use std::collections::BTreeMap;
+    let Ok(table) = fs::read_to_string("/proc/net/unix") else {
+        return Vec::new();
+    };
+    // Num RefCount Protocol Flags Type St Inode Path; listening sockets
+    // have the flag __SO_ACCEPTCON.
+    let mut by_inode: BTreeMap<u64, PathBuf> = BTreeMap::new();
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let listening = f
+            .get(3)
+            .and_then(|flags| u32::from_str_radix(flags, 16).ok())
+            .is_some_and(|flags| flags & 0x10000 != 0);
+        if f.len() < 8 || !listening || !f[7].starts_with('/') {
+            continue;
+        }
+        let (Ok(inode), path) = (f[6].parse::<u64>(), PathBuf::from(f[7])) else {
+            continue;
+        };
+        if path.starts_with(dir) {
+            by_inode.insert(inode, path);
+        }
+    }
+    if by_inode.is_empty() {
+        return Vec::new();
+    }
+    let mut holders: BTreeMap<u64, Vec<(u32, String)>> = BTreeMap::new();
+    // Any mount namespace: nix-daemon runs in one of its own, copied from
+    // its parent's when it starts.
+    for p in processes() {
+        let Ok(fds) = fs::read_dir(p.dir.join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Some(i) = fs::read_link(fd.path()).ok().and_then(|l| {
+                l.to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse::<u64>()
+                    .ok()
+            }) else {
+                continue;
+            };
+            if by_inode.contains_key(&i) {
+                let h = holders.entry(i).or_default();
+                if !h.iter().any(|(pid, _)| *pid == p.pid) {
+                    h.push((p.pid, p.command()));
+                }
+            }
+        }
+    }
+    // One per path: a path can show twice (a socket no process holds any
+    // more, a daemon started again), the holders of all of them together.
+    let mut by_path: BTreeMap<PathBuf, Vec<(u32, String)>> = BTreeMap::new();
+    for (i, path) in by_inode {
+        let h = by_path.entry(path).or_default();
+        for x in holders.remove(&i).unwrap_or_default() {
+            if !h.contains(&x) {
+                h.push(x);
+            }
+        }
+    }
+    by_path
+        .into_iter()
+        .filter(|(_, holders)| !holders.is_empty())
+        .map(|(path, holders)| ListeningSocket { path, holders })
+        .collect()
+}

@@ -335,7 +335,7 @@ ns_test! {
         std::fs::create_dir_all(&other).unwrap();
         let mut holder = Command::new("unshare");
         holder.args(["-m", "--propagation", "private", "sh", "-c"]).arg(format!(
-            "{} mount --lower {} --upper {} --target {} --no-flake-fs && echo up && exec sleep 600",
+            "{} mount --lower {} --upper {} --target {} --no-flake-fs >/dev/null && echo up && exec sleep 600",
             env!("CARGO_BIN_EXE_nixfs-layer"),
             s.lower.display(),
             s.upper.display(),

@@ -14,14 +14,14 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::hosts::BUILDS;
-use common::{base_name, sh, stderr, World, FLAKE_MOUNT};
+use common::{base_name, sh, stderr, NixDaemon, World, FLAKE_MOUNT};
 
 const NOBODY: u32 = 65534;
 
@@ -38,15 +38,13 @@ struct Sec {
     /// One line per `nix` run of the server: `<uid> <subcommand> <installable>`.
     nix_log: PathBuf,
     hello: String,
-    daemon: Option<Child>,
+    daemon: Option<NixDaemon>,
 }
 
 impl Drop for Sec {
+    /// The daemon goes before the scratch directory it serves.
     fn drop(&mut self) {
-        if let Some(d) = &mut self.daemon {
-            let _ = d.kill();
-            let _ = d.wait();
-        }
+        self.daemon.take();
     }
 }
 
@@ -171,24 +169,7 @@ impl Sec {
 
     /// A nix-daemon on the stack, as on a multi-user machine.
     fn start_daemon(&mut self) {
-        let mut c = self.w.nix("nix-daemon");
-        let child = c
-            .env_remove("NIX_REMOTE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.w.path("daemon.log")).unwrap())
-            .spawn()
-            .expect("run nix-daemon");
-        self.daemon = Some(child);
-        let socket = Path::new("/nix/var/nix/daemon-socket/socket");
-        let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "nix-daemon did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.daemon = Some(self.w.start_nix_daemon("", true));
     }
 
     /// The `nix` runs so far: (uid, subcommand, installable).

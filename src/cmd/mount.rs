@@ -42,6 +42,7 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
     let phase = |p: &str| progress.phase(p);
     let mounting = lifecycle::mount(&opts, Some(&phase))?;
     drop(progress);
+    warn_hidden_sockets(&mounting);
     if args.json {
         warn_merge(&mounting.summary);
         super::print_json(&mounted_doc(&mounting, None));
@@ -75,6 +76,24 @@ pub fn mounted_doc<'a>(m: &'a lifecycle::Mounting, kept: Option<&'a [String]>) -
         finished_switch: m.finished_switch,
         flake_tree: m.flake_mountpoint.as_deref(),
         kept,
+    }
+}
+
+/// A warning for each listening socket the mount covered: a nix-daemon
+/// (or systemd's socket for it) started before the mount serves nobody.
+pub fn warn_hidden_sockets(m: &lifecycle::Mounting) {
+    for h in &m.hidden_sockets {
+        let who = h
+            .holders
+            .iter()
+            .map(|(pid, c)| format!("{c} (pid {pid})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        eprintln!(
+            "nixfs-layer: warning: {who} listens on {} from before the mount, which now covers it: clients find the stack's {} there and cannot connect; restart it now (systemctl restart nix-daemon.socket nix-daemon.service), and order it after nixfs-layer",
+            h.path.display(),
+            m.target.join("var").display()
+        );
     }
 }
 

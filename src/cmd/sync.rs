@@ -23,6 +23,7 @@ pub fn run(args: &SyncArgs, quiet: bool) -> Result<()> {
         let phase = |p: &str| progress.phase(p);
         let switched = lifecycle::switch_lowers(&target, &opts, Some(&phase))?;
         drop(progress);
+        super::mount::warn_hidden_sockets(&switched.mounting);
         if args.json {
             super::mount::warn_merge(&switched.mounting.summary);
             super::print_json(&super::mount::mounted_doc(

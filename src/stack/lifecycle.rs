@@ -62,6 +62,9 @@ pub struct Mounting {
     pub finished_switch: usize,
     /// Where the flake tree is, if one is served.
     pub flake_mountpoint: Option<PathBuf>,
+    /// Listening sockets under `TARGET/var` the mount covered (a nix-daemon
+    /// started before it): to be restarted.
+    pub hidden_sockets: Vec<overlay::ListeningSocket>,
     serve_here: Option<ServeOptions>,
     foreground: bool,
     lock: UpperLock,
@@ -206,7 +209,10 @@ pub fn mount(opts: &MountOptions, progress: Progress<'_>) -> Result<Mounting> {
     guard.disarm();
     drop(target_lock);
     failpoint::hit("mount:done");
+    let mut hidden_sockets = overlay::listening_sockets(&var);
+    hidden_sockets.retain(|s| !s.reachable());
     Ok(Mounting {
+        hidden_sockets,
         flake_mountpoint: opts.flake_tree.as_ref().map(|t| t.mountpoint.clone()),
         stack,
         target: target.clone(),
@@ -348,6 +354,19 @@ fn wait_until_unused(mounted: &Mounted, wait: Option<Duration>) -> Result<()> {
             servers.iter().any(|s| overlay::descends_from(pid, *s))
         });
         holders.extend(overlay::holders_elsewhere(&mounted.upper));
+        // A nix-daemon serving the stack holds no file of it between
+        // clients, only its socket in TARGET/var.
+        for s in overlay::listening_sockets(&mounted.var()) {
+            for (pid, command) in s.holders {
+                if !holders.iter().any(|h| h.pid == pid) {
+                    holders.push(overlay::Holder {
+                        pid,
+                        command,
+                        mount_point: s.path.clone(),
+                    });
+                }
+            }
+        }
         if holders.is_empty() {
             return Ok(());
         }

@@ -153,17 +153,19 @@ impl World {
     /// test runs Nix in the flake tree's server).
     pub fn nix_env(&self, c: &mut Command) {
         c.env("NIX_REMOTE", "local")
-            .env(
-                "NIX_CONFIG",
-                format!(
-                    "build-users-group =\nsubstituters =\nsandbox = false\nexperimental-features = nix-command flakes {}\n{}",
-                    self.features.lock().unwrap(),
-                    self.nix_conf.lock().unwrap()
-                ),
-            )
+            .env("NIX_CONFIG", self.nix_config())
             .env("HOME", self.path("home"))
             .env("XDG_CACHE_HOME", self.path("home/.cache"))
             .env_remove("NIX_PATH");
+    }
+
+    /// The settings [`World::nix`] gives Nix (in `NIX_CONFIG`).
+    pub fn nix_config(&self) -> String {
+        format!(
+            "build-users-group =\nsubstituters =\nsandbox = false\nexperimental-features = nix-command flakes {}\n{}",
+            self.features.lock().unwrap(),
+            self.nix_conf.lock().unwrap()
+        )
     }
 
     /// Runs a Nix command and returns its stdout; panics with stderr on failure.
@@ -579,5 +581,118 @@ impl Stack {
             .find(|p| p.ends_with(&suffix))
             .unwrap_or_else(|| panic!("no lower path {name}: {:?}", self.lower_paths))
             .clone()
+    }
+}
+
+/// The daemon socket of the store at /nix.
+pub const DAEMON_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
+
+/// A nix-daemon of the suite's Nix serving the store at /nix, as on a
+/// multi-user machine; killed when dropped.
+pub struct NixDaemon {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Drop for NixDaemon {
+    /// Kills it and its workers (its descendants: a worker may have a
+    /// session of its own), and waits until none is left.
+    fn drop(&mut self) {
+        let mut family = vec![self.child.id()];
+        let mut i = 0;
+        while i < family.len() {
+            family.extend(children_of(family[i]));
+            i += 1;
+        }
+        for &pid in &family {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.child.wait();
+        let t = std::time::Instant::now();
+        // Gone, or a zombie (the test, PID 1 of its namespace, inherits
+        // them and does not reap them).
+        let alive = |p: &u32| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .is_ok_and(|st| st.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
+        };
+        while family[1..].iter().any(alive) && t.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// The pids whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+impl NixDaemon {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl World {
+    /// Starts a nix-daemon on /nix (the World's settings, plus
+    /// `extra_conf` lines, e.g. `build-users-group = nixbld`) and waits for
+    /// its socket. `wait_socket`: false for a daemon whose socket the test
+    /// expects to be hidden.
+    pub fn start_nix_daemon(&self, extra_conf: &str, wait_socket: bool) -> NixDaemon {
+        let log = self.path("daemon.log");
+        let mut c = self.nix("nix-daemon");
+        if !extra_conf.is_empty() {
+            c.env(
+                "NIX_CONFIG",
+                format!("{}\n{extra_conf}\n", self.nix_config()),
+            );
+        }
+        let child = c
+            .env_remove("NIX_REMOTE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("run nix-daemon");
+        let d = NixDaemon { child, log };
+        if wait_socket {
+            let t = std::time::Instant::now();
+            while std::os::unix::net::UnixStream::connect(DAEMON_SOCKET).is_err() {
+                assert!(
+                    t.elapsed() < std::time::Duration::from_secs(20),
+                    "nix-daemon did not come up: {}",
+                    std::fs::read_to_string(&d.log).unwrap_or_default()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        d
+    }
+
+    /// A command of the suite's Nix run as `uid` (gid the same, no
+    /// supplementary groups) through the nix-daemon, with a HOME of its
+    /// own: a user of a multi-user machine.
+    pub fn nix_as(&self, uid: u32, program: &str) -> Command {
+        let home = self.path(&format!("home-{uid}"));
+        std::fs::create_dir_all(&home).unwrap();
+        sh(&format!("chown {uid}:{uid} {}", home.display()));
+        let mut c = self.nix("setpriv");
+        c.args([
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".into(),
+            "--".into(),
+            program.into(),
+        ])
+        .env("NIX_REMOTE", "daemon")
+        .env("HOME", &home)
+        .env("XDG_CACHE_HOME", home.join(".cache"));
+        c
     }
 }
