@@ -5,7 +5,8 @@
 # Nix once more, against Debian trixie's Nix in a chroot (see scripts/test.sh).
 #
 # Installing (as root, after `make`): `make install` puts the binary, the man
-# pages, bash/zsh/fish completions and the systemd unit under PREFIX
+# pages, bash/zsh/fish completions, the systemd unit and nix-daemon's
+# drop-ins (ordered after the stack, stopped with it) under PREFIX
 # (default /usr/local); DESTDIR stages it for a package; `make uninstall`
 # removes the same files. BIN installs another build of the binary. The
 # installed systemd unit names the binary where BINDIR puts it.
@@ -45,6 +46,8 @@ install: $(BIN)
 	sed 's|/usr/bin/nixfs-layer|$(BINDIR)/nixfs-layer|g' nixos/nixfs-layer.service \
 	  > $(DESTDIR)$(SYSTEMDUNITDIR)/nixfs-layer.service
 	chmod 644 $(DESTDIR)$(SYSTEMDUNITDIR)/nixfs-layer.service
+	install -Dm644 nixos/nix-daemon-nixfs-layer.conf $(DESTDIR)$(SYSTEMDUNITDIR)/nix-daemon.service.d/nixfs-layer.conf
+	install -Dm644 nixos/nix-daemon-nixfs-layer.conf $(DESTDIR)$(SYSTEMDUNITDIR)/nix-daemon.socket.d/nixfs-layer.conf
 	install -Dm644 -t $(DESTDIR)$(NIXOSDIR) nixos/module.nix nixos/render-config.nix
 
 uninstall:
@@ -53,7 +56,10 @@ uninstall:
 	  $(DESTDIR)$(BASHCOMPDIR)/nixfs-layer $(DESTDIR)$(ZSHCOMPDIR)/_nixfs-layer \
 	  $(DESTDIR)$(FISHCOMPDIR)/nixfs-layer.fish \
 	  $(DESTDIR)$(SYSTEMDUNITDIR)/nixfs-layer.service \
+	  $(DESTDIR)$(SYSTEMDUNITDIR)/nix-daemon.service.d/nixfs-layer.conf \
+	  $(DESTDIR)$(SYSTEMDUNITDIR)/nix-daemon.socket.d/nixfs-layer.conf \
 	  $(DESTDIR)$(NIXOSDIR)/module.nix $(DESTDIR)$(NIXOSDIR)/render-config.nix
+	-rmdir $(DESTDIR)$(SYSTEMDUNITDIR)/nix-daemon.service.d $(DESTDIR)$(SYSTEMDUNITDIR)/nix-daemon.socket.d 2>/dev/null
 	-rmdir $(DESTDIR)$(NIXOSDIR) $(DESTDIR)$(PREFIX)/share/nixfs-layer 2>/dev/null
 
 demo:

@@ -4,8 +4,11 @@
 let
   cfg = config.services.nixfs-layer;
   render = import ./render-config.nix;
+  # This machine's own /nix as it was before the stack covered it.
+  ownNix = "/run/nixfs-layer-own-nix";
+  lowers = cfg.lowers ++ lib.optional cfg.ownStoreAsLower ownNix;
   settings = lib.recursiveUpdate {
-    lowers = map toString cfg.lowers;
+    lowers = map toString lowers;
     upper = toString cfg.upper;
     target = toString cfg.target;
     flakefs = {
@@ -29,6 +32,20 @@ in
       type = types.listOf types.path;
       example = [ "/run/template-nix" ];
       description = "Lower Nix roots (each holding store/ and var/nix/db/), first on top.";
+    };
+    ownStoreAsLower = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Put this machine's own /nix under the stack as its bottom lower:
+        before mounting, /nix is bound read-only and private on
+        ${ownNix} (private, so that the stack's own mounts on /nix/store
+        and /nix/var do not show through). Needed where the system itself
+        lives in /nix/store, as on NixOS: once the stack covers /nix/store
+        the system's paths must come from a lower. /nix/store must be a
+        directory of the root file system (an installed machine), not a
+        mount point of its own.
+      '';
     };
     upper = mkOption {
       type = types.path;
@@ -61,8 +78,13 @@ in
     systemd.services.nixfs-layer = {
       description = "nixfs-layer: layered Nix store";
       wantedBy = [ "multi-user.target" ];
+      # nix-daemon runs in a mount namespace of its own, copied when it
+      # starts, and listens in TARGET/var: it starts after the stack is
+      # mounted, and stops before it is unmounted (`umount` refuses while
+      # it listens there).
       before = [ "nix-daemon.service" "nix-daemon.socket" ];
-      after = [ "local-fs.target" "remote-fs.target" ];
+      after = [ "local-fs.target" "remote-fs.target" ] ++ lib.optional cfg.ownStoreAsLower "nixfs-layer-own-nix.service";
+      requires = lib.optional cfg.ownStoreAsLower "nixfs-layer-own-nix.service";
       path = [ cfg.package config.nix.package pkgs.util-linux ];
       # Ready (sd_notify) once the overlay, merged database and flake tree
       # are up; the service serves the tree itself and unmounts everything
@@ -72,10 +94,29 @@ in
         NotifyAccess = "main";
         ExecStartPre = "${cfg.package}/bin/nixfs-layer init --config ${configFile}";
         ExecStart = "${cfg.package}/bin/nixfs-layer mount --foreground --config ${configFile}";
-        ExecStartPost = "-${pkgs.systemd}/bin/systemctl try-restart nix-daemon.service";
+        ExecStartPost = "-${pkgs.systemd}/bin/systemctl try-restart nix-daemon.socket nix-daemon.service";
         TimeoutStartSec = "30min";
         KillMode = "mixed";
       };
+    };
+    # Stopping (or restarting) the stack stops (restarts) the daemon first.
+    systemd.services.nix-daemon.partOf = [ "nixfs-layer.service" ];
+    systemd.sockets.nix-daemon.partOf = [ "nixfs-layer.service" ];
+    systemd.services.nixfs-layer-own-nix = lib.mkIf cfg.ownStoreAsLower {
+      description = "This machine's own /nix, read-only, as the bottom lower of nixfs-layer";
+      path = [ pkgs.util-linux ];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+      };
+      script = ''
+        mkdir -p ${ownNix}
+        if ! mountpoint -q ${ownNix}; then
+          mount --bind /nix ${ownNix}
+          mount --make-private ${ownNix}
+          mount -o remount,bind,ro ${ownNix}
+        fi
+      '';
     };
   };
 }

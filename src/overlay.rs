@@ -55,7 +55,7 @@ pub enum MountError {
         pid: u32,
         command: String,
     },
-    #[error("{target} is in use by {holders}; nothing was unmounted: stop them, or pass --wait SECONDS to wait for them")]
+    #[error("{target} is in use by {holders}; nothing was unmounted: stop them first (`nixfs-layer umount --wait SECONDS` waits for them)")]
     InUse { target: PathBuf, holders: String },
     #[error("{path}: {source}")]
     Io {

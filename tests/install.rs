@@ -45,6 +45,8 @@ fn installed(prefix: &str) -> Vec<String> {
         format!("{p}/share/zsh/site-functions/_nixfs-layer"),
         format!("{p}/share/fish/vendor_completions.d/nixfs-layer.fish"),
         format!("{p}/lib/systemd/system/nixfs-layer.service"),
+        format!("{p}/lib/systemd/system/nix-daemon.service.d/nixfs-layer.conf"),
+        format!("{p}/lib/systemd/system/nix-daemon.socket.d/nixfs-layer.conf"),
         format!("{p}/share/nixfs-layer/nixos/module.nix"),
         format!("{p}/share/nixfs-layer/nixos/render-config.nix"),
         format!("{p}/share/man/man1/nixfs-layer.1"),

@@ -173,3 +173,29 @@ ns_test! {
         assert!(v.status.success(), "{}", stderr(&v));
     }
 }
+
+ns_test! {
+    fn a_switch_to_new_lowers_while_the_daemon_serves_is_refused_whole() {
+        let s = stack();
+        s.mount();
+        let daemon = s.w.start_nix_daemon(MULTI_USER, true);
+        let gen2 = s.w.path("lower-2");
+        sh(&format!("cp -a {} {}", s.lower.display(), gen2.display()));
+        let mounts = common::mount_table();
+        let o = s.w.tool(["sync", "--lower", gen2.to_str().unwrap(), "--keep-needed"]);
+        assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+        let msg = stderr(&o);
+        assert!(msg.contains(&format!("pid {} (nix-daemon", daemon.pid())) && msg.contains("nothing was unmounted"), "{msg}");
+        assert_eq!(common::mount_table(), mounts, "the stack on the old lower, as it was");
+        let liba = s.lower_path("liba");
+        let v = s.w.nix_as(NOBODY, "nix-store").args(["-q", "--hash", &liba]).output().unwrap();
+        assert!(v.status.success(), "the daemon serves on: {}", stderr(&v));
+        // Stopped, switched, started again: it serves the new stack.
+        drop(daemon);
+        s.w.tool_ok(["sync", "--lower", gen2.to_str().unwrap(), "--keep-needed"]);
+        assert!(common::mountinfo().contains(&format!("lowerdir={}/store", gen2.display())));
+        let _daemon = s.w.start_nix_daemon(MULTI_USER, true);
+        let v = s.w.nix_as(NOBODY, "nix-store").args(["-q", "--hash", &liba]).output().unwrap();
+        assert!(v.status.success(), "{}", stderr(&v));
+    }
+}

@@ -24,8 +24,6 @@ let
     ];
   };
 
-  # The machine's own /nix, as a lower (see stackedHost).
-  ownNix = "/run/nixfs-layer-own-nix";
 in
 {
   host =
@@ -76,10 +74,9 @@ in
   # boots from a disk image, where /nix/store is a plain directory of the
   # root file system as on an installed machine (the default test VM's
   # store is the host's, shared into the VM and mounted on /nix/store: a
-  # mount point, which `nixfs-layer mount` refuses). Before the stack is
-  # mounted, /nix is bound read-only and private on
-  # /run/nixfs-layer-own-nix (private so that the stack's own mounts on
-  # /nix/store and /nix/var do not show through) and is the bottom lower.
+  # mount point, which `nixfs-layer mount` refuses). The module's
+  # ownStoreAsLower puts the machine's own /nix under the stack as the
+  # bottom lower.
   #
   # The NFS mount is soft, so that reads of an unreachable server fail with
   # an error (after about 1+2+3 s: timeo=10, retrans=2) instead of hanging,
@@ -127,33 +124,16 @@ in
 
       services.nixfs-layer = {
         enable = true;
-        lowers = lowers ++ [ ownNix ];
+        inherit lowers;
+        ownStoreAsLower = true;
         flakefs.enable = flakefs;
       };
       systemd.services.nixfs-layer = {
         wantedBy = lib.mkIf (!autoStart) (lib.mkForce [ ]);
-        requires = [ "nixfs-layer-own-nix.service" ];
-        after = [ "nixfs-layer-own-nix.service" ];
         unitConfig.RequiresMountsFor = [
           "/var/lib/nixfs-layer"
           mountPoint
         ];
-      };
-      systemd.services.nixfs-layer-own-nix = {
-        description = "This machine's own /nix, read-only, as the bottom lower of nixfs-layer";
-        path = [ pkgs.util-linux ];
-        serviceConfig = {
-          Type = "oneshot";
-          RemainAfterExit = true;
-        };
-        script = ''
-          mkdir -p ${ownNix}
-          if ! mountpoint -q ${ownNix}; then
-            mount --bind /nix ${ownNix}
-            mount --make-private ${ownNix}
-            mount -o remount,bind,ro ${ownNix}
-          fi
-        '';
       };
     };
 }
