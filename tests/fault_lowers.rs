@@ -248,10 +248,10 @@ ns_test! {
             "mount", "--lower", lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap(), "--no-flake-fs",
         ]);
         assert!(out.status.success(), "mount: {}", stderr(&out));
+        let said = String::from_utf8_lossy(&out.stdout);
         assert!(
-            stderr(&out).contains(&format!("(added {},", lost.len() + 2)),
-            "the lower paths Nix unregistered, and extra with its .drv, are registered: {}",
-            stderr(&out)
+            said.contains(&format!("(added {},", lost.len() + 2)),
+            "the lower paths Nix unregistered, and extra with its .drv, are registered: {said}"
         );
         s.assert_valid_and_visible(&new_paths);
         // What Nix unregistered of the upper's own paths is verify --repair's.
@@ -310,7 +310,8 @@ ns_test! {
         ]);
         assert!(out.status.success(), "mount: {}", stderr(&out));
         assert!(stderr(&out).contains(&warning), "mount names it: {}", stderr(&out));
-        assert!(stderr(&out).contains("missing content: 1 lower path(s)"), "{}", stderr(&out));
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("missing content: 1 lower path(s)"), "mount's summary: {said}");
 
         // Put back: no more warnings.
         sh(&format!("cp -a {} {}", saved.display(), entry.display()));

@@ -1,6 +1,7 @@
 //! What a newcomer sees first: `init` says what it made, a failing
-//! `resolve` says so once, and a clean stop of the flake tree logs no
-//! warning.
+//! `resolve` says so once, a clean stop of the flake tree logs no warning,
+//! `verify` and `optimise` agree on duplicates, and `sync` after `promote`
+//! accounts for every path the lower has.
 
 mod common;
 
@@ -72,5 +73,57 @@ ns_test! {
         let log = s.upper.join("var/log/nixfs-layer/flakefs.log");
         let log = std::fs::read_to_string(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
         assert!(!log.contains("WARN"), "the server's log: {log}");
+    }
+}
+
+ns_test! {
+    fn verify_and_optimise_agree_on_what_a_duplicate_is() {
+        let s = Stack::new(&["tool"]);
+        s.mount();
+        let tool = s.lower_path("tool");
+        // Nix cannot rebuild a lower path in place: that would white out
+        // the lower's copy, which the sealed overlay refuses. Nothing changes.
+        let out = s.w.nix("nix-build").args(["--repair", "--no-out-link", &common::fixture("store.nix"), "-A", "tool"]).output().unwrap();
+        assert!(!out.status.success() && stderr(&out).contains("Operation not permitted"), "{}", stderr(&out));
+        assert!(s.valid(&tool) && common::whiteouts(&s.upper).is_empty());
+        assert_eq!(common::sh(&format!("{tool}/bin/tool")), "hello from tool\n");
+
+        // Upper paths that a lower gains later are duplicates: verify lists
+        // them, optimise drops exactly those.
+        let extra = s.w.nix_ok("nix-build", ["--no-out-link", &common::fixture("store.nix"), "-A", "extra"]).trim().to_owned();
+        s.w.with_nix_at(&s.lower, || s.w.build(&["extra"]));
+        s.w.tool_ok(["sync"]);
+        let out = s.w.tool(["verify", "--json"]);
+        let found: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut dups: Vec<&str> = found["categories"]["duplicates"].as_array().unwrap().iter().map(|d| d["path"].as_str().unwrap()).collect();
+        dups.sort();
+        assert!(dups.contains(&extra.as_str()), "{found:#}");
+        let done: serde_json::Value = serde_json::from_str(&s.w.tool_ok(["optimise", "--json"])).unwrap();
+        let mut dropped: Vec<&str> = done["dropped"].as_array().unwrap().iter().map(|d| d["path"].as_str().unwrap()).collect();
+        dropped.sort();
+        assert_eq!(dropped, dups, "optimise drops what verify calls a duplicate: {done:#}");
+        let again = s.w.tool(["verify"]);
+        assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+        common::verify_contents(&s.w);
+    }
+}
+
+ns_test! {
+    fn sync_after_promote_accounts_for_every_path_the_lower_has() {
+        let s = Stack::new(&["app", "tool"]);
+        s.mount();
+        let on_top = s.w.nix_ok("nix-build", ["--no-out-link", &common::fixture("store.nix"), "-A", "onTop"]).trim().to_owned();
+        let out = s.w.tool_ok(["promote", &on_top, "--into", s.lower.to_str().unwrap()]);
+        assert!(out.starts_with("promoted 1 path(s)"), "{out}");
+        let lower_paths = common::valid_count(&s.lower) as u64;
+        let said = s.w.tool_ok(["sync"]);
+        assert_eq!(
+            said.trim(),
+            format!("sync: added 0, removed 0, unchanged {}; 1 path(s) the lowers gained are served from the upper's own copies (`nixfs-layer optimise` drops them)", lower_paths - 1)
+        );
+        let done = s.w.tool_ok(["optimise"]);
+        assert!(done.starts_with("dropped 1 "), "{done}");
+        let st: serde_json::Value = serde_json::from_str(&s.w.tool_ok(["status", "--json"])).unwrap();
+        assert_eq!(st["lowers"][0]["provided_paths"], lower_paths, "{st:#}");
     }
 }

@@ -84,6 +84,10 @@ pub struct SyncSummary {
     pub missing_content: u64,
     /// Lower rows not registered because something they reference is not available.
     pub incomplete_closure: u64,
+    /// Paths a lower gained that the upper has registered itself (built
+    /// there, then promoted): the upper's copies serve them until
+    /// `optimise` drops those.
+    pub upper_copies: u64,
     /// Gone lower paths kept because the upper still needs them (content missing).
     pub broken: Vec<String>,
     /// Valid paths whose lower lost their store entry while its database
@@ -132,6 +136,13 @@ impl std::fmt::Display for SyncSummary {
                 f,
                 "; skipped {} lower path(s) with references that are not available",
                 self.incomplete_closure
+            )?;
+        }
+        if self.upper_copies > 0 {
+            write!(
+                f,
+                "; {} path(s) the lowers gained are served from the upper's own copies (`nixfs-layer optimise` drops them)",
+                self.upper_copies
             )?;
         }
         if !self.broken.is_empty() {
@@ -318,6 +329,15 @@ pub fn sync(
 
     phase("deciding what changes");
     tx.execute_batch(PLAN_SQL).map_err(&err)?;
+    summary.upper_copies = tx
+        .query_row(
+            "select count(distinct c.path) from temp.cand c
+               join main.NixfsLayerOrigin o on o.path = c.path
+             where c.hidden = 0 and o.layer = ?1",
+            [crate::stack::Origin::Upper],
+            |r| r.get(0),
+        )
+        .map_err(&err)?;
     summary.incomplete_closure = drop_incomplete(&tx, &states).map_err(&err)?;
     tx.execute_batch(
         "insert into temp.removed (id, path)
