@@ -187,6 +187,7 @@ impl<W: Write> Write for Tee<'_, W> {
             .inspect_err(|_| self.out_failed = true)?;
         self.hasher.update(&buf[..n]);
         self.size += n as u64;
+        crate::progress::advance(crate::progress::Unit::Bytes, n as u64);
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -401,6 +402,7 @@ impl<R: Read> Reader<'_, R> {
             Some((h, size)) => {
                 h.update(&*buf);
                 *size += buf.len() as u64;
+                crate::progress::advance(crate::progress::Unit::Bytes, buf.len() as u64);
             }
             None => self.meta.update(&*buf),
         }

@@ -180,7 +180,13 @@ pub fn collect(
         if let Some(m) = &max {
             args.extend(["--max-freed", m]);
         }
-        run_nix_store(&args).map_err(refused_by_seal)?;
+        let stage = crate::progress::stage(
+            "collecting with nix-store --gc",
+            Some(dead.len() as u64),
+            crate::progress::Unit::Paths,
+        );
+        run_nix_store_counting(&args, &stage).map_err(refused_by_seal)?;
+        drop(stage);
         let after = valid_paths(&conn, &db)?;
         let candidates: BTreeSet<&String> = dead
             .iter()
@@ -299,6 +305,54 @@ impl Drop for RunRoots {
             tracing::warn!(dir = %self.0.display(), error = %e, "could not remove the run's GC roots");
         }
     }
+}
+
+/// [`run_nix_store`], counting each path Nix says it deletes on `stage`.
+fn run_nix_store_counting(
+    args: &[&str],
+    stage: &crate::progress::Stage,
+) -> Result<String, GcError> {
+    use std::io::{BufRead, Read};
+    let command = format!("nix-store {}", args.join(" "));
+    tracing::info!(%command, "running Nix's collector");
+    let mut child = Command::new("nix-store")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|source| GcError::Spawn {
+            program: "nix-store",
+            source,
+        })?;
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out);
+        out
+    });
+    let mut errors = Vec::new();
+    for line in std::io::BufReader::new(child.stderr.take().expect("piped stderr")).split(b'\n') {
+        let Ok(line) = line else { break };
+        if line.starts_with(b"deleting '") {
+            stage.advance(1);
+        }
+        tracing::debug!(target: "nixfs_layer::nix", "{}", String::from_utf8_lossy(&line));
+        errors.extend_from_slice(&line);
+        errors.push(b'\n');
+    }
+    let status = child.wait().map_err(|source| GcError::Spawn {
+        program: "nix-store",
+        source,
+    })?;
+    let out = reader.join().unwrap_or_default();
+    if !status.success() {
+        return Err(GcError::Nix {
+            command,
+            status,
+            message: last_line(&errors),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Runs the installed `nix-store` with `args`; its stdout, or its last

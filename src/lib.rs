@@ -22,6 +22,7 @@ pub mod nixcli;
 pub mod optimise;
 pub mod overlay;
 pub mod pathdb;
+pub mod progress;
 pub mod promote;
 pub mod published;
 pub mod refscan;

@@ -47,6 +47,7 @@ fn main() -> ExitCode {
         )
         .init();
 
+    cmd::install_meter(cli.quiet);
     let result = match &cli.command {
         Command::Init(a) => cmd::init::run(a),
         Command::Mount(a) => cmd::mount::run(a, cli.quiet),

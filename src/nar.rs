@@ -142,6 +142,7 @@ impl Write for HashWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.hasher.update(buf);
         self.size += buf.len() as u64;
+        crate::progress::advance(crate::progress::Unit::Bytes, buf.len() as u64);
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -152,6 +152,12 @@ pub fn promote(
     }
 
     // 2. Contents, each checked against its recorded hash.
+    let total: u64 = todo.iter().map(|&i| graph.nodes[i].nar_size).sum();
+    let _stage = crate::progress::stage(
+        &format!("copying into {}", lower.dir().display()),
+        (total > 0).then_some(total),
+        crate::progress::Unit::Bytes,
+    );
     for &i in &todo {
         let n = &graph.nodes[i];
         let base = base_name(&n.path);

@@ -127,3 +127,44 @@ ns_test! {
         assert_eq!(st["lowers"][0]["provided_paths"], lower_paths, "{st:#}");
     }
 }
+
+ns_test! {
+    fn long_operations_show_progress_on_a_terminal_only() {
+        let s = Stack::new(&["tool"]);
+        // A lower path big enough that hashing and copying it take a while.
+        let big = s.w.path("big");
+        common::sh(&format!("dd if=/dev/zero of={} bs=1M count=400 status=none", big.display()));
+        let added = s.w.with_nix_at(&s.lower, || s.w.nix_ok("nix-store", ["--add", big.to_str().unwrap()]));
+        let big_path = added.trim().to_owned();
+        s.mount();
+        let bin = env!("CARGO_BIN_EXE_nixfs-layer");
+        // A bar: bytes so far, of the total, and a rate.
+        let bar = |shown: &str, what: &str| {
+            shown.contains(what) && shown.contains("iB/s") && shown.contains("/400.00 MiB")
+        };
+
+        let shown = common::on_terminal(&s.w, &format!("{bin} verify --check-contents"));
+        assert!(bar(&shown, "hashing contents: ["), "verify on a terminal: {shown:?}");
+
+        // An upper copy of it to export and import.
+        let copy = s.w.nix_ok("nix-store", ["--add", big.to_str().unwrap(), "--option", "store", "local"]);
+        assert_eq!(copy.trim(), big_path);
+        let file = s.w.path("big.export");
+        let shown = common::on_terminal(&s.w, &format!("{bin} export --full {big_path} -o {}", file.display()));
+        assert!(bar(&shown, "exporting 1 path(s): ["), "export on a terminal: {shown:?}");
+
+        // Its import: the check of the file counts NAR bytes as it reads.
+        let shown = common::on_terminal(&s.w, &format!("{bin} import {}", file.display()));
+        assert!(shown.contains(&format!("checking {}: ", file.display())) && shown.contains("iB/s"), "import on a terminal: {shown:?}");
+        assert!(shown.contains("imported 0 path(s), 1 already present"), "{shown:?}");
+
+        // Off a terminal and with --quiet: no bar at all.
+        let out = s.w.tool(["verify", "--check-contents"]);
+        assert_eq!(stderr(&out), "", "verify's stderr off a terminal");
+        let out = s.w.tool(["export", "--full", &big_path, "-o", file.to_str().unwrap()]);
+        assert!(out.status.success());
+        assert_eq!(stderr(&out), "", "export's stderr off a terminal");
+        let shown = common::on_terminal(&s.w, &format!("{bin} --quiet verify --check-contents"));
+        assert!(!shown.contains("hashing contents"), "--quiet on a terminal: {shown:?}");
+    }
+}

@@ -8,11 +8,12 @@ mod common;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    base_name, entries, mount_table, stderr, valid_count, verify_contents, World, PIN_SUFFIX,
+    base_name, entries, mount_table, on_terminal, stderr, valid_count, verify_contents, World,
+    PIN_SUFFIX,
 };
 use nixfs_layer::synth::{self, Rng};
 use rusqlite::Connection;
@@ -481,25 +482,6 @@ ns_test! {
         }
         verify_contents(&s.w);
     }
-}
-
-/// Runs a command line under a pseudo-terminal (util-linux `script`);
-/// returns everything the terminal showed.
-fn on_terminal(w: &World, cmdline: &str) -> String {
-    let mut c = Command::new("script");
-    w.nix_env(&mut c);
-    let out = c
-        .args(["-qfec", cmdline, "/dev/null"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "`{cmdline}` on a terminal failed: {shown} {}",
-        stderr(&out)
-    );
-    shown
 }
 
 ns_test! {

@@ -78,6 +78,12 @@ pub fn run(args: &ExportArgs) -> Result<()> {
 
     let out = Output::create(&args.output, args.compress)?;
     let mut w = Writer::new(out, &args.output);
+    let total: u64 = order.iter().map(|&i| graph.nodes[i].nar_size).sum();
+    let stage = crate::progress::stage(
+        &format!("exporting {} path(s)", order.len()),
+        (total > 0).then_some(total),
+        crate::progress::Unit::Bytes,
+    );
     for &i in &order {
         let n = &graph.nodes[i];
         let meta = PathMeta {
@@ -90,8 +96,10 @@ pub fn run(args: &ExportArgs) -> Result<()> {
             deriver: n.deriver.as_deref(),
             nar_hash: &n.hash,
         };
+        // The writer counts the NAR bytes on the stage as they pass.
         w.path(&store.join(base_name(&n.path)), &meta)?;
     }
+    drop(stage);
     let nar_bytes = w.nar_bytes;
     let out = w.finish(true).map_err(|source| ExportError::Io {
         path: args.output.clone(),

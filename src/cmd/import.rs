@@ -131,12 +131,24 @@ pub fn run(args: &ImportArgs) -> Result<()> {
     }
     let mounted = require_mounted(&target)?;
     let _lock = lock_upper(&mounted.upper)?;
+    let stage = crate::progress::stage(
+        &format!("checking {}", args.file.display()),
+        None,
+        crate::progress::Unit::Bytes,
+    );
     let contents = Input::open(&args.file)?.read(None)?;
+    drop(stage);
     let new = check_against_store(&args.file, &contents, &mounted.upper.db())?;
     if !contents.checksummed {
         tracing::warn!(file = %args.file.display(), "no nixfs-layer checksum trailer (a plain nix-store --export?): checked structurally only");
     }
     if !new.is_empty() {
+        let total: u64 = contents.entries.iter().map(|e| e.nar.size).sum();
+        let _stage = crate::progress::stage(
+            "importing with nix-store --import",
+            Some(total),
+            crate::progress::Unit::Bytes,
+        );
         nix_import(&args.file)?;
     }
     let db = mounted.upper.db();

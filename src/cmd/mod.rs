@@ -89,7 +89,7 @@ impl Progress {
         if quiet || !std::io::stderr().is_terminal() {
             return Progress(None);
         }
-        let bar = indicatif::ProgressBar::new_spinner();
+        let bar = bars().add(indicatif::ProgressBar::new_spinner());
         bar.set_style(
             indicatif::ProgressStyle::with_template("{spinner} {prefix}: {msg} [{elapsed}]")
                 .expect("valid template"),
@@ -111,5 +111,66 @@ impl Drop for Progress {
         if let Some(b) = &self.0 {
             b.finish_and_clear();
         }
+    }
+}
+
+/// Every bar on the terminal, so that a stage's bar and the merge's
+/// spinner (`sync --lower --keep-needed` has both) draw on lines of their own.
+fn bars() -> &'static indicatif::MultiProgress {
+    static BARS: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
+    BARS.get_or_init(indicatif::MultiProgress::new)
+}
+
+/// Draws the library's stages (`crate::progress`) on a terminal: a bar
+/// with the count, the rate and the time left when the total is known, a
+/// spinner with the count and the rate when not.
+struct Meter(std::sync::Mutex<Option<indicatif::ProgressBar>>);
+
+impl crate::progress::Meter for Meter {
+    fn start(&self, what: &str, total: Option<u64>, unit: crate::progress::Unit) {
+        use crate::progress::Unit;
+        let template = match (unit, total) {
+            (Unit::Bytes, Some(_)) => {
+                "{prefix}: [{bar:30}] {binary_bytes}/{binary_total_bytes}, {binary_bytes_per_sec}, {eta} left"
+            }
+            (Unit::Bytes, None) => "{spinner} {prefix}: {binary_bytes}, {binary_bytes_per_sec} [{elapsed}]",
+            (Unit::Paths, Some(_)) => "{prefix}: [{bar:30}] {pos}/{len} paths, {per_sec}, {eta} left",
+            (Unit::Paths, None) => "{spinner} {prefix}: {pos} paths, {per_sec} [{elapsed}]",
+        };
+        let bar = match total {
+            Some(t) => indicatif::ProgressBar::new(t),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(template)
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(what.to_owned());
+        let bar = bars().add(bar);
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        if let Some(old) = self.0.lock().expect("meter lock").replace(bar) {
+            old.finish_and_clear();
+        }
+    }
+
+    fn advance(&self, n: u64) {
+        if let Some(b) = &*self.0.lock().expect("meter lock") {
+            b.inc(n);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = self.0.lock().expect("meter lock").take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Shows the library's progress on a terminal, unless `quiet`.
+pub fn install_meter(quiet: bool) {
+    use std::io::IsTerminal;
+    if !quiet && std::io::stderr().is_terminal() {
+        crate::progress::install(Box::new(Meter(std::sync::Mutex::new(None))));
     }
 }

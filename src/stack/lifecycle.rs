@@ -593,6 +593,11 @@ pub fn switch_lowers(
     keep::abandon_switch(upper);
     let io = |path: PathBuf| move |source| Error::io(&path, source);
     std::fs::create_dir_all(&staging).map_err(io(staging.clone()))?;
+    let stage = crate::progress::stage(
+        "copying what the upper needs",
+        Some(missing.len() as u64),
+        crate::progress::Unit::Paths,
+    );
     for n in &missing {
         let base = base_name(&n.path);
         let (src, dst) = (mounted.store().join(base), staging.join(base));
@@ -612,7 +617,9 @@ pub fn switch_lowers(
                 }
             });
         }
+        stage.advance(1);
     }
+    drop(stage);
     failpoint::hit("sync-lower:copied");
     let kept: Vec<String> = missing.iter().map(|n| n.path.clone()).collect();
     // From here on the copies are good: whatever stops this process, the

@@ -97,23 +97,30 @@ pub(crate) struct Row {
     pub path: StorePath,
     pub hash: String,
     pub origin: Origin,
+    /// The recorded NAR size (0 when Nix did not record one).
+    pub nar_size: u64,
 }
 
 fn valid_rows(conn: &Connection, db: &Path) -> Result<Vec<Row>, VerifyError> {
-    let raw: Vec<(String, String, Origin)> = conn
+    let raw: Vec<(String, String, Origin, i64)> = conn
         .prepare(
-            "select v.path, v.hash, coalesce(o.layer, 0) from ValidPaths v
+            "select v.path, v.hash, coalesce(o.layer, 0), coalesce(v.narSize, 0) from ValidPaths v
              left join NixfsLayerOrigin o on o.path = v.path order by v.path",
         )
         .and_then(|mut s| {
-            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(sql_err(db))?;
     Ok(raw
         .into_iter()
-        .filter_map(|(path, hash, origin)| match StorePath::parse(&path) {
-            Ok(path) => Some(Row { path, hash, origin }),
+        .filter_map(|(path, hash, origin, size)| match StorePath::parse(&path) {
+            Ok(path) => Some(Row {
+                path,
+                hash,
+                origin,
+                nar_size: size.max(0) as u64,
+            }),
             Err(e) => {
                 tracing::warn!(error = %e, "valid path outside /nix/store; not checked");
                 None
@@ -647,7 +654,14 @@ fn hash_mismatches(layers: &Layers, upper: &UpperStore, rows: &[&Row]) -> Vec<Ha
         .collect();
     let paths: Vec<PathBuf> = located.iter().map(|(_, p)| p.clone()).collect();
     tracing::info!(paths = paths.len(), "hashing contents");
+    let total: u64 = located.iter().map(|(r, _)| r.nar_size).sum();
+    let stage = crate::progress::stage(
+        "hashing contents",
+        (total > 0).then_some(total),
+        crate::progress::Unit::Bytes,
+    );
     let hashes = hash_parallel(&paths);
+    drop(stage);
     located
         .into_iter()
         .zip(hashes)
@@ -719,6 +733,7 @@ mod tests {
             path: path(n),
             hash: good.clone(),
             origin,
+            nar_size: 0,
         };
         for (n, content) in [
             ("a", "changed behind our back"), // hashed fine before: not again

@@ -696,3 +696,23 @@ impl World {
         c
     }
 }
+
+/// Runs a command line under a pseudo-terminal (util-linux `script`) with
+/// the Nix environment of [`World::nix`]; returns everything the terminal
+/// showed.
+pub fn on_terminal(w: &World, cmdline: &str) -> String {
+    let mut c = Command::new("script");
+    w.nix_env(&mut c);
+    let out = c
+        .args(["-qfec", cmdline, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "`{cmdline}` on a terminal failed: {shown} {}",
+        stderr(&out)
+    );
+    shown
+}
