@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use common::{stderr, Stack};
@@ -166,5 +167,33 @@ ns_test! {
         assert_eq!(stderr(&out), "", "export's stderr off a terminal");
         let shown = common::on_terminal(&s.w, &format!("{bin} --quiet verify --check-contents"));
         assert!(!shown.contains("hashing contents"), "--quiet on a terminal: {shown:?}");
+    }
+}
+
+ns_test! {
+    fn a_failing_lookup_logs_one_line() {
+        let s = Stack::new(&["tool"]);
+        s.w.tool_ok(["mount", "--lower", s.lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap()]);
+        // A local flake whose evaluation fails.
+        let dir = s.w.path("not-a-flake");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("flake.nix"), "{ outputs = { self }: throw \"broken on purpose\"; }").unwrap();
+        let entry = format!(
+            "/nixfs/flake/b64/{}",
+            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, format!("path:{}#x", dir.display()))
+        );
+        // What `ls -l` and a shell do: lstat again and again, readlink.
+        for _ in 0..3 {
+            // The failed entry: a directory no one may enter, its message
+            // in the user.nixfs.error attribute.
+            let m = std::fs::symlink_metadata(&entry).unwrap();
+            assert!(m.is_dir() && m.permissions().mode() & 0o777 == 0, "{m:?}");
+        }
+        assert!(std::fs::read_link(&entry).is_err());
+        let log = std::fs::read_to_string("/nix/var/log/nixfs-layer/flakefs.log").unwrap();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("not-a-flake")).collect();
+        assert_eq!(lines.len(), 1, "one failing reference, one line: {log}");
+        assert!(lines[0].contains("WARN") && lines[0].contains("broken on purpose"), "{log}");
+        s.w.tool_ok(["umount"]);
     }
 }

@@ -39,6 +39,9 @@ pub struct Failure {
     pub cacheable: bool,
     /// How long the kernel may keep the failed entry.
     pub valid_for: Duration,
+    /// Served from the resolver's cache: logged when it happened, not
+    /// again for every lookup that meets it.
+    pub repeated: bool,
 }
 
 impl Failure {
@@ -48,6 +51,7 @@ impl Failure {
             message,
             cacheable: true,
             valid_for: Duration::ZERO,
+            repeated: false,
         }
     }
     /// A failure that depends on who asked: never cached.

@@ -397,7 +397,10 @@ impl Resolver {
                 shared: key.0 == Owner::Root,
                 published: None,
             }),
-            Err(f) => Err(f.clone().valid_for(valid_for.unwrap_or_default())),
+            Err(f) => Err(Failure {
+                repeated: true,
+                ..f.clone().valid_for(valid_for.unwrap_or_default())
+            }),
         })
     }
 
@@ -407,6 +410,11 @@ impl Resolver {
         let outcome = self.resolve_inner(r, caller);
         match &outcome {
             Ok(res) => tracing::info!(path = %res.path.display(), how = ?res.how, "resolved"),
+            // One line per failure: its repetitions from the cache are
+            // not news.
+            Err(f) if f.repeated => {
+                tracing::debug!(errno = f.errno, message = %f.message, "not resolved (cached)")
+            }
             Err(f) => {
                 tracing::warn!(errno = f.errno, message = %f.message, "not resolved");
                 self.remember_refusal(r, caller, f);
