@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -96,17 +95,7 @@ fn setup() -> Fleet {
     let publisher = w.path("publisher");
     w.tool_ok(["init", "--upper", publisher.to_str().unwrap()]);
     let nix_log = w.path("nix.log");
-    std::fs::write(&nix_log, "").unwrap();
-    let wrapper = w.path("nix-wrapper");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nfor a; do last=$a; done\necho \"$1 $last\" >> {}\nexec nix \"$@\"\n",
-            nix_log.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    common::nix_recorder(&w.path("nix-wrapper"), &nix_log);
     Fleet {
         w,
         lower,
