@@ -239,7 +239,16 @@ ns_test! {
         assert_ne!(v2, v1);
         f.cut_off();
         let calls = f.nix_calls();
+        // Until this host syncs, verify says the entry names a path the
+        // lower has and this store does not list yet.
+        let o = f.tool(&["verify", "--json"]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["categories"]["stale_published"][0]["path"], v2.as_str(), "{v}");
+        assert_eq!(v["categories"]["stale_published"][0]["reason"], "not_synced", "{v}");
+        assert!(stderr(&o).contains("nixfs-layer sync"), "{}", stderr(&o));
         f.tool_ok(&["sync"]);
+        f.tool_ok(&["verify"]);
         assert_eq!(readlink(&str_("app#tool")), v2, "no stale kernel entry after sync");
         let ran = std::process::Command::new(str_("app#tool").join("bin/tool")).output().unwrap();
         assert_eq!(String::from_utf8_lossy(&ran.stdout), "hello from v2\n");
