@@ -1,6 +1,10 @@
-//! Warm lookup+readlink latency of /nixfs/flake against a native symlink,
-//! the server's memory with 10,000 cached entries, and after a flood of
-//! 20,000 distinct names from an unprivileged user.
+//! In one run, against named peers: warm lookup+readlink and stat of
+//! /nixfs/flake against a native symlink; the first access of a reference
+//! evaluated and found in the lower, and of one published in the lower's
+//! index, against one `nix build` per access (what illustris/nixfs runs on
+//! every readlink), measured on the same reference and store; the server's
+//! memory with 10,000 cached entries, and after a flood of 20,000 distinct
+//! names from an unprivileged user.
 //!
 //!     sudo cargo bench --bench flakefs
 //!
@@ -22,6 +26,47 @@ const ENTRIES: usize = 10_000;
 const ROUNDS: usize = 200_000;
 /// Distinct names an unprivileged user floods the tree with.
 const FLOOD: usize = 20_000;
+/// References not published whose path the lower has: each first access
+/// evaluates.
+const EVALUATED: [&str; 5] = [
+    "myflake#hello",
+    "myflake#default",
+    "myflake",
+    "myflake#packages.x86_64-linux.hello",
+    "myflake#packages.x86_64-linux.default",
+];
+/// References published into the lower: each first access reads the index.
+const PUBLISHED: [&str; 5] = [
+    "myflake#extra",
+    "myflake#packages.x86_64-linux.extra",
+    "myflake#multi",
+    "myflake#multi^dev",
+    "myflake#packages.x86_64-linux.multi",
+];
+/// `nix build` runs timed, on the first of [`EVALUATED`].
+const NIX_BUILDS: usize = 5;
+
+/// `a` as a multiple of `b`: `1.62x`, or `1/3100` when far below.
+fn ratio(a: f64, b: f64) -> String {
+    let r = a / b;
+    if r >= 0.1 {
+        format!("{r:.2}x")
+    } else {
+        format!("1/{:.0}", 1.0 / r)
+    }
+}
+fn samples_ms(d: &[std::time::Duration]) -> String {
+    d.iter()
+        .map(|d| format!("{:.2}", d.as_secs_f64() * 1e3))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+fn mean_ms(d: &[std::time::Duration]) -> f64 {
+    d.iter().map(|d| d.as_secs_f64()).sum::<f64>() * 1e3 / d.len() as f64
+}
+fn str_name(r: &str) -> PathBuf {
+    Path::new("/nixfs/flake/str").join(r)
+}
 
 fn main() {
     common::enter_private_namespace(&["/nix", "/nixfs"]);
@@ -78,6 +123,26 @@ fn main() {
         ],
     );
     sh("umount /nix");
+    // The lower's owner publishes references into it from a stack of its
+    // own (evaluated and built there, copied into the lower with the index).
+    let owner = dir.join("owner");
+    run(tool, &["init", "--upper", owner.to_str().unwrap()]);
+    run(
+        tool,
+        &[
+            "mount",
+            "--lower",
+            lower.to_str().unwrap(),
+            "--upper",
+            owner.to_str().unwrap(),
+            "--no-flake-fs",
+        ],
+    );
+    let mut publish = vec!["publish"];
+    publish.extend(PUBLISHED);
+    publish.extend(["--into", lower.to_str().unwrap()]);
+    run(tool, &publish);
+    run(tool, &["umount"]);
     let upper = dir.join("upper");
     run(tool, &["init", "--upper", upper.to_str().unwrap()]);
     let hello = run(
@@ -123,6 +188,48 @@ fn main() {
             .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().to_owned()))
             .unwrap()
     };
+
+    // First accesses: names neither the kernel nor the server has seen.
+    let first = |r: &str| {
+        let t = Instant::now();
+        let got = std::fs::read_link(str_name(r)).unwrap_or_else(|e| panic!("{r}: {e}"));
+        let took = t.elapsed();
+        assert!(got.starts_with("/nix/store/"), "{r}: {got:?}");
+        (took, got)
+    };
+    let evaluated: Vec<_> = EVALUATED
+        .iter()
+        .map(|r| {
+            let (took, got) = first(r);
+            assert_eq!(got, Path::new(&hello), "{r}");
+            took
+        })
+        .collect();
+    let published: Vec<_> = PUBLISHED.iter().map(|r| first(r).0).collect();
+    let how = |r: &str| -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(&run(tool, &["resolve", "--json", r])).unwrap();
+        v["how"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(how(EVALUATED[0]), "lower-hit");
+    assert_eq!(how(PUBLISHED[0]), "published");
+    // One `nix build` per access, on the same reference and store (Nix 2.8
+    // has no --print-out-paths: then --json, which prints the same path).
+    let version = run("nix", &["--version"]);
+    let print = if run("nix", &["build", "--help"]).contains("--print-out-paths") {
+        "--print-out-paths"
+    } else {
+        "--json"
+    };
+    let nix_builds: Vec<_> = (0..NIX_BUILDS)
+        .map(|_| {
+            let t = Instant::now();
+            let out = run("nix", &["build", "--no-link", print, EVALUATED[0]]);
+            let took = t.elapsed();
+            assert!(out.contains(&hello), "{out}");
+            took
+        })
+        .collect();
 
     let entry = PathBuf::from("/nixfs/flake/str/myflake#hello");
     assert_eq!(std::fs::read_link(&entry).unwrap(), Path::new(&hello));
@@ -175,13 +282,46 @@ fn main() {
     let first_access = t.elapsed();
     let rss_all = rss();
 
-    println!("nixfs-layer flake tree benchmark ({ROUNDS} rounds each, warm)");
-    println!("  readlink  /nixfs/flake/str/myflake#hello         {fuse_readlink:8.0} ns/op");
-    println!("  readlink  native symlink on tmpfs                {native_readlink:8.0} ns/op   ratio {:.2}x", fuse_readlink / native_readlink);
-    println!("  stat      /nixfs/flake/str/myflake#hello/bin/hello {fuse_stat:6.0} ns/op");
+    let build_ms = mean_ms(&nix_builds);
+    let per_build = |ms: f64| format!("{} of one `nix build`", ratio(ms, build_ms));
     println!(
-        "  stat      native symlink/bin/hello               {native_stat:8.0} ns/op   ratio {:.2}x",
-        fuse_stat / native_stat
+        "nixfs-layer flake tree benchmark, one run ({})",
+        version.trim()
+    );
+    println!(
+        "warm ({ROUNDS} rounds each), against a native symlink on tmpfs to the same store path:"
+    );
+    println!(
+        "  readlink  /nixfs/flake/str/myflake#hello             {fuse_readlink:8.0} ns/op   {} native ({native_readlink:.0} ns/op); {}",
+        ratio(fuse_readlink, native_readlink),
+        per_build(fuse_readlink / 1e6)
+    );
+    println!(
+        "  stat      /nixfs/flake/str/myflake#hello/bin/hello   {fuse_stat:8.0} ns/op   {} native ({native_stat:.0} ns/op)",
+        ratio(fuse_stat, native_stat)
+    );
+    println!(
+        "first access (readlink of a name neither the kernel nor the server has seen), against one `nix build` per access:"
+    );
+    let ev = mean_ms(&evaluated);
+    println!(
+        "  evaluated, lower hit      {ev:8.2} ms   {}   ({} refs: {} ms)",
+        per_build(ev),
+        EVALUATED.len(),
+        samples_ms(&evaluated)
+    );
+    let pb = mean_ms(&published);
+    println!(
+        "  published ref (index)     {pb:8.2} ms   {}; {} of evaluating   ({} refs: {} ms)",
+        per_build(pb),
+        ratio(pb, ev),
+        PUBLISHED.len(),
+        samples_ms(&published)
+    );
+    println!(
+        "  `nix build --no-link {print} {}` {build_ms:.2} ms  (illustris/nixfs runs one per access, warm or not; {NIX_BUILDS} runs: {} ms)",
+        EVALUATED[0],
+        samples_ms(&nix_builds)
     );
     println!("server RSS: {rss_loaded} with {ENTRIES} locked results loaded from its cache file,");
     println!("            {rss_all} after looking up all {ENTRIES} (first lookups took {:.1} ms in all, {:.0} us each)",

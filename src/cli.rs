@@ -41,7 +41,8 @@ pub enum Command {
     Flakefs(FlakeFsArgs),
     /// Print the store path a flake reference resolves to, as /nixfs/flake does.
     Resolve(ResolveArgs),
-    /// Check the merged database against every layer's store; optionally repair.
+    /// Check the merged database against every layer's store, and the
+    /// lowers' published references against the merged store; optionally repair.
     Verify(VerifyArgs),
     /// Free the upper's unreachable paths with Nix's own collector (never a lower path).
     Gc(GcArgs),

@@ -110,18 +110,7 @@ fn setup(flakefs_config: &str) -> Setup {
     )
     .unwrap();
     let nix_log = w.path("nix.log");
-    let wrapper = w.path("nix-wrapper");
-    std::fs::write(
-        &wrapper,
-        // One line per run: the subcommand and the installable (last argument).
-        format!(
-            "#!/bin/sh\nfor a; do last=$a; done\necho \"$1 $last\" >> {}\nexec nix \"$@\"\n",
-            nix_log.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::write(&nix_log, "").unwrap();
+    common::nix_recorder(&w.path("nix-wrapper"), &nix_log);
     let s = Setup {
         w,
         lower,

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -96,17 +95,7 @@ fn setup() -> Fleet {
     let publisher = w.path("publisher");
     w.tool_ok(["init", "--upper", publisher.to_str().unwrap()]);
     let nix_log = w.path("nix.log");
-    std::fs::write(&nix_log, "").unwrap();
-    let wrapper = w.path("nix-wrapper");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nfor a; do last=$a; done\necho \"$1 $last\" >> {}\nexec nix \"$@\"\n",
-            nix_log.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    common::nix_recorder(&w.path("nix-wrapper"), &nix_log);
     Fleet {
         w,
         lower,
@@ -250,7 +239,16 @@ ns_test! {
         assert_ne!(v2, v1);
         f.cut_off();
         let calls = f.nix_calls();
+        // Until this host syncs, verify says the entry names a path the
+        // lower has and this store does not list yet.
+        let o = f.tool(&["verify", "--json"]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["categories"]["stale_published"][0]["path"], v2.as_str(), "{v}");
+        assert_eq!(v["categories"]["stale_published"][0]["reason"], "not_synced", "{v}");
+        assert!(stderr(&o).contains("nixfs-layer sync"), "{}", stderr(&o));
         f.tool_ok(&["sync"]);
+        f.tool_ok(&["verify"]);
         assert_eq!(readlink(&str_("app#tool")), v2, "no stale kernel entry after sync");
         let ran = std::process::Command::new(str_("app#tool").join("bin/tool")).output().unwrap();
         assert_eq!(String::from_utf8_lossy(&ran.stdout), "hello from v2\n");
@@ -297,5 +295,91 @@ ns_test! {
         let o = f.tool(&["resolve", "--config", config, "app#tool"]);
         assert!(o.status.success(), "{}", stderr(&o));
         assert_eq!(f.nix_calls(), calls);
+    }
+}
+
+ns_test! {
+    fn an_entry_whose_path_the_owner_collected_is_ignored_once_and_verify_lists_it() {
+        let f = setup();
+        let out = f.publish(&["app#tool"]);
+        let path = out.lines().next().unwrap().split(" -> ").nth(1).unwrap().to_owned();
+        f.cut_off();
+        let upper = f.executor("executor", "resolve = \"published-only\"\nfailure-ttl = 0");
+        let config = f.w.path("executor.toml");
+        let config = config.to_str().unwrap();
+        assert_eq!(readlink(&str_("app#tool")), path);
+        let o = f.tool(&["verify", "--config", config]);
+        assert!(o.status.success(), "clean while the path is there: {}", stderr(&o));
+
+        // The lower's owner collects garbage in the lower with its own Nix:
+        // nothing roots the published path there, so it goes; the index
+        // (a table Nix does not know) keeps the entry.
+        f.w.with_nix_at(&f.lower, || {
+            f.w.nix_ok("nix-store", ["--delete", path.as_str()]);
+        });
+        assert!(!f.lower.join("store").join(path.trim_start_matches("/nix/store/")).exists());
+        let listed = f.tool_ok(&["published", "--lower", f.lower.to_str().unwrap()]);
+        assert!(listed.contains(&path), "{listed}");
+        f.tool_ok(&["sync", "--config", config]);
+
+        // The tree ignores the entry: with published-only, ENOENT, however
+        // often it is asked (failures are kept for no time here, so every
+        // lookup reaches the server), and the server warns once.
+        let calls = f.nix_calls();
+        for i in 0..50 {
+            let name = if i % 2 == 0 { str_("app#tool") } else { b64("app#tool") };
+            let e = std::fs::metadata(name.join("bin")).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        }
+        let log = std::fs::read_to_string(upper.join("var/log/nixfs-layer/flakefs.log")).unwrap();
+        assert_eq!(
+            log.matches("published path is not valid in this store").count(),
+            1,
+            "one warning for 50 lookups: {log}"
+        );
+        assert!(log.contains(&path), "{log}");
+        let o = f.tool(&["resolve", "--config", config, "app#tool"]);
+        assert_eq!(o.status.code(), Some(66), "{}", stderr(&o));
+        assert!(stderr(&o).contains("not valid in this store"), "{}", stderr(&o));
+        assert!(stderr(&o).contains(&format!("nixfs-layer publish 'app#tool' --into {}", f.lower.display())), "{}", stderr(&o));
+        assert_eq!(f.nix_calls(), calls, "no Nix for an ignored entry with published-only");
+
+        // verify lists it (which lower, the ref, the path); --repair leaves it.
+        let stale = |args: &[&str]| {
+            let mut a = vec!["verify", "--config", config, "--json"];
+            a.extend_from_slice(args);
+            let o = f.tool(&a);
+            assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(v["problems"], 1, "{v}");
+            assert!(stderr(&o).contains("publish --remove"), "{}", stderr(&o));
+            v
+        };
+        let v = stale(&[]);
+        assert_eq!(
+            v["categories"]["stale_published"],
+            serde_json::json!([{
+                "lower": f.lower.display().to_string(),
+                "ref": "app#tool",
+                "path": path,
+                "reason": "gone_from_lower",
+            }]),
+            "{v}"
+        );
+        let v = stale(&["--repair"]);
+        assert_eq!(v["categories"]["stale_published"][0]["ref"], "app#tool", "{v}");
+        let text = f.tool(&["verify", "--config", config]);
+        let text = String::from_utf8_lossy(&text.stdout);
+        assert!(
+            text.contains(&format!("app#tool -> {path} in {} (the lower no longer has it)", f.lower.display())),
+            "{text}"
+        );
+
+        // The owner drops the entry; after sync the stack is clean again.
+        f.reconnect();
+        f.publish(&["--remove", "app#tool"]);
+        f.tool_ok(&["sync", "--config", config]);
+        let o = f.tool(&["verify", "--config", config]);
+        assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
     }
 }

@@ -1,10 +1,13 @@
 //! vm-tests scenario "spark-path" (vm-tests/README.md): three executor
 //! hosts resolve the same static path, `/nixfs/flake/str/myflake#hello`,
-//! at the same time. A publisher serves two Nix roots over sshfs: one with
-//! the flake's `hello` built (executor A's lower), one without (B's and
-//! C's). A builds nothing; B and C each build once, into their own upper.
-//! Builds are counted exactly: the fixture flake's builders append their
-//! name to a counter file, and each host has its own.
+//! at the same time. The lower's owner (the publisher host) publishes the
+//! reference into the Nix root it serves over sshfs; the executors stack
+//! that root as their lower and resolve the path from its index, with the
+//! flake out of reach and no Nix process at all. Then an unpublished
+//! reference: each host builds it once, into its own upper, however many
+//! readers ask at once. Builds are counted exactly: the fixture flake's
+//! builders append their name to a counter file, and each host has its own;
+//! every `nix` the tool runs on an executor is recorded.
 
 mod common;
 
@@ -12,18 +15,73 @@ use std::time::Instant;
 
 use base64::Engine;
 use common::hosts::{bridge, cable, Host, Sshd};
-use common::{base_name, fixture, tree_digest, upper_entries, World};
+use common::{base_name, fixture, nix_recorder, tree_digest, upper_entries, World};
 
 const REF: &str = "myflake#hello";
+const UNPUBLISHED: &str = "myflake#extra";
 
-fn str_entry() -> String {
-    format!("/nixfs/flake/str/{REF}")
+fn str_entry(r: &str) -> String {
+    format!("/nixfs/flake/str/{r}")
 }
-fn b64_entry() -> String {
+fn b64_entry(r: &str) -> String {
     format!(
         "/nixfs/flake/b64/{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(REF)
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r)
     )
+}
+
+/// Two readers per host (the `str` and `b64` names of `r`), all hosts at
+/// once: each reads the link and runs `bin/<bin>`. Panics with the host's
+/// flake tree log if one fails; asserts each got `path` and ran.
+fn read_everywhere(execs: &[Host], r: &str, bin: &str, path: &str) {
+    let readers: Vec<_> = execs
+        .iter()
+        .flat_map(|h| {
+            [str_entry(r), b64_entry(r)].map(|e| {
+                let child = h
+                    .command("sh")
+                    .args(["-c", &format!("readlink {e} && {e}/bin/{bin}")])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                (h, e, child)
+            })
+        })
+        .collect();
+    for (h, e, child) in readers {
+        let out = child.wait_with_output().unwrap();
+        if !out.status.success() {
+            let log = h.run(&format!(
+                "cat /nix/var/log/nixfs-layer/flakefs.log; grep -v cgroup /proc/self/mountinfo; tail -5 {}",
+                h.dir.join("ssh.log").display()
+            ));
+            panic!(
+                "[{}] {e}: {}\nflake tree log, mounts, ssh log:\n{}",
+                h.name,
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&log.stdout)
+            );
+        }
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            format!("{path}\nhello from {bin}\n"),
+            "[{}] {e} is the same static path everywhere and runs",
+            h.name
+        );
+    }
+}
+
+fn nix_calls(h: &Host) -> Vec<String> {
+    std::fs::read_to_string(h.dir.join("nix.log"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn resolve(h: &Host, r: &str) -> serde_json::Value {
+    serde_json::from_str(&h.tool_ok(["resolve", "--json", r])).unwrap()
 }
 
 ns_test! {
@@ -45,31 +103,35 @@ ns_test! {
         .unwrap();
         *w.nix_conf.lock().unwrap() = format!("flake-registry = {}\n", registry.display());
 
-        let mut publisher = Host::start(&w, "publisher");
+        // The owner's Nix root (a store of its own), and the owner's stack
+        // over it, from which it publishes the reference into it.
+        let publisher = Host::start(&w, "publisher");
         bridge(&publisher, "10.231.0.1");
-        let with_hello = w.path("publisher/with-hello");
-        let without = w.path("publisher/without-hello");
+        let shared = w.path("publisher/shared");
         let fl = flake.display();
-        publisher.with_root(&with_hello, &format!("nix build --no-link 'path:{fl}#hello' 'path:{fl}#\"with.dot\"'"));
-        publisher.with_root(&without, &format!("nix build --no-link 'path:{fl}#\"with.dot\"'"));
-        let hello: String = serde_json::from_str(
-            &publisher.with_root(&without, &format!("nix eval --read-only --json 'path:{fl}#hello.outPath'")),
-        )
-        .unwrap();
-        assert!(with_hello.join("store").join(base_name(&hello)).is_dir());
-        assert!(!without.join("store").join(base_name(&hello)).exists());
-        let roots = (tree_digest(&with_hello), tree_digest(&without));
+        publisher.with_root(&shared, &format!("nix build --no-link 'path:{fl}#\"with.dot\"'"));
+        let owner = w.path("publisher/upper");
+        publisher.tool_ok(["init", "--upper", owner.to_str().unwrap()]);
+        publisher.tool_ok(["mount", "--lower", shared.to_str().unwrap(), "--upper", owner.to_str().unwrap(), "--no-flake-fs"]);
+        let out = publisher.tool_ok(["publish", REF, "--into", shared.to_str().unwrap()]);
+        let hello = out.lines().next().and_then(|l| l.strip_prefix(&format!("{REF} -> "))).unwrap_or_else(|| panic!("{out}")).to_owned();
+        publisher.tool_ok(["umount"]);
+        assert!(shared.join("store").join(base_name(&hello)).is_dir(), "published into the shared root");
+        assert_eq!(publisher.builds(), vec!["dotted".to_owned(), "hello".to_owned()]);
+        let root = tree_digest(&shared);
+        let mut publisher = publisher;
         let sshd = Sshd::start(&mut publisher, "10.231.0.1", &w.path("publisher/ssh"));
 
         let mut execs = Vec::new();
-        for (name, ip, root) in [("exec-a", "10.231.0.2", &with_hello), ("exec-b", "10.231.0.3", &without), ("exec-c", "10.231.0.4", &without)] {
-            let h = Host::start(&w, name);
+        for (name, ip) in [("exec-a", "10.231.0.2"), ("exec-b", "10.231.0.3"), ("exec-c", "10.231.0.4")] {
+            let mut h = Host::start(&w, name);
             cable(&publisher, &h, ip);
+            let wrapper = h.dir.join("nix-wrapper");
+            nix_recorder(&wrapper, &h.dir.join("nix.log"));
+            h.set_env("NIXFS_LAYER_NIX", wrapper.to_str().unwrap());
             let lower = h.dir.join("lower");
-            // No sshfs reconnect and a patient keepalive (see Sshd::sshfs):
-            // a 3 s keepalive dropped the link when the machine was loaded,
-            // failing lookups with EIO (reconnect) or ENOTCONN (without).
-            sshd.sshfs(&h, root, &lower, false);
+            // No sshfs reconnect (see Sshd::sshfs and bridge).
+            sshd.sshfs(&h, &shared, &lower, false);
             let upper = h.dir.join("upper");
             h.tool_ok(["init", "--upper", upper.to_str().unwrap()]);
             // With the flake tree at /nixfs (the default).
@@ -77,65 +139,50 @@ ns_test! {
             assert!(h.builds().is_empty());
             execs.push(h);
         }
-        eprintln!("hosts up after {:?}", t0.elapsed());
+        eprintln!("published and hosts up after {:?}", t0.elapsed());
 
-        // Every executor starts two readers at once (str and b64 names of
-        // the same reference), all hosts at the same time.
+        // The flake goes out of reach: only the index can answer.
+        let away = w.path("flake.away");
+        std::fs::rename(&flake, &away).unwrap();
         let t = Instant::now();
-        let readers: Vec<_> = execs
-            .iter()
-            .flat_map(|h| [str_entry(), b64_entry()].map(|e| {
-                (h, e.clone(), h.command("sh")
-                    .args(["-c", &format!("readlink {e} && {e}/bin/hello")])
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .unwrap())
-            }))
-            .collect();
-        for (h, e, child) in readers {
-            let out = child.wait_with_output().unwrap();
-            if !out.status.success() {
-                let log = h.run("cat /nix/var/log/nixfs-layer/flakefs.log");
-                panic!(
-                    "[{}] {e}: {}\nflake tree log:\n{}",
-                    h.name,
-                    String::from_utf8_lossy(&out.stderr),
-                    String::from_utf8_lossy(&log.stdout)
-                );
-            }
-            assert_eq!(
-                String::from_utf8(out.stdout).unwrap(),
-                format!("{hello}\nhello from hello\n"),
-                "[{}] {e} is the same static path everywhere and runs", h.name
-            );
-        }
-        eprintln!("six concurrent first accesses done in {:?}", t.elapsed());
-
-        let (a, b, c) = (&execs[0], &execs[1], &execs[2]);
-        assert_eq!(a.builds(), Vec::<String>::new(), "exec-a's lower has the path: nothing built");
-        assert!(upper_entries(&a.dir.join("upper")).is_empty(), "exec-a's upper stays empty: {:?}", upper_entries(&a.dir.join("upper")));
-        for h in [b, c] {
-            assert_eq!(h.builds(), vec!["hello".to_owned()], "[{}] exactly one build for two readers", h.name);
-            assert!(h.dir.join("upper/store").join(base_name(&hello)).is_dir(), "[{}] built into its own upper", h.name);
-            assert!(!h.dir.join("lower/store").join(base_name(&hello)).exists());
-        }
-        let how = |h: &Host| -> String {
-            let v: serde_json::Value = serde_json::from_str(&h.tool_ok(["resolve", "--json", REF])).unwrap();
-            assert_eq!(v["path"], hello.as_str(), "{v}");
-            v["how"].as_str().unwrap().to_owned()
-        };
-        assert_eq!(how(a), "lower-hit");
-        assert_eq!(how(b), "upper-hit");
-        assert_eq!(how(c), "upper-hit");
-
-        // Again, warm: still nothing more built anywhere.
+        read_everywhere(&execs, REF, "hello", &hello);
+        eprintln!("six concurrent first accesses of a published ref done in {:?}", t.elapsed());
         for h in &execs {
-            assert_eq!(h.sh(&format!("{}/bin/hello", str_entry())), "hello from hello\n");
+            let v = resolve(h, REF);
+            assert_eq!((v["path"].as_str(), v["how"].as_str()), (Some(hello.as_str()), Some("published")), "[{}] {v}", h.name);
+            assert_eq!(nix_calls(h), Vec::<String>::new(), "[{}] no Nix process ran", h.name);
+            assert_eq!(h.builds(), Vec::<String>::new(), "[{}] nothing built", h.name);
+            let upper = h.dir.join("upper");
+            assert!(upper_entries(&upper).is_empty(), "[{}] nothing written: {:?}", h.name, upper_entries(&upper));
         }
-        assert_eq!((a.builds().len(), b.builds().len(), c.builds().len()), (0, 1, 1));
-        // The publisher's roots are untouched by three executors.
-        assert_eq!((tree_digest(&with_hello), tree_digest(&without)), roots);
+
+        // An unpublished reference, the flake back: every host evaluates
+        // and builds it once (two readers share one build), into its own
+        // upper, never its lower.
+        std::fs::rename(&away, &flake).unwrap();
+        let extra: String = serde_json::from_str(
+            &execs[0].sh(&format!("nix eval --read-only --json 'path:{fl}#extra.outPath'")),
+        )
+        .unwrap();
+        let t = Instant::now();
+        read_everywhere(&execs, UNPUBLISHED, "extra", &extra);
+        eprintln!("six concurrent first accesses of an unpublished ref done in {:?}", t.elapsed());
+        for h in &execs {
+            assert_eq!(h.builds(), vec!["extra".to_owned()], "[{}] exactly one build for two readers", h.name);
+            assert!(h.dir.join("upper/store").join(base_name(&extra)).is_dir(), "[{}] built into its own upper", h.name);
+            assert!(!h.dir.join("lower/store").join(base_name(&extra)).exists());
+            assert_eq!(resolve(h, UNPUBLISHED)["how"], "upper-hit", "[{}]", h.name);
+        }
+
+        // Again, warm: nothing more built or run anywhere.
+        let calls: Vec<usize> = execs.iter().map(|h| nix_calls(h).len()).collect();
+        for h in &execs {
+            assert_eq!(h.sh(&format!("{}/bin/hello && {}/bin/extra", str_entry(REF), str_entry(UNPUBLISHED))), "hello from hello\nhello from extra\n");
+        }
+        assert_eq!(execs.iter().map(|h| h.builds().len()).collect::<Vec<_>>(), vec![1, 1, 1]);
+        assert_eq!(execs.iter().map(|h| nix_calls(h).len()).collect::<Vec<_>>(), calls);
+        // The owner's root is untouched by three executors.
+        assert_eq!(tree_digest(&shared), root);
 
         for h in &execs {
             h.tool_ok(["umount"]);

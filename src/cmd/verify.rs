@@ -13,7 +13,7 @@ use crate::pathdb;
 use crate::stack::Layers;
 use crate::verify::rebuild;
 use crate::verify::repair::{self, Repairs};
-use crate::verify::{self, Problems, VerifyError};
+use crate::verify::{self, Problems, StaleReason, VerifyError};
 
 use super::resolve_target;
 use crate::stack::{find_mounted, lock_upper};
@@ -143,20 +143,28 @@ fn finish(
     if report.clean {
         return Ok(());
     }
-    let repairable = report.categories.repairable();
+    let c = &report.categories;
+    let repairable = c.repairable();
+    let published_only = c.stale_published.len() == report.problems;
     Err(VerifyError::ProblemsRemain {
         count: report.problems,
         state: if args.repair { "remain after repairing" } else { "found" },
-        hint: if !report.categories.damaged_database.is_empty() {
+        hint: if !c.damaged_database.is_empty() {
             "the merged database is damaged: with no Nix process using the store, `nixfs-layer verify --repair` rebuilds it from the layers"
         } else if repairable > 0 && !args.repair {
             "`nixfs-layer verify --repair` fixes whiteouts, upper duplicates, unregistered and partial upper entries"
+        } else if published_only {
+            STALE_HINT
         } else {
             "missing lower content and hash mismatches need the lower's content back (or a rebuild of the upper path)"
         },
     }
     .into())
 }
+
+/// What fixes a published entry whose path the store lacks (not `--repair`:
+/// the index is the lower owner's).
+const STALE_HINT: &str = "published entries name paths this store lacks, which `--repair` does not change: `nixfs-layer sync` if they were published since the last sync (not_synced); else the lower's owner publishes the reference again (`nixfs-layer publish REF --into LOWER`) or drops it (`nixfs-layer publish --remove REF --into LOWER`)";
 
 /// How many paths a category line names before "…".
 const SHOWN: usize = 3;
@@ -285,6 +293,17 @@ fn print_text(r: &Report) {
             "",
         ),
         None => println!("hash mismatches: not checked (--check-contents)"),
+    }
+    println!(
+        "published entries whose path is not in this store: {}",
+        c.stale_published.len()
+    );
+    for s in &c.stale_published {
+        let why = match s.reason {
+            StaleReason::GoneFromLower => "the lower no longer has it",
+            StaleReason::NotSynced => "published since the last sync",
+        };
+        println!("  {} -> {} in {} ({why})", s.reference, s.path, s.lower);
     }
     println!(
         "{}",

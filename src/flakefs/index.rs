@@ -20,9 +20,9 @@ struct Stamp {
     mtime_nsec: i64,
 }
 
-fn stamp(file: &Path) -> Option<Stamp> {
-    let m = std::fs::metadata(file).ok()?;
-    Some(Stamp {
+fn stamp(file: &Path) -> std::io::Result<Stamp> {
+    let m = std::fs::metadata(file)?;
+    Ok(Stamp {
         dev: m.dev(),
         ino: m.ino(),
         size: m.size(),
@@ -39,6 +39,9 @@ pub struct Indexes {
     /// The merged database: its `NixfsLayerLower` table lists the lowers.
     merged: PathBuf,
     loaded: Mutex<HashMap<PathBuf, (Stamp, Index)>>,
+    /// Lowers whose database could not be looked at, warned about once
+    /// until it can be again.
+    unreadable: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 impl Indexes {
@@ -46,6 +49,7 @@ impl Indexes {
         Indexes {
             merged: merged.to_owned(),
             loaded: Mutex::default(),
+            unreadable: Mutex::default(),
         }
     }
 
@@ -66,7 +70,20 @@ impl Indexes {
 
     fn index_of(&self, lower: &Path) -> Option<Index> {
         let db = lower.join("var/nix/db/db.sqlite");
-        let st = stamp(&db)?;
+        let st = match stamp(&db) {
+            Ok(st) => {
+                self.unreadable.lock().unwrap().remove(lower);
+                st
+            }
+            // A lower with no database publishes nothing.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                if self.unreadable.lock().unwrap().insert(lower.to_owned()) {
+                    tracing::warn!(db = %db.display(), error = %e, "cannot look at the lower's database; its published references are not answered until it can be read (is the lower's server reachable?)");
+                }
+                return None;
+            }
+        };
         if let Some((s, idx)) = self.loaded.lock().unwrap().get(lower) {
             if *s == st {
                 return Some(idx.clone());

@@ -76,6 +76,20 @@ pub struct Resolved {
 
 pub type Outcome = Result<Resolved, Failure>;
 
+/// What the lowers' published indexes say about a reference.
+enum Published {
+    /// Nothing: no index has it.
+    None,
+    /// An entry whose path is valid in the merged store (or a database
+    /// error looking it up).
+    Answer(Outcome),
+    /// An entry whose path is not valid in the merged store.
+    Ignored {
+        entry: crate::published::Entry,
+        lower: PathBuf,
+    },
+}
+
 /// Whose word a cached result is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Owner {
@@ -194,6 +208,9 @@ pub struct Resolver {
     daemon_socket: Option<PathBuf>,
     /// The lowers' published references.
     indexes: Option<Indexes>,
+    /// Published entries already warned about as not valid here (lower,
+    /// reference, path): one warning each, however often they are asked.
+    ignored: Mutex<std::collections::HashSet<(PathBuf, String, String)>>,
     pub counters: Counters,
 }
 
@@ -286,6 +303,7 @@ impl Resolver {
             gc_roots: None,
             daemon_socket: None,
             indexes: None,
+            ignored: Mutex::default(),
             counters: Counters::default(),
         }
     }
@@ -313,12 +331,15 @@ impl Resolver {
         self
     }
 
-    /// The answer of the lowers' published indexes, if they have one that
-    /// is valid in the merged store.
-    fn published(&self, r: &FlakeRef) -> Option<Outcome> {
-        let (entry, lower) = self.indexes.as_ref()?.find(&r.text)?;
+    /// The answer of the lowers' published indexes: an entry whose path is
+    /// valid in the merged store answers; one whose path is not is ignored
+    /// (with one warning per entry, and `verify` lists it).
+    fn published(&self, r: &FlakeRef) -> Published {
+        let Some((entry, lower)) = self.indexes.as_ref().and_then(|i| i.find(&r.text)) else {
+            return Published::None;
+        };
         match self.lookup.layer(Path::new(&entry.path)) {
-            Ok(Some(_)) => Some(Ok(Resolved {
+            Ok(Some(_)) => Published::Answer(Ok(Resolved {
                 path: PathBuf::from(&entry.path),
                 how: How::Published,
                 locked: r.locked,
@@ -327,10 +348,19 @@ impl Resolver {
                 published: Some(entry),
             })),
             Ok(None) => {
-                tracing::warn!(reference = %r.text, path = %entry.path, lower = %lower.display(), "published path is not valid in this store (run `nixfs-layer sync`); ignoring the entry");
-                None
+                let first = self.ignored.lock().unwrap().insert((
+                    lower.clone(),
+                    entry.reference.clone(),
+                    entry.path.clone(),
+                ));
+                if first {
+                    tracing::warn!(reference = %r.text, path = %entry.path, lower = %lower.display(), "published path is not valid in this store; ignoring the entry (`nixfs-layer sync` if it was published since the last sync; else the lower no longer has it: its owner publishes the reference again or runs `nixfs-layer publish --remove`; `nixfs-layer verify` lists such entries)");
+                } else {
+                    tracing::debug!(reference = %r.text, path = %entry.path, "published path still not valid; entry ignored");
+                }
+                Published::Ignored { entry, lower }
             }
-            Err(e) => Some(Err(Failure::new(
+            Err(e) => Published::Answer(Err(Failure::new(
                 libc::EIO,
                 format!("{}: {}: store database: {e}", r.text, entry.path),
             )
@@ -481,18 +511,29 @@ impl Resolver {
         self.policy.check_ref(r)?;
         // The lower owner's word: nothing of the caller's is read.
         if self.settings.resolve != ResolveMode::Evaluate {
-            if let Some(o) = self.published(r) {
-                return o;
-            }
+            let ignored = match self.published(r) {
+                Published::Answer(o) => return o,
+                Published::Ignored { entry, lower } => Some((entry, lower)),
+                Published::None => None,
+            };
             if self.settings.resolve == ResolveMode::PublishedOnly {
-                return Err(Failure::new(
-                    libc::ENOENT,
-                    format!(
+                let message = match ignored {
+                    Some((e, lower)) => format!(
+                        "{}: published in {} as {}, which is not valid in this store, and this host only resolves published references ([flakefs] resolve = \"published-only\"); run `nixfs-layer sync` if it was published since the last sync, else the lower's owner publishes it again: nixfs-layer publish '{}' --into {}",
+                        r.text,
+                        lower.display(),
+                        e.path,
+                        r.text,
+                        lower.display()
+                    ),
+                    None => format!(
                         "{}: not published in any lower of this stack, and this host only resolves published references ([flakefs] resolve = \"published-only\"); publish it on the lower's owner: nixfs-layer publish '{}' --into LOWERDIR",
                         r.text, r.text
                     ),
-                )
-                .valid_for(self.settings.failure_ttl));
+                };
+                return Err(
+                    Failure::new(libc::ENOENT, message).valid_for(self.settings.failure_ttl)
+                );
             }
         }
         if let Source::Local(path) = &r.source {

@@ -204,6 +204,31 @@ pub struct HashMismatch {
     pub actual: String,
 }
 
+/// Why a published entry's path is not usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StaleReason {
+    /// The lower's store no longer has the path (its owner deleted or
+    /// garbage-collected it) while its index kept the entry.
+    GoneFromLower,
+    /// The lower's store has it, but the merged database does not list it
+    /// (published after the last sync).
+    NotSynced,
+}
+
+/// An entry of a lower's published index whose store path is not valid in
+/// the merged store: the tree ignores it (and evaluates the reference, or
+/// refuses it with `resolve = "published-only"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StalePublished {
+    /// The lower whose index has the entry.
+    pub lower: String,
+    #[serde(rename = "ref")]
+    pub reference: String,
+    pub path: String,
+    pub reason: StaleReason,
+}
+
 /// What SQLite's `integrity_check` says about the merged database file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DatabaseDamage {
@@ -227,6 +252,9 @@ pub struct Problems {
     pub dangling_references: Vec<DanglingReference>,
     /// `None` when contents were not checked.
     pub hash_mismatches: Option<Vec<HashMismatch>>,
+    /// Entries of the lowers' published indexes that name a path the
+    /// merged store lacks.
+    pub stale_published: Vec<StalePublished>,
 }
 
 impl Problems {
@@ -239,6 +267,7 @@ impl Problems {
             + self.duplicates.len()
             + self.dangling_references.len()
             + self.hash_mismatches.as_ref().map_or(0, Vec::len)
+            + self.stale_published.len()
     }
 
     /// Problems `--repair` may fix.
@@ -335,7 +364,47 @@ fn problems(
         dangling_references: dangling_references(conn, &layers.upper.db())?,
         missing_content,
         hash_mismatches,
+        stale_published: stale_published(layers, rows),
     })
+}
+
+/// Entries of the lowers' published indexes whose path is not a valid path
+/// of the merged database. An index that cannot be read is logged and
+/// skipped (the tree skips it too).
+pub(crate) fn stale_published(layers: &Layers, rows: &[Row]) -> Vec<StalePublished> {
+    let valid: HashSet<&str> = rows.iter().map(|r| r.path.base_name()).collect();
+    let mut out = Vec::new();
+    for lower in &layers.lowers {
+        let db = lower.dir.join("var/nix/db/db.sqlite");
+        if !db.exists() {
+            continue;
+        }
+        let entries = match crate::published::read(&db) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(db = %db.display(), error = %e, "cannot read the lower's published index; not checked");
+                continue;
+            }
+        };
+        for e in entries {
+            let name = e.path.trim_start_matches("/nix/store/");
+            if valid.contains(name) {
+                continue;
+            }
+            out.push(StalePublished {
+                lower: lower.dir.display().to_string(),
+                reason: if lower.has(name) {
+                    StaleReason::NotSynced
+                } else {
+                    StaleReason::GoneFromLower
+                },
+                reference: e.reference,
+                path: e.path,
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.lower, &a.reference).cmp(&(&b.lower, &b.reference)));
+    out
 }
 
 /// Hash mismatches after a repair: the first check's verdict for content

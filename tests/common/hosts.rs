@@ -81,6 +81,13 @@ impl Host {
         h
     }
 
+    /// Sets an environment variable for every command run in this host
+    /// from now on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// A command that runs in this host's namespaces, with the World's Nix
     /// environment and this host's HOME.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
@@ -200,9 +207,20 @@ impl Drop for Host {
 
 /// Makes `host` the switch of a test network: a bridge `br0` with `addr`
 /// (e.g. "10.231.0.1") on 10.231.0.0/24.
+///
+/// The bridge gets a fixed MAC address. Without one it takes the lowest of
+/// its ports' addresses, so cabling a host whose port has a lower one
+/// changes it: hosts already talking to the switch keep the old address in
+/// their ARP cache, the bridge passes their frames up as not its own and
+/// the IP layer drops them, until their neighbour entry is probed again
+/// (seconds later). Meanwhile ssh's keepalive (3 s here) declares the
+/// server dead ("Timeout, server not responding"): sshfs exits without
+/// `reconnect` (its mount goes, or reads fail with "Transport endpoint is
+/// not connected") and fails requests in flight with EIO with it.
 pub fn bridge(host: &Host, addr: &str) {
     host.sh(&format!(
-        "ip link add br0 type bridge && ip addr add {addr}/24 dev br0 && ip link set br0 up"
+        "ip link add br0 address 02:00:0a:e7:00:01 type bridge && \
+         ip addr add {addr}/24 dev br0 && ip link set br0 up"
     ));
 }
 
@@ -275,19 +293,22 @@ impl Sshd {
     }
 
     /// Mounts `remote` (a directory of the serving host) read-only on
-    /// `mountpoint` in `host` with sshfs.
-    /// `reconnect`: sshfs reconnects after a lost link, which is noticed
-    /// within ~3 s (the NFS-fleet scenario cuts the network and expects
-    /// reads to work again). Without it the link is given a minute: a
-    /// keepalive of 3 s dropped a healthy link on a loaded machine (the
-    /// suite runs beside it), and every later request failed with ENOTCONN.
+    /// `mountpoint` in `host` with sshfs. ssh logs to `<host dir>/ssh.log`
+    /// ("Timeout, server … not responding" says the link was lost; see
+    /// [`bridge`]).
+    /// `reconnect`: sshfs reconnects after a lost link, which ssh's
+    /// keepalive notices within ~3 s (the NFS-fleet scenario cuts the
+    /// network and expects reads to work again; requests meanwhile fail
+    /// with EIO). Without it the keepalive is patient (a minute): nothing
+    /// cuts the link, and a loaded machine is no reason to drop it.
     pub fn sshfs(&self, host: &Host, remote: &Path, mountpoint: &Path, reconnect: bool) {
         std::fs::create_dir_all(mountpoint).unwrap();
         host.sh(&format!(
             "sshfs -o ro,allow_other,{reconnect}ServerAliveCountMax=2,\
              ConnectTimeout=2,BatchMode=yes,IdentityFile={key},StrictHostKeyChecking=no,\
-             UserKnownHostsFile=/dev/null,LogLevel=ERROR,cache=no,attr_timeout=0,entry_timeout=0 \
-             root@{addr}:{remote} {mp}",
+             UserKnownHostsFile=/dev/null,LogLevel=INFO,cache=no,attr_timeout=0,entry_timeout=0 \
+             -o 'ssh_command=ssh -E {log}' root@{addr}:{remote} {mp}",
+            log = host.dir.join("ssh.log").display(),
             key = self.client_key.display(),
             reconnect = if reconnect {
                 "reconnect,ServerAliveInterval=1,"

@@ -371,6 +371,24 @@ pub fn fixture(name: &str) -> String {
         .to_string()
 }
 
+/// Writes `wrapper`, a `nix` that records each run in `log` (one line: the
+/// subcommand and the last argument, the installable) and then runs the
+/// real one; point `NIXFS_LAYER_NIX` at it to count the tool's Nix runs.
+/// `log` starts empty.
+pub fn nix_recorder(wrapper: &Path, log: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(
+        wrapper,
+        format!(
+            "#!/bin/sh\nfor a; do last=$a; done\necho \"$1 $last\" >> {}\nexec nix \"$@\"\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(log, "").unwrap();
+}
+
 pub fn sh(script: &str) -> String {
     let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
     assert!(
