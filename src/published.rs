@@ -259,3 +259,57 @@ mod tests {
         assert!(read(&empty).unwrap().is_empty(), "no index, no entries");
     }
 }
+
+/// The name of a reference's GC root in [`Lower::published_roots`]: a
+/// digest of the text (any reference fits a file name), then the text made
+/// readable.
+///
+/// [`Lower::published_roots`]: crate::stack::layer::Lower::published_roots
+pub fn root_name(reference: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(reference.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let readable: String = reference
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-._".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    format!("{hex}-{readable}")
+}
+
+/// Roots the paths `changes` publish in `dir` (written before the index
+/// names them: a path is never published without its root). Each link is
+/// made under a temporary name and renamed over the old one.
+pub fn add_roots(dir: &Path, changes: &[Change]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for c in changes {
+        if let Change::Set(e) = c {
+            let name = root_name(&e.reference);
+            let tmp = dir.join(format!(".{name}.tmp"));
+            let _ = std::fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(&e.path, &tmp)?;
+            std::fs::rename(&tmp, dir.join(name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops the roots of the references `changes` remove (after the index
+/// stopped naming them).
+pub fn drop_roots(dir: &Path, changes: &[Change]) -> std::io::Result<()> {
+    for c in changes {
+        if let Change::Remove(r) = c {
+            match std::fs::remove_file(dir.join(root_name(r))) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}

@@ -256,9 +256,21 @@ ns_test! {
         assert_eq!(f.nix_calls(), calls, "still no Nix process");
         // Dropped entries: the alias is evaluated again (and fails offline).
         f.reconnect();
+        let roots = || -> Vec<PathBuf> {
+            let mut l: Vec<PathBuf> = std::fs::read_dir(f.lower.join("var/nix/gcroots/nixfs-layer-published"))
+                .unwrap()
+                .map(|e| std::fs::read_link(e.unwrap().path()).unwrap())
+                .collect();
+            l.sort();
+            l
+        };
+        let mut both = vec![PathBuf::from(&v1), PathBuf::from(&v2)];
+        both.sort();
+        assert_eq!(roots(), both, "the republished alias roots v2, the locked ref v1");
         f.publish(&["--remove", "app#tool"]);
         let listed = f.tool_ok(&["published", "--lower", f.lower.to_str().unwrap()]);
         assert_eq!(listed.lines().count(), 1, "{listed}");
+        assert_eq!(roots(), [PathBuf::from(&v1)], "a removed reference's root goes with it");
     }
 }
 
@@ -312,8 +324,19 @@ ns_test! {
         assert!(o.status.success(), "clean while the path is there: {}", stderr(&o));
 
         // The lower's owner collects garbage in the lower with its own Nix:
-        // nothing roots the published path there, so it goes; the index
-        // (a table Nix does not know) keeps the entry.
+        // publish rooted the path there, so it stays.
+        let rooted = f.lower.join("var/nix/gcroots/nixfs-layer-published");
+        let links: Vec<_> = std::fs::read_dir(&rooted).unwrap().map(|e| std::fs::read_link(e.unwrap().path()).unwrap()).collect();
+        assert_eq!(links, [PathBuf::from(&path)], "one root per published reference");
+        f.w.with_nix_at(&f.lower, || {
+            f.w.nix_ok("nix-store", ["--gc"]);
+            assert!(f.w.valid(&path), "the owner's GC keeps a published path");
+            let o = f.w.nix("nix-store").args(["--delete", path.as_str()]).output().unwrap();
+            assert!(!o.status.success(), "a published path is alive for Nix: {}", stderr(&o));
+        });
+        // An owner who clears the roots by hand and collects loses it; the
+        // index (a table Nix does not know) keeps the entry.
+        std::fs::remove_dir_all(&rooted).unwrap();
         f.w.with_nix_at(&f.lower, || {
             f.w.nix_ok("nix-store", ["--delete", path.as_str()]);
         });

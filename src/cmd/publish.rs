@@ -56,6 +56,12 @@ pub fn run(args: &PublishArgs) -> Result<()> {
             Change::Remove(_) => None,
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let root_dir = lower.published_roots();
+    let root_err = |source| Error::Io {
+        path: root_dir.clone(),
+        source,
+    };
+    published::add_roots(&root_dir, &changes).map_err(root_err)?;
     let done = promote::promote(
         &graph,
         &roots,
@@ -65,6 +71,7 @@ pub fn run(args: &PublishArgs) -> Result<()> {
         &lower,
         &changes,
     )?;
+    published::drop_roots(&root_dir, &changes).map_err(root_err)?;
     if args.json {
         let published: Vec<&Entry> = changes
             .iter()

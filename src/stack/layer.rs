@@ -201,6 +201,11 @@ impl Lower {
     pub fn db(&self) -> PathBuf {
         self.db_dir().join("db.sqlite")
     }
+    /// GC roots of the paths the lower publishes (`publish`), so that its
+    /// owner's collector keeps them: one symlink per reference.
+    pub fn published_roots(&self) -> PathBuf {
+        self.dir.join("var/nix/gcroots/nixfs-layer-published")
+    }
 }
 
 /// Which directories a lower's path names right now: device and inode of
