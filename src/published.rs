@@ -206,60 +206,6 @@ fn check(row: Row) -> Result<Entry, String> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn writes_reads_replaces_and_skips_bad_rows() {
-        let t = tempfile::tempdir().unwrap();
-        let db = t.path().join("db.sqlite");
-        let conn = Connection::open(&db).unwrap();
-        let e = |r: &str, p: &str| Entry {
-            reference: r.into(),
-            path: p.into(),
-            output: "out".into(),
-            locked: Some(format!("{r}?rev=x")),
-            system: Some("x86_64-linux".into()),
-            time: 1,
-        };
-        apply(
-            &conn,
-            &[
-                Change::Set(e("app#tool", "/nix/store/aaa-tool")),
-                Change::Set(e("other#x", "/nix/store/bbb-x")),
-            ],
-        )
-        .unwrap();
-        apply(
-            &conn,
-            &[
-                Change::Set(e("app#tool", "/nix/store/ccc-tool")),
-                Change::Remove("other#x".into()),
-            ],
-        )
-        .unwrap();
-        for bad in [
-            "insert into NixfsLayerPublished values ('evil#x', '/etc/passwd', 'out', null, null, 1)",
-            "insert into NixfsLayerPublished values ('--option#x', '/nix/store/d-x', 'out', null, null, 1)",
-            "insert into NixfsLayerPublished values ('a#x', '/nix/store/../x', 'out', null, null, 1)",
-            "insert into NixfsLayerPublished values ('b#x', x'00ff', 'out', null, null, 1)",
-            "insert into NixfsLayerPublished values ('c#x', '/nix/store/e-x', 'out', null, null, 'soon')",
-        ] {
-            conn.execute(bad, []).unwrap();
-        }
-        drop(conn);
-        let got = read(&db).unwrap();
-        assert_eq!(got, vec![e("app#tool", "/nix/store/ccc-tool")]);
-        let empty = t.path().join("empty.sqlite");
-        Connection::open(&empty)
-            .unwrap()
-            .execute_batch("create table ValidPaths (id integer)")
-            .unwrap();
-        assert!(read(&empty).unwrap().is_empty(), "no index, no entries");
-    }
-}
-
 /// The name of a reference's GC root in [`Lower::published_roots`]: a
 /// digest of the text (any reference fits a file name), then the text made
 /// readable.
@@ -312,4 +258,58 @@ pub fn drop_roots(dir: &Path, changes: &[Change]) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_reads_replaces_and_skips_bad_rows() {
+        let t = tempfile::tempdir().unwrap();
+        let db = t.path().join("db.sqlite");
+        let conn = Connection::open(&db).unwrap();
+        let e = |r: &str, p: &str| Entry {
+            reference: r.into(),
+            path: p.into(),
+            output: "out".into(),
+            locked: Some(format!("{r}?rev=x")),
+            system: Some("x86_64-linux".into()),
+            time: 1,
+        };
+        apply(
+            &conn,
+            &[
+                Change::Set(e("app#tool", "/nix/store/aaa-tool")),
+                Change::Set(e("other#x", "/nix/store/bbb-x")),
+            ],
+        )
+        .unwrap();
+        apply(
+            &conn,
+            &[
+                Change::Set(e("app#tool", "/nix/store/ccc-tool")),
+                Change::Remove("other#x".into()),
+            ],
+        )
+        .unwrap();
+        for bad in [
+            "insert into NixfsLayerPublished values ('evil#x', '/etc/passwd', 'out', null, null, 1)",
+            "insert into NixfsLayerPublished values ('--option#x', '/nix/store/d-x', 'out', null, null, 1)",
+            "insert into NixfsLayerPublished values ('a#x', '/nix/store/../x', 'out', null, null, 1)",
+            "insert into NixfsLayerPublished values ('b#x', x'00ff', 'out', null, null, 1)",
+            "insert into NixfsLayerPublished values ('c#x', '/nix/store/e-x', 'out', null, null, 'soon')",
+        ] {
+            conn.execute(bad, []).unwrap();
+        }
+        drop(conn);
+        let got = read(&db).unwrap();
+        assert_eq!(got, vec![e("app#tool", "/nix/store/ccc-tool")]);
+        let empty = t.path().join("empty.sqlite");
+        Connection::open(&empty)
+            .unwrap()
+            .execute_batch("create table ValidPaths (id integer)")
+            .unwrap();
+        assert!(read(&empty).unwrap().is_empty(), "no index, no entries");
+    }
 }
