@@ -256,7 +256,8 @@ ns_test! {
         assert!(s.whiteouts().is_empty(), "no collector whites out a new lower entry: {}", whiteout_summary(&s));
         let out = s.w.tool(["sync"]);
         assert!(out.status.success(), "{}", stderr(&out));
-        assert!(!stderr(&out).contains("skipped"), "sync skips nothing: {}", stderr(&out));
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.starts_with("sync: ") && !said.contains("skipped"), "sync skips nothing: {said}");
         let mut all: Vec<String> = s.lower_paths.iter().cloned().collect();
         all.extend(published.iter().cloned());
         assert_lower_intact(&s, &all);

@@ -711,7 +711,8 @@ ns_test! {
         // The other way round: the shared paths now come from b.
         let out = s.w.tool(["mount", "--lower", b, "--lower", a, "--upper", u, "--no-flake-fs"]);
         assert!(out.status.success(), "{}", stderr(&out));
-        assert!(stderr(&out).contains("now from another lower"), "{}", stderr(&out));
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("now from another lower"), "mount's summary: {said}");
         let v = status();
         assert_eq!(v["lowers"][0]["provided_paths"], b_paths.len(), "{v}");
         let only_a = a_paths.iter().filter(|p| !b_paths.contains(p)).count();
@@ -730,7 +731,8 @@ ns_test! {
             "mount", "--lower", s.lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap(), "--no-flake-fs",
         ]);
         assert!(out.status.success(), "{}", stderr(&out));
-        assert!(stderr(&out).contains("skipped 1 lower path(s) whose store entry is missing"), "{}", stderr(&out));
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("skipped 1 lower path(s) whose store entry is missing"), "mount's summary: {said}");
         assert!(!s.valid(&tool));
         let app = &s.lower_path("app");
         assert!(s.valid(app));
