@@ -324,7 +324,7 @@ ns_test! {
             assert!(!common::entries(&s.upper.join("nixfs-layer")).iter().any(|e| e == "staging" || e == "switch.json"), "{when}: no staging left");
         };
         let mut kills = 0;
-        for p in ["sync-lower:copied", "sync-lower:journaled", "sync-lower:unmounted", "sync-lower:moved", "sync-lower:adopted", "mount:overlay", "mount:done"] {
+        for p in ["sync-lower:copied", "sync-lower:journaled", "umount:journaled", "umount:unrecorded", "sync-lower:unmounted", "sync-lower:moved", "sync-lower:adopted", "mount:overlay", "mount:done"] {
             reset();
             let out = switch().env("NIXFS_LAYER_KILL_AT", p).output().unwrap();
             assert_eq!(std::os::unix::process::ExitStatusExt::signal(&out.status), Some(9), "{p}: killed there: {}", stderr(&out));
@@ -596,6 +596,30 @@ fn killed_umounts(flake: bool, seed: u64, random: usize) {
                     && text.contains("run `nixfs-layer umount"),
                 "{p}: {text}"
             );
+        }
+        if p == "umount:journaled" {
+            // While a process holds the upper's lock, the same record is a
+            // transaction under way, not one cut short.
+            let upper_lock = s.upper.join("nixfs-layer/lock");
+            // (-o: the lock goes with flock itself, not with its child.)
+            let mut holder = Command::new("flock")
+                .arg("-o")
+                .arg(&upper_lock)
+                .args(["-c", "echo held; exec sleep 5"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+                &mut line,
+            )
+            .unwrap();
+            let (doc, text) = status_of(&s, p);
+            holder.kill().unwrap();
+            holder.wait().unwrap();
+            assert_eq!(doc["transaction"]["interrupted"], false, "{p}: {doc}");
+            assert!(text.contains("is under way"), "{p}: {text}");
         }
         if flake && p != "umount:journaled" {
             assert!(
