@@ -674,7 +674,7 @@ fn killed_umounts(flake: bool, seed: u64, random: usize) {
 
 ns_test! {
     fn a_killed_umount_is_finished_by_the_next() {
-        killed_umounts(false, 0x853c_49e6_748f_ea9b, 30);
+        killed_umounts(false, 0x853c_49e6_748f_ea9b, 40);
     }
 }
 

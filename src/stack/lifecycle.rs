@@ -183,6 +183,7 @@ pub fn mount(opts: &MountOptions, progress: Progress<'_>) -> Result<Mounting> {
     let mut guard = MountGuard {
         mounts: Vec::new(),
         record: Some(rec_path.clone()),
+        server: None,
     };
     overlay::mount_overlay(&stack.lowers, &stack.upper, &store)?;
     guard.mounts.push(store.clone());
@@ -207,6 +208,7 @@ pub fn mount(opts: &MountOptions, progress: Progress<'_>) -> Result<Mounting> {
                 &layout.flake_log(),
             )?;
             failpoint::hit("mount:server");
+            guard.server = Some((pid, tree.mountpoint.clone()));
             if let Some(f) = &mut record.flakefs {
                 f.pid = Some(pid);
             }
@@ -302,22 +304,31 @@ fn check_target_free(target: &Path, stack: &Stack) -> Result<()> {
     Ok(())
 }
 
-/// Unmounts (in reverse) whatever it still lists when dropped.
+/// Stops the flake tree's server it names and unmounts (in reverse)
+/// whatever it still lists when dropped.
 struct MountGuard {
     mounts: Vec<PathBuf>,
     record: Option<PathBuf>,
+    /// A server started for the tree: its pid and mountpoint.
+    server: Option<(u32, PathBuf)>,
 }
 
 impl MountGuard {
-    /// Everything went well: keep the mounts and the record.
+    /// Everything went well: keep the server, the mounts and the record.
     fn disarm(&mut self) {
         self.mounts.clear();
         self.record = None;
+        self.server = None;
     }
 }
 
 impl Drop for MountGuard {
     fn drop(&mut self) {
+        if let Some((pid, mountpoint)) = &self.server {
+            if let Err(e) = daemon::stop(Some(*pid), mountpoint) {
+                tracing::error!(pid, error = %e, "could not stop the flake tree's server after a failure");
+            }
+        }
         for p in self.mounts.iter().rev() {
             if let Err(e) = overlay::unmount(p) {
                 tracing::error!(path = %p.display(), error = %e, "could not undo a mount after a failure");
