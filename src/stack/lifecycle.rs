@@ -557,7 +557,7 @@ pub fn sync(target: &Path, force: bool, progress: Progress<'_>) -> Result<Synced
     let mounted = find_stack(target)?.ok_or_else(|| MountError::NotMounted(target.to_owned()))?;
     let _lock = lock_upper(&mounted.upper)?;
     let lowers = mounted.lowers()?;
-    let replaced = if mounted.store_mounted {
+    let (replaced, sealed) = if mounted.store_mounted {
         let sealed = !overlay::is_sealed(&mounted.upper);
         if sealed {
             overlay::seal(&mounted.upper)?;
@@ -567,7 +567,6 @@ pub fn sync(target: &Path, force: bool, progress: Progress<'_>) -> Result<Synced
     } else {
         (finish_remount(&mounted, &lowers)?, false)
     };
-    let (replaced, sealed) = replaced;
     // The overlay forgets its cached entries after the merge; a sync killed
     // in between leaves this, and the next one refreshes whatever it finds.
     let pending = mounted.upper.refresh_pending();
@@ -970,7 +969,7 @@ pub fn pending(upper: &Upper) -> Vec<String> {
     }
     if upper.refresh_pending().exists() && !super::upper_locked(upper) {
         problems.push(format!(
-            "a `sync` of {} was cut short after its merge, before the overlay forgot its cached entries (paths it made valid may look missing): run `nixfs-layer sync`",
+            "a `sync` of {} did not get to refresh the overlay after its merge (paths it made valid may look missing through the store): run `nixfs-layer sync`",
             upper.dir().display()
         ));
     }
