@@ -503,6 +503,12 @@ fn cleared_by_one_umount(s: &Stack, when: &str, paths: &[String]) {
         !s.upper.join("nixfs-layer/mount.json").exists(),
         "{when}: no record left"
     );
+    // The upper, unmounted, has nothing left to finish.
+    let out =
+        s.w.tool(["status", "--json", "--upper", s.upper.to_str().unwrap()]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["state"], "not mounted", "{when}: {doc}");
+    assert_eq!(doc["problems"], serde_json::json!([]), "{when}: {doc}");
     s.mount();
     for p in paths {
         assert!(

@@ -522,6 +522,8 @@ pub fn unmount_stack(mounted: &Mounted, stop_tree: bool) -> Result<()> {
             return Err(e.into());
         }
     }
+    // Nothing cached is left to forget.
+    let _ = std::fs::remove_file(mounted.upper.refresh_pending());
     Ok(())
 }
 
