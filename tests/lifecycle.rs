@@ -647,6 +647,10 @@ fn killed_umounts(flake: bool, seed: u64, random: usize) {
         .min()
         .unwrap();
     eprintln!("one umount takes {span} µs");
+    // The delays close in on the window where umount is at work: a kill
+    // that found the stack untouched raises the lower bound, one that found
+    // it gone lowers the upper (the timing of this shared machine drifts).
+    let (mut lo, mut hi) = (0, 2 * span);
     let mut seed = seed;
     let mut landed = std::collections::BTreeMap::new();
     for i in 0..random {
@@ -654,7 +658,8 @@ fn killed_umounts(flake: bool, seed: u64, random: usize) {
         seed ^= seed >> 7;
         seed ^= seed << 17;
         mount_with(&s, flake);
-        let delay = std::time::Duration::from_micros(span / 3 + seed % span);
+        let micros = lo + seed % (hi - lo).max(1);
+        let delay = std::time::Duration::from_micros(micros);
         let mut child = umount().spawn().unwrap();
         std::thread::sleep(delay);
         let _ = child.kill();
@@ -672,9 +677,18 @@ fn killed_umounts(flake: bool, seed: u64, random: usize) {
         *landed
             .entry(format!("{state} {}", doc["transaction"]["kind"]))
             .or_insert(0) += 1;
+        match state.as_str() {
+            "mounted" => lo = lo.max(micros),
+            "not mounted" => hi = hi.min(micros),
+            _ => {}
+        }
+        // (Drift: the window may move out of the bounds.)
+        if hi <= lo + 200 {
+            (lo, hi) = (lo.saturating_sub(span / 4), hi + span / 4);
+        }
         cleared_by_one_umount(&s, &when, &paths);
     }
-    eprintln!("random kills landed: {landed:?}");
+    eprintln!("random kills landed: {landed:?}; the window closed in on {lo}..{hi} µs");
     eprintln!("{kills} kills");
 }
 
