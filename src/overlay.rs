@@ -67,6 +67,8 @@ pub enum MountError {
 /// One line of `/proc/self/mountinfo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountInfo {
+    /// The device of its file system (`major:minor`).
+    pub dev: String,
     /// The directory of its file system that is mounted (`/` unless a bind
     /// of a subdirectory).
     pub root: PathBuf,
@@ -123,6 +125,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
             };
             let mut post = post.split(' ');
             Some(MountInfo {
+                dev: pre.get(2)?.to_string(),
                 root: PathBuf::from(unescape(pre.get(3)?)),
                 mount_point: PathBuf::from(unescape(pre.get(4)?)),
                 shared: tag("shared"),
@@ -143,6 +146,24 @@ pub fn mounts() -> Result<Vec<MountInfo>, MountError> {
         source,
     })?;
     Ok(parse_mountinfo(&text))
+}
+
+/// Where the directory a bind mount shows is reachable in this namespace
+/// other than through the bind: a mount of the same file system whose root
+/// lies above the bind's, checked to be the same directory (device and
+/// inode). None if no such path is mounted.
+pub fn bind_source(all: &[MountInfo], bind: &MountInfo) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = fs::metadata(&bind.mount_point).ok()?;
+    all.iter()
+        .filter(|m| m.dev == bind.dev && m.mount_point != bind.mount_point)
+        .filter_map(|m| {
+            let rest = bind.root.strip_prefix(&m.root).ok()?;
+            Some(m.mount_point.join(rest))
+        })
+        .find(|p| {
+            fs::metadata(p).is_ok_and(|md| md.dev() == shown.dev() && md.ino() == shown.ino())
+        })
 }
 
 /// The topmost mount at exactly `point`, if any.
@@ -333,6 +354,7 @@ pub fn mount_afresh(
 ) -> Result<(), MountError> {
     let old = DetachedMount::clone_of(target_store)?;
     unmount(target_store)?;
+    crate::failpoint::hit("sync:old-unmounted");
     match mount_overlay(lowers, upper, target_store) {
         Ok(()) => Ok(()),
         Err(e) => {

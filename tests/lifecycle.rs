@@ -324,7 +324,7 @@ ns_test! {
             assert!(!common::entries(&s.upper.join("nixfs-layer")).iter().any(|e| e == "staging" || e == "switch.json"), "{when}: no staging left");
         };
         let mut kills = 0;
-        for p in ["sync-lower:copied", "sync-lower:journaled", "sync-lower:unmounted", "sync-lower:moved", "sync-lower:adopted", "mount:overlay", "mount:done"] {
+        for p in ["sync-lower:copied", "sync-lower:journaled", "umount:journaled", "umount:unrecorded", "sync-lower:unmounted", "sync-lower:moved", "sync-lower:adopted", "mount:overlay", "mount:done"] {
             reset();
             let out = switch().env("NIXFS_LAYER_KILL_AT", p).output().unwrap();
             assert_eq!(std::os::unix::process::ExitStatusExt::signal(&out.status), Some(9), "{p}: killed there: {}", stderr(&out));
@@ -432,5 +432,526 @@ ns_test! {
             check(&format!("random kill {i} after {delay:?}"));
         }
         assert!(kills >= 16, "{kills} kills");
+    }
+}
+
+/// `status --json` (it exits 0 whatever it finds) and the text output.
+fn status_of(s: &Stack, when: &str) -> (serde_json::Value, String) {
+    let out = s.w.tool(["status", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{when}: status exits 0: {}",
+        stderr(&out)
+    );
+    let doc = serde_json::from_slice(&out.stdout).unwrap();
+    let out = s.w.tool(["status"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{when}: status exits 0: {}",
+        stderr(&out)
+    );
+    (doc, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Every field of a `status --json` document is in docs/status-json.md's
+/// table (`upper.dir`, `lowers[].dir`, `transaction.kind`…).
+fn assert_documented(doc: &serde_json::Value) {
+    fn walk(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+        for (k, v) in v.as_object().into_iter().flatten() {
+            let mut name = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            if v.is_array() {
+                name.push_str("[]");
+            }
+            out.push(name.clone());
+            for e in v.as_array().map_or(std::slice::from_ref(v), Vec::as_slice) {
+                walk(e, &name, out);
+            }
+        }
+    }
+    let table =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/status-json.md"))
+            .unwrap();
+    let mut fields = Vec::new();
+    walk(doc, "", &mut fields);
+    for f in fields {
+        assert!(
+            table.contains(&format!("| `{f}` |")),
+            "docs/status-json.md documents `{f}`"
+        );
+    }
+}
+
+/// After a kill: whatever `status` says, one `umount` leaves nothing, the
+/// database is sound, and the next `mount` works (`paths` valid).
+fn cleared_by_one_umount(s: &Stack, when: &str, paths: &[String]) {
+    let out = s.w.tool(["umount"]);
+    // (1: nothing was mounted any more, the kill came at the very end.)
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(1)),
+        "{when}: umount clears it: {}",
+        stderr(&out)
+    );
+    assert_nothing_left(s, when);
+    assert_eq!(integrity(&s.upper), "ok", "{when}: the database is sound");
+    assert!(
+        !s.upper.join("nixfs-layer/mount.json").exists(),
+        "{when}: no record left"
+    );
+    // The upper, unmounted, has nothing left to finish.
+    let out =
+        s.w.tool(["status", "--json", "--upper", s.upper.to_str().unwrap()]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["state"], "not mounted", "{when}: {doc}");
+    assert_eq!(doc["problems"], serde_json::json!([]), "{when}: {doc}");
+    s.mount();
+    for p in paths {
+        assert!(
+            s.valid(p) && Path::new(p).exists(),
+            "{when}: {p} valid again"
+        );
+    }
+    s.w.tool_ok(["umount"]);
+    assert_nothing_left(s, when);
+}
+
+fn mount_with(s: &Stack, flake: bool) {
+    let mut args = vec![
+        "mount",
+        "--lower",
+        s.lower.to_str().unwrap(),
+        "--upper",
+        s.upper.to_str().unwrap(),
+    ];
+    if !flake {
+        args.push("--no-flake-fs");
+    }
+    s.w.tool_ok(args);
+}
+
+/// `umount` killed after each of its steps, with and without the flake
+/// tree, then at random moments: `status` says an unmount was cut short
+/// and what to run; one `umount` finishes it.
+fn killed_umounts(flake: bool, seed: u64, random: usize) {
+    let s = Stack::new(&["app"]);
+    s.mount();
+    let mut paths = s.w.build(&["extra"]);
+    paths.push(s.lower_path("app"));
+    s.umount();
+    let umount = || {
+        let mut c = s.w.tool_command();
+        c.arg("umount");
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    let mut kills = 0;
+    let mut points = vec![
+        "umount:journaled",
+        "umount:var",
+        "umount:unsealed",
+        "umount:unrecorded",
+    ];
+    if flake {
+        points.insert(1, "umount:tree");
+    }
+    for p in points {
+        mount_with(&s, flake);
+        let out = umount().env("NIXFS_LAYER_KILL_AT", p).output().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&out.status),
+            Some(9),
+            "{p}: killed there: {}",
+            stderr(&out)
+        );
+        kills += 1;
+        let (doc, text) = status_of(&s, p);
+        eprintln!(
+            "{p}: status says {} {} {}",
+            doc["state"], doc["problems"], doc["transaction"]
+        );
+        assert_eq!(doc["state"], "half-mounted", "{p}: {doc}");
+        assert_documented(&doc);
+        assert_eq!(
+            doc["mounted"], true,
+            "{p}: the overlay is still there: {doc}"
+        );
+        assert!(
+            doc["problems"].to_string().contains("nixfs-layer umount"),
+            "{p}: names what to run: {doc}"
+        );
+        if p == "umount:unrecorded" {
+            // The record went just before the overlay: the overlay itself
+            // leads to the upper, and the state bind is missing.
+            assert!(doc["transaction"].is_null(), "{p}: {doc}");
+        } else {
+            assert_eq!(doc["transaction"]["kind"], "unmount", "{p}: {doc}");
+            assert_eq!(doc["transaction"]["interrupted"], true, "{p}: {doc}");
+            assert_eq!(
+                doc["transaction"]["run"], "nixfs-layer umount --target /nix",
+                "{p}: {doc}"
+            );
+            assert!(
+                text.contains("unmounting (interrupted)")
+                    && text.contains("run `nixfs-layer umount"),
+                "{p}: {text}"
+            );
+        }
+        if p == "umount:journaled" {
+            // While a process holds the upper's lock, the same record is a
+            // transaction under way, not one cut short.
+            let upper_lock = s.upper.join("nixfs-layer/lock");
+            // (-o: the lock goes with flock itself, not with its child.)
+            let mut holder = Command::new("flock")
+                .arg("-o")
+                .arg(&upper_lock)
+                .args(["-c", "echo held; exec sleep 5"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+                &mut line,
+            )
+            .unwrap();
+            let (doc, text) = status_of(&s, p);
+            holder.kill().unwrap();
+            holder.wait().unwrap();
+            assert_eq!(doc["transaction"]["interrupted"], false, "{p}: {doc}");
+            assert!(text.contains("is under way"), "{p}: {text}");
+        }
+        if flake && p != "umount:journaled" {
+            assert!(
+                !mountinfo().contains(" /nixfs "),
+                "{p}: the tree went first"
+            );
+        }
+        cleared_by_one_umount(&s, p, &paths);
+    }
+    // Random moments around the end of what one whole umount takes here
+    // (most of it is starting the process).
+    let span = (0..3)
+        .map(|_| {
+            mount_with(&s, flake);
+            let t = std::time::Instant::now();
+            s.umount();
+            t.elapsed().as_micros() as u64
+        })
+        .min()
+        .unwrap();
+    eprintln!("one umount takes {span} µs");
+    // The delays close in on the window where umount is at work: a kill
+    // that found the stack untouched raises the lower bound, one that found
+    // it gone lowers the upper (the timing of this shared machine drifts).
+    let (mut lo, mut hi) = (0, 2 * span);
+    let mut seed = seed;
+    let mut landed = std::collections::BTreeMap::new();
+    for i in 0..random {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        mount_with(&s, flake);
+        let micros = lo + seed % (hi - lo).max(1);
+        let delay = std::time::Duration::from_micros(micros);
+        let mut child = umount().spawn().unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let _ = child.wait();
+        kills += 1;
+        let when = format!("random kill {i} after {delay:?}");
+        let (doc, _) = status_of(&s, &when);
+        let state = doc["state"].as_str().unwrap().to_owned();
+        if state == "half-mounted" {
+            assert!(
+                doc["problems"].to_string().contains("nixfs-layer umount"),
+                "{when}: names what to run: {doc}"
+            );
+        }
+        *landed
+            .entry(format!("{state} {}", doc["transaction"]["kind"]))
+            .or_insert(0) += 1;
+        match state.as_str() {
+            "mounted" => lo = lo.max(micros),
+            "not mounted" => hi = hi.min(micros),
+            _ => {}
+        }
+        // (Drift: the window may move out of the bounds.)
+        if hi <= lo + 200 {
+            (lo, hi) = (lo.saturating_sub(span / 4), hi + span / 4);
+        }
+        cleared_by_one_umount(&s, &when, &paths);
+    }
+    eprintln!("random kills landed: {landed:?}; the window closed in on {lo}..{hi} µs");
+    eprintln!("{kills} kills");
+}
+
+ns_test! {
+    fn a_killed_umount_is_finished_by_the_next() {
+        killed_umounts(false, 0x853c_49e6_748f_ea9b, 40);
+    }
+}
+
+ns_test! {
+    fn a_killed_umount_with_the_flake_tree_is_finished_by_the_next() {
+        killed_umounts(true, 0xda94_2042_e4dd_58b5, 30);
+    }
+}
+
+ns_test! {
+    // `sync` killed while it mounts `TARGET/store` afresh onto a lower
+    // replaced under the mount (a new tree renamed into place), after each
+    // of its steps and at random moments: `status` says a remount was cut
+    // short and what to run; the next `sync` finishes it, or one `umount`
+    // clears it; the next mount works with a sound database.
+    fn a_killed_remount_is_finished_by_sync_or_cleared_by_umount() {
+        let s = Stack::new(&["app"]);
+        s.mount();
+        let tool = s.w.build(&["tool"]).remove(0);
+        s.umount();
+        // The other generation of the lower: what a publisher renames into
+        // place. The two trade places before each kill.
+        let other = s.w.path("lower-other");
+        let extra = s.w.with_nix_at(&other, || s.w.build(&["app", "extra"])).remove(1);
+        let swap = || {
+            common::sh(&format!(
+                "mv {l} {l}.x && mv {o} {l} && mv {l}.x {o}",
+                l = s.lower.display(),
+                o = other.display()
+            ));
+        };
+        let sync = || {
+            let mut c = s.w.tool_command();
+            c.arg("sync");
+            c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+            c
+        };
+        let app = s.lower_path("app");
+        let mut generation_b = false;
+        let check = |when: &str, by_sync: bool, generation_b: bool| {
+            let (doc, text) = status_of(&s, when);
+            eprintln!("{when}: status says {} mounted={} {} {}", doc["state"], doc["mounted"], doc["problems"], doc["transaction"]);
+            if doc["state"] != "mounted" {
+                assert_eq!(doc["state"], "half-mounted", "{when}: {doc}");
+                let problems = doc["problems"].to_string();
+                assert!(problems.contains("nixfs-layer sync") || problems.contains("nixfs-layer umount"), "{when}: names what to run: {doc}");
+            }
+            if doc["transaction"]["kind"] == "remount" {
+                assert_eq!(doc["transaction"]["interrupted"], true, "{when}: {doc}");
+                assert_eq!(doc["transaction"]["run"], "nixfs-layer sync --target /nix", "{when}: {doc}");
+                assert!(text.contains("remounting (interrupted)"), "{when}: {text}");
+            }
+            let mut paths = vec![tool.clone(), app.clone()];
+            if generation_b {
+                paths.push(extra.clone());
+            }
+            if by_sync {
+                let out = s.w.tool(["sync"]);
+                assert!(out.status.success(), "{when}: the next sync finishes it: {}", stderr(&out));
+                let (doc, _) = status_of(&s, when);
+                assert_eq!(doc["state"], "mounted", "{when}: whole again: {doc}");
+                assert!(doc["transaction"].is_null() && doc["problems"].as_array().unwrap().is_empty(), "{when}: {doc}");
+                assert_eq!(doc["lowers"][0]["replaced"], false, "{when}: the new tree is mounted: {doc}");
+                assert_eq!(doc["sealed"], true, "{when}: {doc}");
+                for p in &paths {
+                    assert!(s.valid(p) && Path::new(p).exists(), "{when}: {p} valid, with its content");
+                }
+                assert_eq!(integrity(&s.upper), "ok", "{when}: the database is sound");
+                s.umount();
+                assert_nothing_left(&s, when);
+            } else {
+                cleared_by_one_umount(&s, when, &paths);
+            }
+        };
+        let mut kills = 0;
+        let points = ["sync:remount-journaled", "sync:old-unmounted", "mount:overlay-unsealed", "sync:remounted"];
+        for p in points {
+            for by_sync in [false, true] {
+                s.mount();
+                swap();
+                generation_b = !generation_b;
+                let out = sync().env("NIXFS_LAYER_KILL_AT", p).output().unwrap();
+                assert_eq!(std::os::unix::process::ExitStatusExt::signal(&out.status), Some(9), "{p}: killed there: {}", stderr(&out));
+                kills += 1;
+                let (doc, _) = status_of(&s, p);
+                assert_eq!(doc["state"], "half-mounted", "{p}: {doc}");
+                assert_eq!(doc["transaction"]["kind"], "remount", "{p}: {doc}");
+                assert_eq!(doc["mounted"], p != "sync:old-unmounted", "{p}: {doc}");
+                check(&format!("{p}, then {}", if by_sync { "sync" } else { "umount" }), by_sync, generation_b);
+            }
+        }
+        // Random moments within one whole sync (the remount, the merge).
+        let span = (0..3)
+            .map(|_| {
+                s.mount();
+                swap();
+                generation_b = !generation_b;
+                let t = std::time::Instant::now();
+                s.w.tool_ok(["sync"]);
+                let d = t.elapsed().as_micros() as u64;
+                s.umount();
+                d
+            })
+            .min()
+            .unwrap();
+        eprintln!("one sync with a remount takes {span} µs");
+        let mut seed = 0x4f1b_bcdc_bfa5_3e0b_u64;
+        for i in 0..16 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            s.mount();
+            swap();
+            generation_b = !generation_b;
+            let delay = std::time::Duration::from_micros(span / 4 + seed % span);
+            let mut child = sync().spawn().unwrap();
+            std::thread::sleep(delay);
+            let _ = child.kill();
+            let _ = child.wait();
+            kills += 1;
+            check(&format!("random kill {i} after {delay:?}"), i % 2 == 1, generation_b);
+        }
+        eprintln!("{kills} kills");
+        assert!(kills >= 24, "{kills} kills");
+    }
+}
+
+ns_test! {
+    // Plain `sync` killed after its merge and at random moments: the next
+    // `sync` leaves the paths the lower gained valid and visible through
+    // the store (the overlay forgets what it had cached), and one `umount`
+    // clears the stack.
+    fn a_killed_sync_is_finished_by_the_next() {
+        let s = Stack::new(&["app"]);
+        let scratch = s.w.path("scratch");
+        let gained = s.w.with_nix_at(&scratch, || s.w.build(&["extra", "tool"]));
+        s.mount();
+        for p in &gained {
+            // Looked up before the lower has it: the overlay caches that.
+            assert!(!Path::new(p).exists());
+        }
+        s.w.with_nix_at(&s.lower, || s.w.build(&["extra", "tool"]));
+        let sync = || {
+            let mut c = s.w.tool_command();
+            c.arg("sync");
+            c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+            c
+        };
+        let out = sync().env("NIXFS_LAYER_KILL_AT", "sync:merged").output().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&out.status), Some(9), "killed there: {}", stderr(&out));
+        let (doc, _) = status_of(&s, "sync:merged");
+        eprintln!("sync:merged: status says {} {}", doc["state"], doc["problems"]);
+        assert_eq!(doc["state"], "half-mounted", "{doc}");
+        assert!(doc["problems"].to_string().contains("run `nixfs-layer sync`"), "names what to run: {doc}");
+        s.w.tool_ok(["sync"]);
+        for p in &gained {
+            assert!(s.valid(p), "{p} is valid");
+            assert!(Path::new(p).exists(), "{p} is visible through the store");
+        }
+        common::verify_contents(&s.w);
+        // Random moments of `sync --force` (every lower re-read).
+        let mut seed = 0x1f83_d9ab_fb41_bd6b_u64;
+        let mut kills = 1;
+        let mut landed = std::collections::BTreeMap::new();
+        for i in 0..12 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let delay = std::time::Duration::from_micros(seed % 30_000);
+            let mut child = sync().arg("--force").spawn().unwrap();
+            std::thread::sleep(delay);
+            let _ = child.kill();
+            let _ = child.wait();
+            kills += 1;
+            let when = format!("random kill {i} after {delay:?}");
+            let (doc, _) = status_of(&s, &when);
+            if doc["state"] != "mounted" {
+                assert_eq!(doc["state"], "half-mounted", "{when}: {doc}");
+                assert!(doc["problems"].to_string().contains("run `nixfs-layer sync`"), "{when}: names what to run: {doc}");
+            }
+            *landed.entry(doc["state"].as_str().unwrap().to_owned()).or_insert(0) += 1;
+            assert_eq!(integrity(&s.upper), "ok", "{when}: the database is sound");
+            s.w.tool_ok(["sync"]);
+            for p in gained.iter().chain([&s.lower_path("app")]) {
+                assert!(s.valid(p) && Path::new(p).exists(), "{when}: {p} valid and visible");
+            }
+        }
+        eprintln!("{kills} kills; the random ones left status {landed:?}");
+        cleared_by_one_umount(&s, "after the kills", &gained);
+    }
+}
+
+ns_test! {
+    // A record left in the upper with nothing mounted: by a `mount` killed
+    // before its first mount call, and by an older version's `umount`
+    // killed after it unmounted (the record and the seal left). `status
+    // --upper` says so; `umount` without the upper known says nothing is
+    // mounted, with it configured clears the record and lifts the seal;
+    // `mount` replaces the record and works.
+    fn a_record_left_with_nothing_mounted_is_cleared_or_replaced() {
+        let s = Stack::new(&["app"]);
+        let app = s.lower_path("app");
+        let record = s.upper.join("nixfs-layer/mount.json");
+        let config = s.w.path("config.toml");
+        std::fs::write(&config, format!("upper = \"{}\"\n", s.upper.display())).unwrap();
+        // (work/work is made by the first overlay mount.)
+        let sealed = || common::sh(&format!("lsattr -d {}/work/work 2>/dev/null || echo -", s.upper.display())).split(' ').next().unwrap().contains('i');
+        let leave = |how: &str| match how {
+            "mount killed" => {
+                let out = s.w.tool_command()
+                    .args(["mount", "--lower", s.lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap()])
+                    .env("NIXFS_LAYER_KILL_AT", "mount:recorded")
+                    .stdin(Stdio::null())
+                    .output()
+                    .unwrap();
+                assert_eq!(std::os::unix::process::ExitStatusExt::signal(&out.status), Some(9), "killed: {}", stderr(&out));
+            }
+            _ => {
+                // What a version that removed the record after the overlay
+                // left when killed between the two.
+                s.mount();
+                common::sh("umount /nix/var && umount /nix/store");
+                assert!(sealed(), "the seal is left");
+            }
+        };
+        for how in ["mount killed", "old umount killed"] {
+            for next in ["umount", "mount"] {
+                leave(how);
+                let when = format!("{how}, then {next}");
+                assert!(record.exists() && overlays().is_empty(), "{when}");
+                let out = s.w.tool(["status", "--json", "--upper", s.upper.to_str().unwrap()]);
+                assert_eq!(out.status.code(), Some(0), "{when}: {}", stderr(&out));
+                let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                eprintln!("{when}: status says {} {}", doc["state"], doc["problems"]);
+                assert_eq!(doc["state"], "not mounted", "{when}: {doc}");
+                assert!(doc["problems"].to_string().contains("nixfs-layer umount"), "{when}: {doc}");
+                if next == "umount" {
+                    let out = s.w.tool(["umount"]);
+                    assert_eq!(out.status.code(), Some(1), "{when}: {}", stderr(&out));
+                    assert!(stderr(&out).contains("nothing of nixfs-layer is mounted at /nix"), "{when}: {}", stderr(&out));
+                    let out = s.w.tool(["umount", "--config", config.to_str().unwrap()]);
+                    assert_eq!(out.status.code(), Some(0), "{when}: {}", stderr(&out));
+                    assert!(stderr(&out).contains("cleared the record"), "{when}: {}", stderr(&out));
+                    assert!(!record.exists() && !sealed(), "{when}: the record and the seal are gone");
+                    // Nothing left to clear now.
+                    let out = s.w.tool(["umount", "--config", config.to_str().unwrap()]);
+                    assert_eq!(out.status.code(), Some(1), "{when}: {}", stderr(&out));
+                    let out = s.w.tool(["status", "--json", "--upper", s.upper.to_str().unwrap()]);
+                    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                    assert!(doc["problems"].as_array().unwrap().is_empty(), "{when}: {doc}");
+                }
+                s.mount();
+                assert!(s.valid(&app) && Path::new(&app).exists(), "{when}: mounted again");
+                s.umount();
+                assert_nothing_left(&s, &when);
+                assert!(!record.exists() && !sealed(), "{when}");
+            }
+        }
     }
 }

@@ -158,7 +158,7 @@ pub fn extra_sections() -> String {
         ),
         (
             "UPPER/nixfs\\-layer/mount.json".to_owned(),
-            "The mount record: target, lowers and the flake tree's server, for \\fBsync\\fR, \\fBstatus\\fR and \\fBumount\\fR.",
+            "The mount record: target, lowers and the flake tree's server, for \\fBsync\\fR, \\fBstatus\\fR and \\fBumount\\fR; also the journal of a mount, unmount or remount under way (its \\fBtransaction\\fR), finished by the next \\fBumount\\fR (a remount: \\fBsync\\fR).",
         ),
         (
             "UPPER/nixfs\\-layer/lock".to_owned(),
@@ -175,6 +175,10 @@ pub fn extra_sections() -> String {
         (
             "UPPER/nixfs\\-layer/switch.json, UPPER/nixfs\\-layer/staging".to_owned(),
             "A \\fBsync \\-\\-keep\\-needed\\fR switch under way, finished by the next \\fBmount\\fR.",
+        ),
+        (
+            "UPPER/nixfs\\-layer/refresh\\-pending".to_owned(),
+            "A \\fBsync\\fR between its merge and the overlay's refresh; the next \\fBsync\\fR refreshes the overlay.",
         ),
         (
             "UPPER/nixfs\\-layer/optimise\\-trash".to_owned(),

@@ -9,10 +9,10 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::layer::Upper;
 use crate::pathdb::{self, stats};
-use crate::stack::lifecycle::{self, FlakeTreeStatus};
+use crate::stack::lifecycle::{self, FlakeTreeStatus, TransactionStatus};
 
 use super::resolve_target;
-use crate::stack::find_mounted;
+use crate::stack::find_stack;
 
 /// Version of the JSON document; bumped only for incompatible changes.
 pub const STATUS_FORMAT: u32 = 1;
@@ -40,6 +40,9 @@ pub struct Status {
     pub problems: Vec<String>,
     /// The flake tree served with the mounted stack, if any.
     pub flake_tree: Option<FlakeTreeStatus>,
+    /// The transaction the stack's mount record names: one under way, or
+    /// one cut short (then `state` is "half-mounted").
+    pub transaction: Option<TransactionStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -62,7 +65,8 @@ pub struct UpperStatus {
 pub fn run(args: &StatusArgs) -> Result<()> {
     let config = Config::load(args.target.config.config.as_deref())?;
     let target = resolve_target(args.target.target.as_deref(), &config)?;
-    let mounted = find_mounted(&target)?;
+    // (Also a stack whose overlay a killed `sync` had unmounted.)
+    let mounted = find_stack(&target)?;
     let upper = match &mounted {
         Some(m) => Some(m.upper.clone()),
         None => match args.upper.clone().or(config.upper.clone()) {
@@ -81,6 +85,9 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         Some(m) => lifecycle::health(m),
         None => ("not mounted", Vec::new(), None),
     };
+    if let (None, Some(u)) = (&mounted, &upper) {
+        problems.extend(lifecycle::stale_record(u, &target));
+    }
     if let Some(u) = &upper {
         let pending = lifecycle::pending(u);
         if !pending.is_empty() && state == "mounted" {
@@ -104,7 +111,7 @@ pub fn run(args: &StatusArgs) -> Result<()> {
     let status = Status {
         format: STATUS_FORMAT,
         target: target.display().to_string(),
-        mounted: mounted.is_some(),
+        mounted: mounted.as_ref().is_some_and(|m| m.store_mounted),
         valid_paths: db_stats.as_ref().map(|s| s.valid_paths),
         nix_valid_paths: db_stats.as_ref().map(|s| s.nix_valid_paths),
         upper: upper
@@ -129,6 +136,7 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         state,
         problems,
         flake_tree,
+        transaction: mounted.as_ref().and_then(lifecycle::transaction),
     };
     if args.json {
         super::print_json(&status);

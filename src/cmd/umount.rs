@@ -13,7 +13,17 @@ use super::resolve_target;
 pub fn run(args: &UmountArgs) -> Result<()> {
     let config = Config::load(args.target.config.config.as_deref())?;
     let target = resolve_target(args.target.target.as_deref(), &config)?;
-    lifecycle::unmount(&target, args.wait.map(Duration::from_secs))?;
-    eprintln!("unmounted {}", target.display());
+    match lifecycle::unmount(
+        &target,
+        args.wait.map(Duration::from_secs),
+        config.upper.as_deref(),
+    )? {
+        lifecycle::Unmounted::Stack => eprintln!("unmounted {}", target.display()),
+        lifecycle::Unmounted::StaleRecord(upper) => eprintln!(
+            "nothing was mounted at {}; cleared the record an interrupted command had left in upper {}",
+            target.display(),
+            upper.display()
+        ),
+    }
     Ok(())
 }

@@ -8,8 +8,9 @@
 //!        <dir>/work                       overlayfs workdir
 //!        <dir>/var/nix/db/db.sqlite       the merged database Nix uses
 //!        <dir>/var/{nix,log}/...          the rest of Nix's state (bound on TARGET/var)
-//!        <dir>/nixfs-layer/               this tool's state (marker, lock, mount record,
-//!                                         snapshots, a lower switch's staging and journal)
+//!        <dir>/nixfs-layer/               this tool's state (marker, lock, mount record and
+//!                                         transaction journal, snapshots, a lower switch's
+//!                                         staging and journal, a pending overlay refresh)
 //! ```
 
 use std::fs;
@@ -387,9 +388,17 @@ impl Upper {
     pub fn lock_file(&self) -> PathBuf {
         self.tool_dir().join("lock")
     }
-    /// What `mount` recorded (`stack::MountRecord`).
+    /// What `mount` recorded (`stack::MountRecord`), and the journal of
+    /// the lifecycle's transactions: its `transaction` names the one under
+    /// way (mount, unmount, remount) until it is done.
     pub fn mount_record(&self) -> PathBuf {
         self.tool_dir().join("mount.json")
+    }
+    /// Made by `sync` before its merge and removed once the overlay has
+    /// forgotten its cached entries: while it exists, a merge may have
+    /// made paths valid that the overlay still hides.
+    pub fn refresh_pending(&self) -> PathBuf {
+        self.tool_dir().join("refresh-pending")
     }
     /// Where a switch to new lowers keeps its verified copies until they
     /// are the upper's (`pathdb::keep`).

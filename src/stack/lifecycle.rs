@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use super::layer::{self, Lower, Replaced, Stack, Upper};
 use super::{
-    find_mounted, lock_target, lock_upper, require_mounted, try_lock_upper, FlakeFsRecord,
-    MountRecord, Mounted, Target, UpperLock,
+    find_mounted, find_stack, lock_target, lock_upper, read_record, try_lock_upper, FlakeFsRecord,
+    MountRecord, Mounted, Target, Transaction, UpperLock,
 };
 use crate::config::FlakeFsConfig;
 use crate::error::{Error, Result};
@@ -130,6 +130,13 @@ pub fn mount(opts: &MountOptions, progress: Progress<'_>) -> Result<Mounting> {
 
     // An `optimise` cut short: what it had moved out of the store goes.
     crate::optimise::finish_unmounted(&stack.upper)?;
+    // A record left with nothing mounted (a `mount` killed before its
+    // first mount call, or by a version that removed it last): nothing of
+    // it is left to undo (`check_target_free` found nothing mounted), and
+    // the record written below replaces it.
+    if let Ok(old) = read_record(&stack.upper) {
+        tracing::info!(target = %old.target.display(), transaction = ?old.transaction, "a mount record is left from an earlier stack with nothing mounted; replacing it");
+    }
     let summary = merge::sync(
         &stack.upper,
         &stack.lowers,
@@ -171,6 +178,7 @@ pub fn mount(opts: &MountOptions, progress: Progress<'_>) -> Result<Mounting> {
             pid: serve_here.then(std::process::id),
             mountpoint: t.mountpoint.clone(),
         }),
+        transaction: Some(Transaction::Mount),
     };
     let rec_path = stack.upper.mount_record();
     record.write(&rec_path)?;
@@ -178,9 +186,12 @@ pub fn mount(opts: &MountOptions, progress: Progress<'_>) -> Result<Mounting> {
     let mut guard = MountGuard {
         mounts: Vec::new(),
         record: Some(rec_path.clone()),
+        server: None,
     };
     overlay::mount_overlay(&stack.lowers, &stack.upper, &store)?;
     guard.mounts.push(store.clone());
+    // A fresh overlay has nothing cached.
+    let _ = std::fs::remove_file(stack.upper.refresh_pending());
     failpoint::hit("mount:overlay");
     overlay::bind(&stack.upper.var(), &var)?;
     guard.mounts.push(var.clone());
@@ -200,12 +211,14 @@ pub fn mount(opts: &MountOptions, progress: Progress<'_>) -> Result<Mounting> {
                 &layout.flake_log(),
             )?;
             failpoint::hit("mount:server");
+            guard.server = Some((pid, tree.mountpoint.clone()));
             if let Some(f) = &mut record.flakefs {
                 f.pid = Some(pid);
             }
-            record.write(&rec_path)?;
         }
     }
+    // The transaction is over: the stack is whole.
+    record.write_with(None, &rec_path)?;
     guard.disarm();
     drop(target_lock);
     failpoint::hit("mount:done");
@@ -297,22 +310,31 @@ fn check_target_free(target: &Path, stack: &Stack) -> Result<()> {
     Ok(())
 }
 
-/// Unmounts (in reverse) whatever it still lists when dropped.
+/// Stops the flake tree's server it names and unmounts (in reverse)
+/// whatever it still lists when dropped.
 struct MountGuard {
     mounts: Vec<PathBuf>,
     record: Option<PathBuf>,
+    /// A server started for the tree: its pid and mountpoint.
+    server: Option<(u32, PathBuf)>,
 }
 
 impl MountGuard {
-    /// Everything went well: keep the mounts and the record.
+    /// Everything went well: keep the server, the mounts and the record.
     fn disarm(&mut self) {
         self.mounts.clear();
         self.record = None;
+        self.server = None;
     }
 }
 
 impl Drop for MountGuard {
     fn drop(&mut self) {
+        if let Some((pid, mountpoint)) = &self.server {
+            if let Err(e) = daemon::stop(Some(*pid), mountpoint) {
+                tracing::error!(pid, error = %e, "could not stop the flake tree's server after a failure");
+            }
+        }
         for p in self.mounts.iter().rev() {
             if let Err(e) = overlay::unmount(p) {
                 tracing::error!(path = %p.display(), error = %e, "could not undo a mount after a failure");
@@ -324,18 +346,70 @@ impl Drop for MountGuard {
     }
 }
 
+/// What [`unmount`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unmounted {
+    /// A stack (whole or half-mounted) was taken down.
+    Stack,
+    /// Nothing was mounted, but `upper` (the one the caller named) had a
+    /// record of a stack at this target left by a command killed midway:
+    /// the record is gone and the seal lifted.
+    StaleRecord(PathBuf),
+}
+
 /// Unmounts the stack at `target`, all or nothing: while anything uses it
 /// (after waiting up to `wait`, if given) nothing is torn down and the
-/// error names the holders.
-pub fn unmount(target: &Path, wait: Option<Duration>) -> Result<()> {
+/// error names the holders. A stack half-mounted or half-unmounted by a
+/// killed command is taken down too. With nothing mounted, the record an
+/// interrupted command left in `upper` (if given: the configured one) is
+/// cleared; else it is an error.
+pub fn unmount(target: &Path, wait: Option<Duration>, upper: Option<&Path>) -> Result<Unmounted> {
     overlay::check_privileges("umount")?;
-    let mounted = require_mounted(target)?;
+    let Some(mounted) = find_stack(target)? else {
+        return clear_stale_record(target, upper);
+    };
     let _lock = lock_upper(&mounted.upper)?;
     wait_until_unused(&mounted, wait)?;
     // What Nix registered since the last sync goes into the journal that
     // `verify --repair` would rebuild a damaged database from.
     journal::catch_up(&mounted.upper, &mounted.record.lowers);
-    unmount_stack(&mounted, true)
+    unmount_stack(&mounted, true)?;
+    Ok(Unmounted::Stack)
+}
+
+/// Nothing is mounted at `target`: a record `upper` still has of a stack
+/// there (its command killed before it mounted anything, or by a version
+/// that removed the record after the overlay) goes, and the seal with it;
+/// not while another namespace holds the upper.
+fn clear_stale_record(target: &Path, upper: Option<&Path>) -> Result<Unmounted> {
+    let not_mounted = || Err(MountError::NotMounted(target.to_owned()).into());
+    let Some(upper) = upper.and_then(|u| Upper::open(u).ok()) else {
+        return not_mounted();
+    };
+    let _lock = lock_upper(&upper)?;
+    match read_record(&upper) {
+        Ok(r) if r.target == target => {}
+        _ => return not_mounted(),
+    }
+    if !overlay::holders_elsewhere(&upper).is_empty() || find_mounted_upper(&upper)?.is_some() {
+        return not_mounted();
+    }
+    overlay::unseal(&upper)?;
+    let rec = upper.mount_record();
+    std::fs::remove_file(&rec).map_err(|source| Error::Io { path: rec, source })?;
+    Ok(Unmounted::StaleRecord(upper.dir().to_owned()))
+}
+
+/// Where the upper's overlay is mounted in this namespace, if anywhere.
+fn find_mounted_upper(upper: &Upper) -> Result<Option<PathBuf>> {
+    let upper_store = upper.store();
+    Ok(overlay::mounts()?
+        .into_iter()
+        .find(|m| {
+            m.fs_type == "overlay"
+                && m.option("upperdir").map(PathBuf::from).as_deref() == Some(&upper_store)
+        })
+        .map(|m| m.mount_point))
 }
 
 /// What keeps a stack from going: processes of this namespace using the
@@ -390,11 +464,18 @@ fn wait_until_unused(mounted: &Mounted, wait: Option<Duration>) -> Result<()> {
     }
 }
 
-/// Unmounts a stack (the caller holds the upper's lock): the flake tree
-/// first when `stop_tree` (its server keeps the store's database open),
-/// then the state bind and the overlay; if the overlay is busy, the state
-/// is bound again so nothing is left half-unmounted.
+/// Unmounts a stack (the caller holds the upper's lock), a transaction
+/// whose journal is the mount record: it is marked `unmount` first, so
+/// that a later `umount` knows to finish it; then the flake tree goes
+/// (when `stop_tree`: its server keeps the store's database open), the
+/// state bind, the seal, the record, and last the overlay, so that until
+/// the end the overlay on `TARGET/store` leads any later process to the
+/// upper. If the overlay is busy, the rest is put back.
 pub fn unmount_stack(mounted: &Mounted, stop_tree: bool) -> Result<()> {
+    let rec_path = mounted.upper.mount_record();
+    let mut record = mounted.record.clone();
+    record.write_with(Some(Transaction::Unmount), &rec_path)?;
+    failpoint::hit("umount:journaled");
     if stop_tree {
         // Any server serving this target (also one a `mount` killed before
         // recording its pid).
@@ -408,6 +489,7 @@ pub fn unmount_stack(mounted: &Mounted, stop_tree: bool) -> Result<()> {
                 daemon::stop(None, &f.mountpoint)?;
             }
         }
+        failpoint::hit("umount:tree");
     }
     let (var, store) = (mounted.var(), mounted.store());
     let mounts = overlay::mounts()?;
@@ -415,25 +497,52 @@ pub fn unmount_stack(mounted: &Mounted, stop_tree: bool) -> Result<()> {
     if var_is_ours {
         unmount_settling(&var)?;
     }
-    if let Err(e) = unmount_settling(&store) {
-        // Leave things as they were: put the state back.
-        if var_is_ours {
-            overlay::bind(&mounted.upper.var(), &var)?;
-        }
-        return Err(e.into());
-    }
-    let _ = std::fs::remove_file(mounted.upper.mount_record());
+    failpoint::hit("umount:var");
     // The seal stays while another namespace still has the overlay (a
     // build in a namespace of its own): it protects the lowers there.
-    match overlay::holders_elsewhere(&mounted.upper).first() {
-        None => overlay::unseal(&mounted.upper)?,
-        Some(h) => tracing::warn!(
-            pid = h.pid,
-            command = %h.command,
-            "upper {} is still mounted in another mount namespace; its overlay work directory stays sealed",
-            mounted.upper.dir().display()
-        ),
+    let unsealed = match overlay::holders_elsewhere(&mounted.upper).first() {
+        None => {
+            overlay::unseal(&mounted.upper)?;
+            true
+        }
+        Some(h) => {
+            tracing::warn!(
+                pid = h.pid,
+                command = %h.command,
+                "upper {} is still mounted in another mount namespace; its overlay work directory stays sealed",
+                mounted.upper.dir().display()
+            );
+            false
+        }
+    };
+    failpoint::hit("umount:unsealed");
+    match std::fs::remove_file(&rec_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(Error::Io {
+                path: rec_path,
+                source,
+            })
+        }
     }
+    failpoint::hit("umount:unrecorded");
+    let store_is_ours = mounted.store_mounted && overlay::mount_at(&mounts, &store).is_some();
+    if store_is_ours {
+        if let Err(e) = unmount_settling(&store) {
+            // Leave things as they were: the seal, the record, the state.
+            if unsealed {
+                overlay::seal(&mounted.upper)?;
+            }
+            record.write_with(None, &rec_path)?;
+            if var_is_ours {
+                overlay::bind(&mounted.upper.var(), &var)?;
+            }
+            return Err(e.into());
+        }
+    }
+    // Nothing cached is left to forget.
+    let _ = std::fs::remove_file(mounted.upper.refresh_pending());
     Ok(())
 }
 
@@ -466,15 +575,24 @@ pub struct Synced {
 /// and refreshing the overlay when something changed.
 pub fn sync(target: &Path, force: bool, progress: Progress<'_>) -> Result<Synced> {
     overlay::check_privileges("sync")?;
-    let mounted = require_mounted(target)?;
+    let mounted = find_stack(target)?.ok_or_else(|| MountError::NotMounted(target.to_owned()))?;
     let _lock = lock_upper(&mounted.upper)?;
-    let sealed = !overlay::is_sealed(&mounted.upper);
-    if sealed {
-        overlay::seal(&mounted.upper)?;
-        tracing::warn!(upper = %mounted.upper.dir().display(), "the overlay was not sealed; sealed it");
-    }
     let lowers = mounted.lowers()?;
-    let replaced = remount_if_replaced(&mounted, &lowers)?;
+    let (replaced, sealed) = if mounted.store_mounted {
+        let sealed = !overlay::is_sealed(&mounted.upper);
+        if sealed {
+            overlay::seal(&mounted.upper)?;
+            tracing::warn!(upper = %mounted.upper.dir().display(), "the overlay was not sealed; sealed it");
+        }
+        (remount_if_replaced(&mounted, &lowers)?, sealed)
+    } else {
+        (finish_remount(&mounted, &lowers)?, false)
+    };
+    // The overlay forgets its cached entries after the merge; a sync killed
+    // in between leaves this, and the next one refreshes whatever it finds.
+    let pending = mounted.upper.refresh_pending();
+    let refresh_owed = pending.exists();
+    std::fs::write(&pending, b"").map_err(|source| Error::io(&pending, source))?;
     let summary = merge::sync(
         &mounted.upper,
         &lowers,
@@ -486,10 +604,12 @@ pub fn sync(target: &Path, force: bool, progress: Progress<'_>) -> Result<Synced
             ..Default::default()
         },
     )?;
-    if summary.changed() {
+    failpoint::hit("sync:merged");
+    if summary.changed() || refresh_owed {
         // Drop the overlay's cached (possibly negative) entries for lower paths.
         overlay::refresh(&mounted.store())?;
     }
+    let _ = std::fs::remove_file(&pending);
     // The flake tree's entries: answers (a lower's published index above
     // all, which may change with no path changing) may differ now.
     crate::flakefs::daemon::refresh(target);
@@ -504,28 +624,65 @@ pub fn sync(target: &Path, force: bool, progress: Progress<'_>) -> Result<Synced
 /// place): the overlay still shows the old one, perhaps deleted by now, so
 /// `TARGET/store` is mounted afresh, onto what the lowers' paths are now,
 /// before the merge reads their databases. Busy: refused, nothing changed.
+///
+/// A transaction: the record is marked `remount` before the old overlay is
+/// unmounted and cleared once the new one is mounted and sealed; killed in
+/// between, the state bind and the record are left, and the next `sync`
+/// mounts the overlay ([`finish_remount`]) or `umount` clears the rest.
 fn remount_if_replaced(mounted: &Mounted, lowers: &[Lower]) -> Result<Vec<Replaced>> {
     let replaced = mounted.replaced_lowers();
     let Some(first) = replaced.first() else {
         return Ok(replaced);
     };
     let store = mounted.store();
-    overlay::mount_afresh(lowers, &mounted.upper, &store).map_err(|e| match e {
-        MountError::Busy(_) => MountError::ReplacedBusy {
-            lower: first.dir.clone(),
-            store: store.clone(),
-        },
-        e => e,
-    })?;
+    let rec_path = mounted.upper.mount_record();
+    let mut record = mounted.record.clone();
+    record.write_with(Some(Transaction::Remount), &rec_path)?;
+    failpoint::hit("sync:remount-journaled");
+    if let Err(e) = overlay::mount_afresh(lowers, &mounted.upper, &store) {
+        // The old overlay is back (or, failing that, nothing is mounted
+        // there and the record says so).
+        if find_mounted(&mounted.target)?.is_some() {
+            record.write_with(None, &rec_path)?;
+        }
+        return Err(match e {
+            MountError::Busy(_) => MountError::ReplacedBusy {
+                lower: first.dir.clone(),
+                store: store.clone(),
+            },
+            e => e,
+        }
+        .into());
+    }
+    failpoint::hit("sync:remounted");
+    record.lower_ids = lowers
+        .iter()
+        .map(Lower::identity)
+        .collect::<Result<_, _>>()?;
+    record.write_with(None, &rec_path)?;
+    for r in &replaced {
+        tracing::info!(lower = %r.dir.display(), was = %r.was, now = ?r.now.map(|n| n.to_string()), "lower replaced under the mount");
+    }
+    Ok(replaced)
+}
+
+/// A `sync` killed while it mounted `TARGET/store` afresh left the state
+/// bind and the record (marked `remount`) but no overlay: mounts it, onto
+/// what the lowers are now, and clears the mark. Any other half-unmounted
+/// stack is `umount`'s to clear.
+fn finish_remount(mounted: &Mounted, lowers: &[Lower]) -> Result<Vec<Replaced>> {
+    if mounted.record.transaction != Some(Transaction::Remount) {
+        return Err(MountError::AlreadyMounted(mounted.var(), mounted.target.clone()).into());
+    }
+    let replaced = mounted.replaced_lowers();
+    overlay::mount_overlay(lowers, &mounted.upper, &mounted.store())?;
     let mut record = mounted.record.clone();
     record.lower_ids = lowers
         .iter()
         .map(Lower::identity)
         .collect::<Result<_, _>>()?;
-    record.write(&mounted.upper.mount_record())?;
-    for r in &replaced {
-        tracing::info!(lower = %r.dir.display(), was = %r.was, now = ?r.now.map(|n| n.to_string()), "lower replaced under the mount");
-    }
+    record.write_with(None, &mounted.upper.mount_record())?;
+    tracing::warn!(target = %mounted.target.display(), "finished an interrupted remount: {} is mounted again", mounted.store().display());
     Ok(replaced)
 }
 
@@ -563,7 +720,7 @@ pub fn switch_lowers(
     progress: Progress<'_>,
 ) -> Result<Switched> {
     overlay::check_privileges("sync")?;
-    let mounted = require_mounted(target)?;
+    let mounted = super::require_mounted(target)?;
     let upper = &mounted.upper;
     let lock = lock_upper(upper)?;
     // Refused before the old stack is unmounted: mount would refuse it then.
@@ -647,7 +804,7 @@ pub fn switch_lowers(
     };
     let old_lowers = mounted.record.lowers.clone();
     drop(lock);
-    if let Err(e) = unmount(&mounted.target, None) {
+    if let Err(e) = unmount(&mounted.target, None, None) {
         // Still on the old lowers: nothing to finish.
         keep::abandon_switch(upper);
         return Err(e);
@@ -691,10 +848,74 @@ pub struct FlakeTreeStatus {
     pub locked_results: u64,
 }
 
-/// What a mounted stack is missing: the state bind, its flake tree or the
-/// tree's server (a `mount` or `sync --lower` killed midway).
+/// A transaction its record names, as `status` reports it.
+#[derive(Debug, serde::Serialize)]
+pub struct TransactionStatus {
+    /// "mount", "unmount" or "remount".
+    pub kind: &'static str,
+    /// No process is at work on the upper: the command was killed (else
+    /// it is under way).
+    pub interrupted: bool,
+    /// What finishes it.
+    pub run: String,
+}
+
+/// The transaction a stack's record names, if any.
+pub fn transaction(m: &Mounted) -> Option<TransactionStatus> {
+    let t = m.record.transaction?;
+    let target = m.target.display();
+    let run = match t {
+        // (`umount` clears it as well.)
+        Transaction::Remount => format!("nixfs-layer sync --target {target}"),
+        _ => format!("nixfs-layer umount --target {target}"),
+    };
+    Some(TransactionStatus {
+        kind: t.name(),
+        interrupted: !super::upper_locked(&m.upper),
+        run,
+    })
+}
+
+/// What a mounted stack is missing: the overlay (a `sync` killed while it
+/// mounted it afresh), the state bind, its flake tree or the tree's server
+/// (a `mount`, `umount` or `sync --lower` killed midway), and a transaction
+/// its record names.
 pub fn health(m: &Mounted) -> (&'static str, Vec<String>, Option<FlakeTreeStatus>) {
     let mut problems = Vec::new();
+    if let Some(t) = transaction(m) {
+        let what = match t.kind {
+            "mount" => "mounting",
+            "unmount" => "unmounting",
+            _ => "remounting",
+        };
+        let cmd = m.record.transaction.map_or("", Transaction::command);
+        problems.push(if t.interrupted {
+            format!(
+                "{what} (interrupted): a `nixfs-layer {cmd}` of {} was cut short: run `{}`",
+                m.target.display(),
+                t.run
+            )
+        } else {
+            format!(
+                "{what}: a `nixfs-layer {cmd}` of {} is under way (if it hangs, stop it and run `{}`)",
+                m.target.display(),
+                t.run
+            )
+        });
+    }
+    if !m.store_mounted {
+        let t = m.target.display();
+        problems.push(format!(
+            "{} is not mounted while its state is bound on {}: {}",
+            m.store().display(),
+            m.var().display(),
+            if m.record.transaction == Some(Transaction::Remount) {
+                format!("run `nixfs-layer sync --target {t}` to mount it again, or `nixfs-layer umount --target {t}`")
+            } else {
+                format!("run `nixfs-layer umount --target {t}`")
+            }
+        ));
+    }
     let var = m.var();
     let mounts = overlay::mounts().unwrap_or_default();
     if overlay::mount_at(&mounts, &var).is_none() {
@@ -745,6 +966,25 @@ pub fn health(m: &Mounted) -> (&'static str, Vec<String>, Option<FlakeTreeStatus
     (state, problems, tree)
 }
 
+/// With nothing mounted at `target`: a record of a stack there that
+/// `upper` still has (a `mount` killed before its first mount call, or an
+/// older version's `umount` killed before it removed it), with what clears
+/// it. Nothing is left mounted of it.
+pub fn stale_record(upper: &Upper, target: &Path) -> Option<String> {
+    let r = read_record(upper).ok().filter(|r| r.target == target)?;
+    if super::upper_locked(upper) {
+        return None;
+    }
+    Some(format!(
+        "upper {} has a record of a stack at {} with nothing mounted{}: the next `nixfs-layer mount` replaces it, `nixfs-layer umount` (with this upper configured) removes it",
+        upper.dir().display(),
+        target.display(),
+        r.transaction
+            .map(|t| format!(" (a `nixfs-layer {}` was cut short)", t.command()))
+            .unwrap_or_default()
+    ))
+}
+
 /// Transactions on `upper` cut short that a command other than `umount`
 /// finishes: one line each, naming it.
 pub fn pending(upper: &Upper) -> Vec<String> {
@@ -752,6 +992,12 @@ pub fn pending(upper: &Upper) -> Vec<String> {
     if keep::switch_pending(upper) {
         problems.push(format!(
             "a `sync --lower` on {} was cut short after copying what the upper needs: the next `nixfs-layer mount` of this upper finishes it",
+            upper.dir().display()
+        ));
+    }
+    if upper.refresh_pending().exists() && !super::upper_locked(upper) {
+        problems.push(format!(
+            "a `sync` of {} did not get to refresh the overlay after its merge (paths it made valid may look missing through the store): run `nixfs-layer sync`",
             upper.dir().display()
         ));
     }

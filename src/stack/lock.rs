@@ -97,3 +97,23 @@ pub fn lock_upper(upper: &Upper) -> Result<UpperLock> {
         }
     }
 }
+
+/// Whether a process holds the upper's lock now (a command at work on
+/// it), read from /proc/locks without taking the lock: `status` must not
+/// hold it even briefly (a foreground mount stopping skips its cleanup
+/// while the lock is held).
+pub fn upper_locked(upper: &Upper) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::metadata(upper.lock_file()) else {
+        return false;
+    };
+    let (major, minor) = (libc::major(md.dev()), libc::minor(md.dev()));
+    let want = format!("{major:02x}:{minor:02x}:{}", md.ino());
+    std::fs::read_to_string("/proc/locks").is_ok_and(|t| {
+        t.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+            f.get(1) == Some(&"FLOCK") && f.iter().any(|x| *x == want)
+        })
+    })
+}

@@ -30,8 +30,11 @@ use rusqlite::types::{FromSql, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use rusqlite::Connection;
 
 pub use layer::{Lower, LowerIdentity, Stack, Upper};
-pub use lock::{lock_target, lock_upper, try_lock_upper, TargetLock, UpperLock};
-pub use mounted::{find_mounted, require_mounted, FlakeFsRecord, MountRecord, Mounted};
+pub use lock::{lock_target, lock_upper, try_lock_upper, upper_locked, TargetLock, UpperLock};
+pub use mounted::{
+    find_mounted, find_stack, read_record, require_mounted, FlakeFsRecord, MountRecord, Mounted,
+    Transaction,
+};
 pub use target::Target;
 
 use crate::pathdb::{sql_err, DbError};

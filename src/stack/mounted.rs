@@ -22,15 +22,71 @@ pub struct MountRecord {
     /// The /nixfs/flake tree served with this mount, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flakefs: Option<FlakeFsRecord>,
+    /// The transaction under way on this stack, written before its first
+    /// step and cleared after its last: a record that still names one was
+    /// left by a process killed midway, and `umount` finishes it. Absent
+    /// when the stack is whole (and in records of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction: Option<Transaction>,
+}
+
+/// A transaction on a mounted stack, as its record names it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Transaction {
+    /// `mount`: the record is written before the first mount call.
+    Mount,
+    /// `umount`: written before the flake tree is stopped.
+    Unmount,
+    /// `sync` mounting `TARGET/store` afresh onto replaced lowers: written
+    /// before the old overlay is unmounted.
+    Remount,
+}
+
+impl Transaction {
+    /// The command it is part of.
+    pub fn command(self) -> &'static str {
+        match self {
+            Transaction::Mount => "mount",
+            Transaction::Unmount => "umount",
+            Transaction::Remount => "sync",
+        }
+    }
+
+    /// Its name in `status --json` (`transaction.kind`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Transaction::Mount => "mount",
+            Transaction::Unmount => "unmount",
+            Transaction::Remount => "remount",
+        }
+    }
 }
 
 impl MountRecord {
+    /// Writes the record atomically (a temporary file renamed over it,
+    /// synced): a process killed while writing leaves the old record or
+    /// the new one, never a torn one.
     pub fn write(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_vec_pretty(self).expect("mount record serialises");
-        std::fs::write(path, json).map_err(|source| Error::Io {
-            path: path.to_owned(),
-            source,
-        })
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| Error::Io { path, source }
+        };
+        let tmp = path.with_extension("json.new");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            f.write_all(&json).map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))?;
+        }
+        std::fs::rename(&tmp, path).map_err(io(path))
+    }
+
+    /// This record with `transaction` set (or cleared), written to `path`.
+    pub fn write_with(&mut self, transaction: Option<Transaction>, path: &Path) -> Result<()> {
+        self.transaction = transaction;
+        self.write(path)
     }
 }
 
@@ -51,6 +107,10 @@ pub struct Mounted {
     pub target: PathBuf,
     pub upper: Upper,
     pub record: MountRecord,
+    /// Whether the overlay is on `TARGET/store`. Only [`find_stack`] finds
+    /// a stack without it: one whose `sync` was killed while it mounted
+    /// `TARGET/store` afresh (the state bind and the record are left).
+    pub store_mounted: bool,
 }
 
 impl Mounted {
@@ -102,10 +162,7 @@ pub fn find_mounted(target: &Path) -> Result<Option<Mounted>> {
         return Ok(None);
     };
     let rec_path = upper.mount_record();
-    let read = std::fs::read(&rec_path)
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice::<MountRecord>(&b).map_err(|e| e.to_string()));
-    let record = match read {
+    let record = match read_record(&upper) {
         Ok(r) => r,
         Err(why) => {
             // The overlay itself says which lowers it stacks (mount
@@ -117,6 +174,7 @@ pub fn find_mounted(target: &Path) -> Result<Option<Mounted>> {
                 lowers: lowers_of(&m),
                 lower_ids: Vec::new(),
                 flakefs: None,
+                transaction: None,
             }
         }
     };
@@ -124,6 +182,47 @@ pub fn find_mounted(target: &Path) -> Result<Option<Mounted>> {
         target: target.to_owned(),
         upper,
         record,
+        store_mounted: true,
+    }))
+}
+
+/// The upper's mount record, as written.
+pub fn read_record(upper: &Upper) -> Result<MountRecord, String> {
+    std::fs::read(upper.mount_record())
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice::<MountRecord>(&b).map_err(|e| e.to_string()))
+}
+
+/// Like [`find_mounted`], but also finds a stack whose overlay is gone
+/// while its state bind is still on `TARGET/var` (a `sync` killed while it
+/// mounted `TARGET/store` afresh): the bind leads to the upper, whose
+/// record must name this target.
+pub fn find_stack(target: &Path) -> Result<Option<Mounted>> {
+    if let Some(m) = find_mounted(target)? {
+        return Ok(Some(m));
+    }
+    let mounts = overlay::mounts()?;
+    let Some(bind) = overlay::mount_at(&mounts, &Target::new(target).var()) else {
+        return Ok(None);
+    };
+    let Some(upper) = overlay::bind_source(&mounts, &bind)
+        .as_deref()
+        .and_then(Path::parent)
+        .and_then(|dir| Upper::open(dir).ok())
+    else {
+        return Ok(None);
+    };
+    let Ok(record) = read_record(&upper) else {
+        return Ok(None);
+    };
+    if record.target != target {
+        return Ok(None);
+    }
+    Ok(Some(Mounted {
+        target: target.to_owned(),
+        upper,
+        record,
+        store_mounted: false,
     }))
 }
 
@@ -139,4 +238,24 @@ fn lowers_of(m: &overlay::MountInfo) -> Vec<PathBuf> {
 /// Like [`find_mounted`], but nothing mounted is an error.
 pub fn require_mounted(target: &Path) -> Result<Mounted> {
     find_mounted(target)?.ok_or_else(|| MountError::NotMounted(target.to_owned()).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_of_older_versions_still_parse() {
+        let old = r#"{"target": "/nix", "lowers": ["/l"], "flakefs": {"pid": 7, "mountpoint": "/nixfs"}}"#;
+        let r: MountRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(r.transaction, None);
+        assert!(r.lower_ids.is_empty());
+        let mut r = r;
+        // A whole stack's record says nothing of transactions.
+        assert!(!serde_json::to_string(&r).unwrap().contains("transaction"));
+        r.transaction = Some(Transaction::Unmount);
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(text.contains(r#""transaction":"unmount""#), "{text}");
+        assert_eq!(serde_json::from_str::<MountRecord>(&text).unwrap(), r);
+    }
 }
