@@ -11,7 +11,7 @@ use crate::layer::{Lower, Upper};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("mounting needs root (CAP_SYS_ADMIN); run nixfs-layer {0} as root")]
+    #[error("mounting needs root (CAP_SYS_ADMIN); run nixfs-layer {0} as root, or inside `nixfs-layer run`")]
     NotPermitted(&'static str),
     #[error(
         "this kernel has no overlayfs (not in /proc/filesystems); load it with `modprobe overlay`"
@@ -233,8 +233,34 @@ fn filesystems_has_overlay(text: &str) -> bool {
         .any(|l| l.split_whitespace().last() == Some("overlay"))
 }
 
+/// Whether this process runs in a user namespace other than the initial
+/// one (`nixfs-layer run` as an unprivileged user): overlayfs then keeps
+/// its whiteout and opaque markers in `user.overlay.*` attributes
+/// (`userxattr`), and the seal, which needs CAP_LINUX_IMMUTABLE of the
+/// initial namespace, cannot be set.
+pub fn in_user_namespace() -> bool {
+    fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| !is_initial_uid_map(&m))
+}
+
+fn is_initial_uid_map(map: &str) -> bool {
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    fields == ["0", "0", "4294967295"]
+}
+
+/// Whether overlays mounted by this process can be sealed (see [`seal`]).
+pub fn can_seal() -> bool {
+    !in_user_namespace()
+}
+
 /// The overlayfs option string for a stack (first lower on top).
 pub fn overlay_options(lowers: &[Lower], upper: &Upper) -> String {
+    overlay_options_for(lowers, upper, in_user_namespace())
+}
+
+/// [`overlay_options`] for a mount in the initial user namespace or in
+/// another one (`userxattr`: the trusted.* attributes are out of reach
+/// there, and `redirect_dir=nofollow` is the setting that needs none).
+fn overlay_options_for(lowers: &[Lower], upper: &Upper, userns: bool) -> String {
     let lowerdir = lowers
         .iter()
         .map(|l| l.store().to_string_lossy().into_owned())
@@ -242,8 +268,13 @@ pub fn overlay_options(lowers: &[Lower], upper: &Upper) -> String {
         .join(":");
     // index/metacopy/redirect_dir stay off: they record lower file handles,
     // and our lowers legitimately change between mounts.
+    let (redirect, xattr) = if userns {
+        ("nofollow", ",userxattr")
+    } else {
+        ("off", "")
+    };
     format!(
-        "lowerdir={lowerdir},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=off",
+        "lowerdir={lowerdir},upperdir={},workdir={},index=off,metacopy=off,redirect_dir={redirect}{xattr}",
         upper.store().display(),
         upper.work().display()
     )
@@ -499,8 +530,14 @@ fn inode_flags(f: &fs::File) -> Result<libc::c_int, Errno> {
     Ok(flags)
 }
 
-/// Seals the work directory of a mounted overlay.
+/// Seals the work directory of a mounted overlay. In a user namespace
+/// (see [`can_seal`]) there is no seal to set: the kernel's permission
+/// checks stand in (the lowers' entries belong to users the namespace does
+/// not map, so nothing there may change them), with the GC pin.
 pub fn seal(upper: &Upper) -> Result<(), MountError> {
+    if !can_seal() {
+        return Ok(());
+    }
     let dir = seal_dir(upper);
     set_immutable(&dir, true).map_err(|errno| match errno {
         Errno::ENOTTY | Errno::EOPNOTSUPP | Errno::EINVAL => MountError::SealUnsupported {
@@ -554,16 +591,14 @@ fn set_opaque(dir: &Path) -> Result<(), MountError> {
         path: dir.to_owned(),
         source: std::io::ErrorKind::InvalidInput.into(),
     })?;
-    // SAFETY: NUL-terminated strings and a one-byte value.
-    let rc = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            c"trusted.overlay.opaque".as_ptr(),
-            b"y".as_ptr().cast(),
-            1,
-            0,
-        )
+    // In a user namespace overlayfs reads the user.* twin (`userxattr`).
+    let name = if in_user_namespace() {
+        c"user.overlay.opaque"
+    } else {
+        c"trusted.overlay.opaque"
     };
+    // SAFETY: NUL-terminated strings and a one-byte value.
+    let rc = unsafe { libc::lsetxattr(c.as_ptr(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
     if rc != 0 {
         return Err(io_at(dir)(std::io::Error::last_os_error()));
     }
@@ -822,5 +857,22 @@ mod tests {
     fn finds_overlay_in_proc_filesystems() {
         assert!(filesystems_has_overlay("nodev\tsysfs\nnodev\toverlay\n"));
         assert!(!filesystems_has_overlay("nodev\tsysfs\n\text4\n"));
+    }
+
+    #[test]
+    fn a_user_namespace_mounts_with_userxattr() {
+        assert!(is_initial_uid_map("         0          0 4294967295\n"));
+        assert!(!is_initial_uid_map("         0       1000          1\n"));
+        assert!(!is_initial_uid_map("         0          0      65536\n"));
+        let lower = Lower::for_tests("/l/a");
+        let upper = Upper::for_tests("/u");
+        let lowers = std::slice::from_ref(&lower);
+        let host = overlay_options_for(lowers, &upper, false);
+        assert!(host.ends_with("redirect_dir=off"), "{host}");
+        let userns = overlay_options_for(lowers, &upper, true);
+        assert_eq!(
+            userns,
+            "lowerdir=/l/a/store,upperdir=/u/store,workdir=/u/work,index=off,metacopy=off,redirect_dir=nofollow,userxattr"
+        );
     }
 }

@@ -449,7 +449,7 @@ pub fn sync(target: &Path, force: bool, progress: Progress<'_>) -> Result<Synced
     overlay::check_privileges("sync")?;
     let mounted = require_mounted(target)?;
     let _lock = lock_upper(&mounted.upper)?;
-    let sealed = !overlay::is_sealed(&mounted.upper);
+    let sealed = overlay::can_seal() && !overlay::is_sealed(&mounted.upper);
     if sealed {
         overlay::seal(&mounted.upper)?;
         tracing::warn!(upper = %mounted.upper.dir().display(), "the overlay was not sealed; sealed it");
