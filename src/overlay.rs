@@ -629,6 +629,13 @@ fn remove_idle_whiteouts(upper: &Upper, lowers: &[Lower]) -> Result<(), MountErr
     Ok(())
 }
 
+/// The mount ids (first field) of mountinfo lines.
+fn mount_ids(text: &str) -> std::collections::HashSet<u64> {
+    text.lines()
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect()
+}
+
 /// A process other than this one, as /proc shows it.
 pub struct Process {
     pub pid: u32,
@@ -684,19 +691,38 @@ pub struct Holder {
 pub fn holders_elsewhere(upper: &Upper) -> Vec<Holder> {
     let upper_store = upper.store();
     let own = own_mnt_ns();
+    // Mount ids are unique across namespaces: a process whose namespace
+    // link cannot be read (one in another user namespace, for an
+    // unprivileged caller) still shows whether its overlay is one of ours.
+    let own_ids = fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| mount_ids(&t))
+        .unwrap_or_default();
     let mut seen = std::collections::HashSet::new();
+    let mut seen_ids = std::collections::HashSet::new();
     let mut out = Vec::new();
     for p in processes() {
-        let Some(ns) = p.mnt_ns.clone() else { continue };
-        if Some(&ns) == own.as_ref() || !seen.insert(ns) {
-            continue;
+        if let Some(ns) = &p.mnt_ns {
+            if Some(ns) == own.as_ref() || !seen.insert(ns.clone()) {
+                continue;
+            }
         }
         let Ok(text) = fs::read_to_string(p.dir.join("mountinfo")) else {
             continue;
         };
-        if let Some(m) = parse_mountinfo(&text).into_iter().find(|m| {
-            m.fs_type == "overlay" && m.option("upperdir").map(Path::new) == Some(&upper_store)
-        }) {
+        let is_ours = |line: &&str| {
+            parse_mountinfo(line).first().is_some_and(|m| {
+                m.fs_type == "overlay" && m.option("upperdir").map(Path::new) == Some(&upper_store)
+            })
+        };
+        let Some(line) = text.lines().find(is_ours) else {
+            continue;
+        };
+        let id = mount_ids(line).into_iter().next();
+        if p.mnt_ns.is_none() && id.is_some_and(|id| own_ids.contains(&id) || !seen_ids.insert(id))
+        {
+            continue;
+        }
+        if let Some(m) = parse_mountinfo(line).into_iter().next() {
             out.push(Holder {
                 pid: p.pid,
                 command: p.command(),

@@ -314,3 +314,79 @@ ns_test! {
         assert_eq!(mount_table(), mounts_before);
     }
 }
+
+ns_test! {
+    fn what_a_user_namespace_cannot_seal_is_refused_or_repaired() {
+        let s = Stack::new(&["app", "tool"]);
+        let user = TestUser::new(&s.w);
+        let upper = user.home.join("upper");
+        ok(&user.tool(&s.w).args(["init", "--upper"]).arg(&upper).output().unwrap(), "init");
+        let lower_before = tree_digest(&s.lower);
+        let app = s.lower_path("app");
+        let drv = s
+            .lower_paths
+            .iter()
+            .find(|p| p.ends_with("-app.drv"))
+            .expect("the lower has app's derivation")
+            .clone();
+        // Inside a store path everything belongs to the lower's owner,
+        // whom the namespace does not map: the kernel refuses.
+        let script = format!(
+            r#"rm -rf {app} 2>/dev/null; echo rm-dir=$?
+chmod u+w {app}/bin 2>/dev/null; echo chmod=$?
+ln {app}/bin/app /nix/store/.links/x 2>/dev/null; echo link=$?
+rm -f {drv}; echo rm-file=$?
+{tool} verify > "$HOME/verify.txt"; echo verify=$?
+{tool} verify --repair > /dev/null; echo repair=$?
+"#,
+            tool = TOOL
+        );
+        let out = run_as(&s, &user, &upper, &["--no-flake-fs"], &script);
+        let text = ok(&out, "the run");
+        assert_ne!(field(&text, "rm-dir"), "0", "{text}");
+        assert_ne!(field(&text, "chmod"), "0", "{text}");
+        assert_ne!(field(&text, "link"), "0", "{text}");
+        // A single-file store path at the top, in the user's own store
+        // directory, can be hidden (a whiteout in the user's upper only):
+        // verify names it and --repair takes the whiteout away.
+        assert_eq!(field(&text, "rm-file"), "0", "{text}");
+        assert_eq!(field(&text, "verify"), "1", "{text}");
+        let verify = std::fs::read_to_string(user.home.join("verify.txt")).unwrap();
+        let hidden = verify.lines().find(|l| l.starts_with("hidden by whiteouts")).unwrap();
+        assert!(hidden.contains(&drv), "{verify}");
+        assert_eq!(field(&text, "repair"), "0", "{text}");
+        let out = run_as(
+            &s,
+            &user,
+            &upper,
+            &["--no-flake-fs"],
+            &format!("test -e {drv} && echo back=yes\n{TOOL} verify > /dev/null; echo verify=$?\n"),
+        );
+        let text = ok(&out, "the next run");
+        assert_eq!(field(&text, "back"), "yes", "{text}");
+        assert_eq!(field(&text, "verify"), "0", "{text}");
+        assert_eq!(tree_digest(&s.lower), lower_before, "the lower itself is untouched");
+    }
+}
+
+ns_test! {
+    fn one_upper_serves_one_run_at_a_time() {
+        let s = Stack::new(&["tool"]);
+        let user = TestUser::new(&s.w);
+        let upper = user.home.join("upper");
+        ok(&user.tool(&s.w).args(["init", "--upper"]).arg(&upper).output().unwrap(), "init");
+        let mut first = user.tool(&s.w);
+        first
+            .args(["run", "--no-flake-fs", "--lower", s.lower.to_str().unwrap(), "--upper"])
+            .arg(&upper)
+            .args(["--", "sh", "-c", "touch \"$HOME/up\"; sleep 3"]);
+        let mut first = first.spawn().unwrap();
+        assert!(common::hosts::wait_for(20, || user.home.join("up").exists()));
+        let out = run_as(&s, &user, &upper, &["--no-flake-fs"], "true");
+        assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("in another mount namespace"), "{err}");
+        assert!(first.wait().unwrap().success());
+        ok(&run_as(&s, &user, &upper, &["--no-flake-fs"], "true"), "the next run");
+    }
+}
