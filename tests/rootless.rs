@@ -390,3 +390,51 @@ ns_test! {
         ok(&run_as(&s, &user, &upper, &["--no-flake-fs"], "true"), "the next run");
     }
 }
+
+ns_test! {
+    fn modern_nix_builds_inside_an_unprivileged_run_too() {
+        // Debian trixie's Nix 2.26, from the suite's chroot: it picks up
+        // the single-user setting from NIX_CONFIG as 2.8 does.
+        let chroot = common::modern_chroot();
+        let s = Stack::new(&["app", "tool"]);
+        let user = TestUser::new(&s.w);
+        let upper = user.home.join("upper");
+        ok(&user.tool(&s.w).args(["init", "--upper"]).arg(&upper).output().unwrap(), "init");
+        let scratch = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        // The directory the scratch space is bound on, inside the chroot.
+        sh(&format!("mkdir -p {}{}", chroot.display(), scratch.display()));
+        let expr = user.home.join("store.nix");
+        std::fs::copy(fixture("store.nix"), &expr).unwrap();
+        let script = format!(
+            r#"set -e
+c={chroot}
+for d in /nix /proc /dev {scratch}; do mount --rbind "$d" "$c$d"; done
+chroot "$c" nix-build --version | sed 's/^/version=/'
+out=$(chroot "$c" env HOME="$HOME" nix-build -o "$HOME/result" {expr} -A onTop)
+echo out=$out
+chroot "$c" nix-store --verify --check-contents 2> "$HOME/verify.log"
+"#,
+            chroot = chroot.display(),
+            scratch = scratch.display(),
+            expr = expr.display(),
+        );
+        let out = run_as(&s, &user, &upper, &["--no-flake-fs"], &script);
+        let text = ok(&out, "the run with Nix 2.26");
+        assert!(field(&text, "version").contains("2.26"), "{text}");
+        let built = field(&text, "out").to_owned();
+        assert!(upper.join("store").join(base_name(&built)).exists(), "{text}");
+        let verify = std::fs::read_to_string(user.home.join("verify.log")).unwrap();
+        for bad in ["error", "corrupt", "disappeared", "modified", "warning"] {
+            assert!(!verify.to_lowercase().contains(bad), "nix-store --verify (2.26): {verify}");
+        }
+        // The host's Nix 2.8 finds it valid in the next run.
+        let out = run_as(
+            &s,
+            &user,
+            &upper,
+            &["--no-flake-fs"],
+            &format!("nix-store --check-validity {built} && echo valid=yes\n"),
+        );
+        assert_eq!(field(&ok(&out, "the run with Nix 2.8"), "valid"), "yes");
+    }
+}
