@@ -438,3 +438,36 @@ chroot "$c" nix-store --verify --check-contents 2> "$HOME/verify.log"
         assert_eq!(field(&ok(&out, "the run with Nix 2.8"), "valid"), "yes");
     }
 }
+
+ns_test! {
+    fn the_machines_own_nix_is_a_lower_for_its_users() {
+        // A machine whose /nix holds a store (here a tmpfs the test's Nix
+        // built into); a user without root stacks an upper of its own
+        // over it, at /nix.
+        let w = common::World::new();
+        let machine_paths = w.build(&["app", "tool"]);
+        let user = TestUser::new(&w);
+        let nix = Path::new("/nix");
+        let before = tree_digest(nix);
+        let mounts_before = mount_table();
+        let upper = user.home.join("upper");
+        ok(&user.tool(&w).args(["init", "--upper"]).arg(&upper).output().unwrap(), "init");
+        let script = format!(
+            "set -e\nout=$(nix-build --no-out-link {} -A onTop)\necho out=$out\nnix-store --check-validity {}\necho lower=valid\n",
+            fixture("store.nix"),
+            machine_paths.join(" ")
+        );
+        let mut c = user.tool(&w);
+        c.args(["run", "--no-flake-fs", "--lower", "/nix", "--upper"])
+            .arg(&upper)
+            .args(["--", "sh", "-c", &script]);
+        let out = c.output().unwrap();
+        let text = ok(&out, "run --lower /nix");
+        assert_eq!(field(&text, "lower"), "valid", "{text}");
+        let built = field(&text, "out");
+        assert!(upper.join("store").join(base_name(built)).exists(), "{text}");
+        assert!(!nix.join("store").join(base_name(built)).exists());
+        assert_eq!(tree_digest(nix), before, "the machine's /nix is unchanged");
+        assert_eq!(mount_table(), mounts_before);
+    }
+}

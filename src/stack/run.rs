@@ -16,7 +16,9 @@
 //! (`/nix` on a machine without Nix) is made in a new root, a tmpfs
 //! holding binds of the host's top-level entries, which the process
 //! pivots into. An existing target gets a tmpfs of its own, so that
-//! `TARGET/store` and `TARGET/var` exist whatever the host has there.
+//! `TARGET/store` and `TARGET/var` exist whatever the host has there. A
+//! lower that is the target itself (the machine's own `/nix`) is bound at
+//! [`OWN_LOWERS`]`/N` in such a new root.
 
 use std::ffi::OsString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -97,8 +99,24 @@ pub fn enter(opts: &MountOptions, progress: Progress<'_>) -> Result<Session> {
     // The layers are checked on the host's paths first: each error names
     // what the user gave, before any namespace exists.
     let stack = Stack::open(&opts.lowers, &opts.upper)?;
-    super::layer::check_target(&opts.target, &stack.lowers, &stack.upper)?;
+    // A lower that is the target itself (the machine's own /nix, under a
+    // user's upper) is bound elsewhere in a private root, where the target
+    // is a fresh directory: the stack does not show up inside its lower.
+    let own: Vec<usize> = (0..stack.lowers.len())
+        .filter(|&i| same_dir(stack.lowers[i].dir(), &opts.target))
+        .collect();
+    let others: Vec<_> = (0..stack.lowers.len())
+        .filter(|i| !own.contains(i))
+        .map(|i| stack.lowers[i].clone())
+        .collect();
+    super::layer::check_target(&opts.target, &others, &stack.upper)?;
     let mut opts = opts.clone();
+    let mut binds = Vec::new();
+    for &i in &own {
+        let inside = Path::new(OWN_LOWERS).join(i.to_string());
+        binds.push((stack.lowers[i].dir().to_owned(), inside.clone()));
+        opts.lowers[i] = inside;
+    }
     let mut flake_tree_skipped = None;
     if opts.flake_tree.is_some() {
         if let Err(e) = std::fs::OpenOptions::new()
@@ -123,7 +141,7 @@ pub fn enter(opts: &MountOptions, progress: Progress<'_>) -> Result<Session> {
     if let Some(t) = &opts.flake_tree {
         places.push(t.mountpoint.clone());
     }
-    make_room(&places)?;
+    make_room(&places, &binds)?;
     mount_tmpfs(&opts.target)?;
     for d in ["store", "var"] {
         let p = opts.target.join(d);
@@ -266,10 +284,24 @@ fn mount_tmpfs(dir: &Path) -> Result<(), RunError> {
     })
 }
 
+/// Where a lower that is the run's target is bound inside (by its index).
+pub const OWN_LOWERS: &str = "/.nixfs-layer-lowers";
+
+/// Whether two paths name one directory (device and inode).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// Makes sure each of `paths` exists in this namespace without writing
-/// to the host: a path whose top directory the host lacks is made in a new
-/// root (see [`new_root`]); one below an existing directory must exist.
-fn make_room(paths: &[PathBuf]) -> Result<(), RunError> {
+/// to the host, and that each host directory of `binds` shows at its
+/// place inside: a path whose top directory the host lacks, and every
+/// bind, are made in a new root (see [`new_root`]); a path below an
+/// existing directory must exist.
+fn make_room(paths: &[PathBuf], binds: &[(PathBuf, PathBuf)]) -> Result<(), RunError> {
     let mut missing = Vec::new();
     for p in paths {
         if p.exists() {
@@ -289,10 +321,10 @@ fn make_room(paths: &[PathBuf]) -> Result<(), RunError> {
         }
         missing.push(p.clone());
     }
-    if missing.is_empty() {
+    if missing.is_empty() && binds.is_empty() {
         return Ok(());
     }
-    new_root(&missing)
+    new_root(&missing, binds)
 }
 
 fn ns_err(what: impl Into<String>) -> impl FnOnce(Errno) -> RunError {
@@ -310,9 +342,10 @@ fn io_ns_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError
 
 /// Pivots this namespace into a new root: a tmpfs holding a bind of every
 /// top-level entry of the old root (symlinks copied), plus the directories
-/// `make` (as bubblewrap does: the tmpfs is mounted on /tmp, pivoted into
-/// with the old root under it, the binds made, then pivoted once more).
-fn new_root(make: &[PathBuf]) -> Result<(), RunError> {
+/// `make` and the host directories of `binds` at their places (as
+/// bubblewrap does: the tmpfs is mounted on /tmp, pivoted into with the
+/// old root under it, the binds made, then pivoted once more).
+fn new_root(make: &[PathBuf], binds: &[(PathBuf, PathBuf)]) -> Result<(), RunError> {
     use nix::unistd::{chdir, pivot_root};
     let cwd = std::env::current_dir().ok();
     let base = Path::new("/tmp");
@@ -358,10 +391,27 @@ fn new_root(make: &[PathBuf]) -> Result<(), RunError> {
             )))?;
         }
     }
+    let rel = |p: &Path| p.strip_prefix("/").unwrap_or(p).to_owned();
     for p in make {
-        let inside = new.join(p.strip_prefix("/").unwrap_or(p));
+        let inside = new.join(rel(p));
         std::fs::create_dir_all(&inside)
             .map_err(io_ns_err(format!("mkdir {}", inside.display())))?;
+    }
+    for (from, to) in binds {
+        let (src, dst) = (old.join(rel(from)), new.join(rel(to)));
+        std::fs::create_dir_all(&dst).map_err(io_ns_err(format!("mkdir {}", dst.display())))?;
+        mount(
+            Some(&src),
+            &dst,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(ns_err(format!(
+            "binding {} on {} in the new root",
+            from.display(),
+            to.display()
+        )))?;
     }
     chdir(new).map_err(ns_err("chdir to the new root"))?;
     pivot_root(".", ".").map_err(ns_err("pivot_root into the new root"))?;
