@@ -38,7 +38,7 @@ pub fn run(args: &RunArgs, quiet: bool) -> Result<u8> {
     // No spinner: its thread would keep the process from entering a
     // namespace (run::enter needs a single thread).
     let session = run::enter(&opts, None)?;
-    if let Some(why) = &session.flake_tree_skipped {
+    if let Some(why) = session.flake_tree_skipped.as_ref().filter(|_| !quiet) {
         eprintln!("nixfs-layer: the flake tree is not mounted: {why}");
     }
     print_mounted(&session.mounting, quiet);
