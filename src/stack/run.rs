@@ -186,11 +186,12 @@ fn enter_namespace() -> Result<Mode, RunError> {
         Mode::Root
     } else {
         let (uid, gid) = (Uid::current(), Gid::current());
-        unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS).map_err(userns_refused)?;
+        unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
+            .map_err(|errno| userns_refused(errno, &sysctl))?;
         let write = |file: &str, text: String| {
             std::fs::write(file, text).map_err(|e| {
                 let errno = Errno::from_raw(e.raw_os_error().unwrap_or(0));
-                restricted().unwrap_or(RunError::Namespace {
+                restricted(&sysctl).unwrap_or(RunError::Namespace {
                     what: format!("writing {file}"),
                     errno,
                 })
@@ -210,7 +211,7 @@ fn enter_namespace() -> Result<Mode, RunError> {
         None::<&str>,
     )
     .map_err(|errno| {
-        restricted().unwrap_or(RunError::Namespace {
+        restricted(&sysctl).unwrap_or(RunError::Namespace {
             what: "making / private in the new mount namespace".into(),
             errno,
         })
@@ -227,7 +228,7 @@ fn sysctl(path: &str) -> Option<String> {
 
 /// AppArmor's restriction: a user namespace is made, but without the
 /// capabilities to use it.
-fn restricted() -> Option<RunError> {
+fn restricted(sysctl: &dyn Fn(&str) -> Option<String>) -> Option<RunError> {
     (sysctl("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1"))
         .then(|| RunError::UserNsDisabled {
             setting: "kernel.apparmor_restrict_unprivileged_userns = 1".into(),
@@ -236,7 +237,7 @@ fn restricted() -> Option<RunError> {
 }
 
 /// Why `unshare(CLONE_NEWUSER)` failed, naming the setting to change.
-fn userns_refused(errno: Errno) -> RunError {
+fn userns_refused(errno: Errno, sysctl: &dyn Fn(&str) -> Option<String>) -> RunError {
     if sysctl("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
         return RunError::UserNsDisabled {
             setting: "kernel.unprivileged_userns_clone = 0".into(),
@@ -257,7 +258,7 @@ fn userns_refused(errno: Errno) -> RunError {
             };
         }
     }
-    if let Some(e) = restricted() {
+    if let Some(e) = restricted(sysctl) {
         return e;
     }
     RunError::UserNs {
@@ -529,5 +530,55 @@ fn tear_down(target: &Path) -> Result<()> {
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The diagnosis with these sysctls set (the others absent, as on a
+    /// kernel without them).
+    fn refused(errno: Errno, set: &[(&str, &str)]) -> String {
+        let set: Vec<(String, String)> = set
+            .iter()
+            .map(|(k, v)| (format!("/proc/sys/{k}"), v.to_string()))
+            .collect();
+        let read = move |p: &str| set.iter().find(|(k, _)| k == p).map(|(_, v)| v.clone());
+        userns_refused(errno, &read).to_string()
+    }
+
+    #[test]
+    fn each_disabling_setting_is_named_with_its_fix() {
+        let e = refused(Errno::EPERM, &[("kernel/unprivileged_userns_clone", "0")]);
+        assert!(e.contains("(kernel.unprivileged_userns_clone = 0)"), "{e}");
+        assert!(
+            e.contains("sysctl -w kernel.unprivileged_userns_clone=1"),
+            "{e}"
+        );
+        let e = refused(Errno::ENOSPC, &[("user/max_user_namespaces", "0")]);
+        assert!(e.contains("(user.max_user_namespaces = 0)"), "{e}");
+        assert!(
+            e.contains("sysctl -w user.max_user_namespaces=15000"),
+            "{e}"
+        );
+        let e = refused(
+            Errno::EPERM,
+            &[
+                ("user/max_user_namespaces", "15000"),
+                ("kernel/apparmor_restrict_unprivileged_userns", "1"),
+            ],
+        );
+        assert!(
+            e.contains("kernel.apparmor_restrict_unprivileged_userns = 1"),
+            "{e}"
+        );
+        let e = refused(Errno::ENOSPC, &[("user/max_user_namespaces", "12")]);
+        assert!(
+            e.contains("the limit user.max_user_namespaces (12) is reached"),
+            "{e}"
+        );
+        let e = refused(Errno::EPERM, &[("user/max_user_namespaces", "15000")]);
+        assert!(e.contains("seccomp"), "{e}");
     }
 }
