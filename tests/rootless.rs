@@ -136,7 +136,7 @@ echo after-gc=valid
         // A second run, on a host without /nix: the rooted build is there.
         let root = s.w.path("no-nix-root");
         let script = format!(
-            "set -e\nnix-store --check-validity \"$(readlink \"$HOME/result\")\" {}\necho again=valid\nnix-store -qR \"$HOME/result\" | wc -l\n",
+            "set -e\nnix-store --check-validity \"$(readlink \"$HOME/result\")\" {}\necho again=valid\necho status=$({TOOL} status | head -n 1)\n",
             lower_paths.join(" ")
         );
         let mut c = Command::new("unshare");
@@ -157,6 +157,7 @@ echo after-gc=valid
         let out = c.output().unwrap();
         let text = ok(&out, "the second run, without /nix on the host");
         assert_eq!(field(&text, "again"), "valid", "{text}");
+        assert_eq!(field(&text, "status"), "/nix: mounted", "{text}");
 
         assert_eq!(tree_digest(&s.lower), lower_before, "the lower is unchanged");
         assert_eq!(mount_table(), mounts_before, "nothing is mounted outside");
@@ -469,5 +470,34 @@ ns_test! {
         assert!(!nix.join("store").join(base_name(built)).exists());
         assert_eq!(tree_digest(nix), before, "the machine's /nix is unchanged");
         assert_eq!(mount_table(), mounts_before);
+    }
+}
+
+ns_test! {
+    fn bash_on_a_terminal_is_the_shell() {
+        let s = Stack::new(&["tool"]);
+        let user = TestUser::new(&s.w);
+        let upper = user.home.join("upper");
+        ok(&user.tool(&s.w).args(["init", "--upper"]).arg(&upper).output().unwrap(), "init");
+        let tool = s.lower_path("tool");
+        // An interactive bash on a pseudo-terminal (script(1)), typed at.
+        let typed = user.home.join("typed");
+        std::fs::write(&typed, format!("echo in-$((6*7)); {tool}/bin/tool; exit 5\n")).unwrap();
+        let line = format!(
+            "{TOOL} -q run --no-flake-fs --lower {} --upper {} -- bash --norc -i",
+            s.lower.display(),
+            upper.display()
+        );
+        let mut c = user.command("script");
+        c.args(["-qec", &line, "/dev/null"])
+            .stdin(std::fs::File::open(&typed).unwrap());
+        s.w.nix_env(&mut c);
+        user.env(&mut c);
+        let out = c.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+        assert_eq!(out.status.code(), Some(5), "the shell's exit status: {text}");
+        // (bash may put terminal escapes in front of its output)
+        assert!(text.lines().any(|l| l.ends_with("in-42")), "{text}");
+        assert!(text.lines().any(|l| l.ends_with("hello from tool")), "a lower path runs: {text}");
     }
 }
