@@ -71,6 +71,9 @@ pub struct MountInfo {
     /// of a subdirectory).
     pub root: PathBuf,
     pub mount_point: PathBuf,
+    /// Its mount id, unique on the system, and its parent's.
+    pub id: u64,
+    pub parent: u64,
     /// Peer group it shares mount events with (`shared:N`).
     pub shared: Option<u32>,
     /// Peer group it receives mount events from (`master:N`).
@@ -123,6 +126,8 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
             };
             let mut post = post.split(' ');
             Some(MountInfo {
+                id: pre.first()?.parse().ok()?,
+                parent: pre.get(1)?.parse().ok()?,
                 root: PathBuf::from(unescape(pre.get(3)?)),
                 mount_point: PathBuf::from(unescape(pre.get(4)?)),
                 shared: tag("shared"),
@@ -148,6 +153,34 @@ pub fn mounts() -> Result<Vec<MountInfo>, MountError> {
 /// The topmost mount at exactly `point`, if any.
 pub fn mount_at(all: &[MountInfo], point: &Path) -> Option<MountInfo> {
     all.iter().rev().find(|m| m.mount_point == point).cloned()
+}
+
+/// The mount at exactly `point` that is visible there, if any: the one
+/// reached by walking the mount tree from the root down `point`'s
+/// components, taking at each the last mount made on it (a mount made on
+/// a mount point is its child). A mount another one covers (a `run`
+/// mounts a tmpfs over a target the host has a stack on) is not.
+pub fn visible_mount_at(all: &[MountInfo], point: &Path) -> Option<MountInfo> {
+    let ids: std::collections::HashSet<u64> = all.iter().map(|m| m.id).collect();
+    let root = Path::new("/");
+    // The namespace's root: its parent is not in this namespace (or it is
+    // its own, after a pivot_root).
+    let mut cur = all
+        .iter()
+        .find(|m| m.mount_point == root && (!ids.contains(&m.parent) || m.parent == m.id))
+        .or_else(|| all.iter().find(|m| m.mount_point == root))?;
+    let mut prefixes: Vec<&Path> = point.ancestors().collect();
+    prefixes.reverse();
+    for q in prefixes {
+        while let Some(c) = all
+            .iter()
+            .rev()
+            .find(|c| c.parent == cur.id && c.id != cur.id && c.mount_point == q)
+        {
+            cur = c;
+        }
+    }
+    (cur.mount_point == point).then(|| cur.clone())
 }
 
 /// The mount `path` lies on (the last of the longest mount point above it).
@@ -883,6 +916,37 @@ mod tests {
     fn finds_overlay_in_proc_filesystems() {
         assert!(filesystems_has_overlay("nodev\tsysfs\nnodev\toverlay\n"));
         assert!(!filesystems_has_overlay("nodev\tsysfs\n\text4\n"));
+    }
+
+    #[test]
+    fn a_mount_covered_by_a_later_one_above_it_is_not_visible() {
+        // The host's stack on /nix (a tmpfs, its overlay and bind), then a
+        // tmpfs over /nix (a mount on a mount point is its child) and a new
+        // overlay on it, as `run` makes them.
+        let m = parse_mountinfo(
+            "\
+1 0 8:1 / / rw - ext4 /dev/vda rw
+2 1 0:30 / /nix rw - tmpfs t rw
+3 2 0:31 / /nix/store rw - overlay nixfs-layer rw,upperdir=/u/store
+4 2 8:1 /u/var /nix/var rw - ext4 /dev/vda rw
+5 2 0:32 / /nix rw - tmpfs nixfs-layer-run rw
+",
+        );
+        let store = Path::new("/nix/store");
+        assert!(mount_at(&m, store).is_some());
+        assert!(visible_mount_at(&m, store).is_none());
+        assert!(visible_mount_at(&m, Path::new("/nix/var")).is_none());
+        assert_eq!(visible_mount_at(&m, Path::new("/nix")).unwrap().id, 5);
+        let mut m = m;
+        m.extend(parse_mountinfo(
+            "6 5 0:33 / /nix/store rw - overlay nixfs-layer rw,upperdir=/v/store\n",
+        ));
+        assert_eq!(visible_mount_at(&m, store).unwrap().id, 6);
+        // Two mounts stacked on one point: the upper one is visible.
+        let m = parse_mountinfo(
+            "1 0 8:1 / / rw - ext4 /dev/vda rw\n2 1 0:30 / /x rw - tmpfs a rw\n3 2 0:31 / /x rw - tmpfs b rw\n",
+        );
+        assert_eq!(visible_mount_at(&m, Path::new("/x")).unwrap().id, 3);
     }
 
     #[test]

@@ -501,3 +501,23 @@ ns_test! {
         assert!(text.lines().any(|l| l.ends_with("hello from tool")), "a lower path runs: {text}");
     }
 }
+
+ns_test! {
+    fn a_run_over_a_target_the_host_has_a_stack_on_gets_its_own() {
+        let s = Stack::new(&["tool"]);
+        s.mount();
+        let other = s.w.path("other-upper");
+        s.w.tool_ok(["init", "--upper", other.to_str().unwrap()]);
+        let script = format!("{TOOL} status --json");
+        let out = s.w.tool([
+            "run", "--no-flake-fs", "--lower", s.lower.to_str().unwrap(), "--upper",
+            other.to_str().unwrap(), "--", "sh", "-c", &script,
+        ]);
+        let text = ok(&out, "run over the host's stack");
+        let inside: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(inside["upper"]["dir"], other.display().to_string(), "{text}");
+        let outside: serde_json::Value = serde_json::from_str(&s.w.tool_ok(["status", "--json"])).unwrap();
+        assert_eq!(outside["upper"]["dir"], s.upper.display().to_string());
+        s.umount();
+    }
+}

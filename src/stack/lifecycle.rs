@@ -272,7 +272,7 @@ fn check_target_free(target: &Path, stack: &Stack) -> Result<()> {
     }
     let layout = Target::new(target);
     for p in [layout.store(), layout.var()] {
-        if overlay::mount_at(&mounts, &p).is_some() {
+        if overlay::visible_mount_at(&mounts, &p).is_some() {
             return Err(MountError::AlreadyMounted(p, target.to_owned()).into());
         }
     }
