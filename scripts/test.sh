@@ -51,6 +51,7 @@ other_tests=(
   packaging        # runs the host's nix-instantiate directly (Command::new)
   config_reference # the config parser against docs/configuration.md, no Nix
   generated_docs   # man pages and completions, no Nix
+  rootless         # inside `run` Nix is the host's on PATH (and the chroot's, picked by one test itself)
   install          # make install into a temporary DESTDIR, no Nix
   vm_nfs_fleet     # Nix runs inside the test hosts via nsenter: the host's
   vm_spark_path    #   (tests/common/hosts.rs), whatever NIXFS_LAYER_TEST_NIX says

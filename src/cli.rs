@@ -33,6 +33,9 @@ pub enum Command {
     Mount(MountArgs),
     /// Unmount what `mount` mounted at the target, all of it or nothing.
     Umount(UmountArgs),
+    /// Run a command with the stack mounted at the target in a mount
+    /// namespace of its own; no root needed (a user namespace then).
+    Run(RunArgs),
     /// Show whether the target is mounted and what each layer holds.
     Status(StatusArgs),
     /// Re-read the lower databases and apply what changed to the merged database.
@@ -114,6 +117,32 @@ pub struct MountArgs {
     pub json: bool,
     #[command(flatten)]
     pub config: ConfigArg,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A lower Nix root (holding store/ and var/nix/db/); repeat for more, first on top.
+    #[arg(long = "lower", value_name = "DIR")]
+    pub lowers: Vec<PathBuf>,
+    /// The upper made by `nixfs-layer init` (yours, for an unprivileged run).
+    #[arg(long, value_name = "DIR")]
+    pub upper: Option<PathBuf>,
+    /// Where the merged store appears inside: TARGET/store and TARGET/var
+    /// [default: /nix]; made in a private root when the host lacks it.
+    #[arg(long, value_name = "DIR")]
+    pub target: Option<PathBuf>,
+    /// Do not serve the /nixfs/flake tree.
+    #[arg(long)]
+    pub no_flake_fs: bool,
+    /// Where the flake tree is mounted inside [default: /nixfs].
+    #[arg(long, value_name = "DIR", conflicts_with = "no_flake_fs")]
+    pub flake_mount: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The command and its arguments (after `--`), e.g. `bash` for a shell;
+    /// its exit status is run's (128+N when killed by signal N).
+    #[arg(value_name = "CMD", required = true, num_args = 1.., last = true)]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,7 @@ use crate::optimise::OptimiseError;
 use crate::overlay::MountError;
 use crate::pathdb::DbError;
 use crate::promote::PromoteError;
+use crate::stack::run::RunError;
 use crate::storecopy::CopyError;
 use crate::verify::VerifyError;
 
@@ -55,6 +56,8 @@ pub enum Error {
     FlakeFs(#[from] FlakeFsError),
     #[error(transparent)]
     Name(#[from] NameError),
+    #[error(transparent)]
+    Run(#[from] RunError),
     #[error("{}", .0.message)]
     Resolve(Failure),
     #[error("{0}")]
@@ -131,6 +134,12 @@ impl Error {
                 PromoteError::Db(e) => Error::db_code(e),
             },
             Error::Name(_) => EX_DATAERR,
+            Error::Run(e) => match e {
+                RunError::UserNsDisabled { .. } | RunError::UserNs { .. } => EX_UNAVAILABLE,
+                RunError::Namespace { .. } => EX_OSERR,
+                RunError::NoRoom { .. } => EX_CANTCREAT,
+                RunError::Spawn { .. } => e.spawn_status().unwrap_or(EX_UNAVAILABLE),
+            },
             Error::Resolve(f) => match f.errno {
                 libc::ENOENT => EX_NOINPUT,
                 libc::EACCES => EX_NOPERM,
@@ -165,6 +174,7 @@ impl Error {
             | LayerError::LowerNoDb { .. }
             | LayerError::LowerSchema { .. } => EX_DATAERR,
             LayerError::UpperForeign(_) => EX_CANTCREAT,
+            LayerError::LowerDbUnreadable { .. } => EX_NOPERM,
             LayerError::Io { .. } | LayerError::LowerUnreadable { .. } | LayerError::Full(_) => {
                 EX_IOERR
             }

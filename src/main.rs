@@ -52,6 +52,10 @@ fn main() -> ExitCode {
         Command::Init(a) => cmd::init::run(a),
         Command::Mount(a) => cmd::mount::run(a, cli.quiet),
         Command::Umount(a) => cmd::umount::run(a),
+        Command::Run(a) => match cmd::run::run(a, cli.quiet) {
+            Ok(status) => return ExitCode::from(status),
+            Err(e) => Err(e),
+        },
         Command::Status(a) => cmd::status::run(a),
         Command::Sync(a) => cmd::sync::run(a, cli.quiet),
         Command::Flakefs(a) => cmd::flakefs::run(a),

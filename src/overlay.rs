@@ -11,7 +11,7 @@ use crate::layer::{Lower, Upper};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("mounting needs root (CAP_SYS_ADMIN); run nixfs-layer {0} as root")]
+    #[error("mounting needs root (CAP_SYS_ADMIN); run nixfs-layer {0} as root, or inside `nixfs-layer run`")]
     NotPermitted(&'static str),
     #[error(
         "this kernel has no overlayfs (not in /proc/filesystems); load it with `modprobe overlay`"
@@ -73,6 +73,9 @@ pub struct MountInfo {
     /// of a subdirectory).
     pub root: PathBuf,
     pub mount_point: PathBuf,
+    /// Its mount id, unique on the system, and its parent's.
+    pub id: u64,
+    pub parent: u64,
     /// Peer group it shares mount events with (`shared:N`).
     pub shared: Option<u32>,
     /// Peer group it receives mount events from (`master:N`).
@@ -126,6 +129,8 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
             let mut post = post.split(' ');
             Some(MountInfo {
                 dev: pre.get(2)?.to_string(),
+                id: pre.first()?.parse().ok()?,
+                parent: pre.get(1)?.parse().ok()?,
                 root: PathBuf::from(unescape(pre.get(3)?)),
                 mount_point: PathBuf::from(unescape(pre.get(4)?)),
                 shared: tag("shared"),
@@ -169,6 +174,34 @@ pub fn bind_source(all: &[MountInfo], bind: &MountInfo) -> Option<PathBuf> {
 /// The topmost mount at exactly `point`, if any.
 pub fn mount_at(all: &[MountInfo], point: &Path) -> Option<MountInfo> {
     all.iter().rev().find(|m| m.mount_point == point).cloned()
+}
+
+/// The mount at exactly `point` that is visible there, if any: the one
+/// reached by walking the mount tree from the root down `point`'s
+/// components, taking at each the last mount made on it (a mount made on
+/// a mount point is its child). A mount another one covers (a `run`
+/// mounts a tmpfs over a target the host has a stack on) is not.
+pub fn visible_mount_at(all: &[MountInfo], point: &Path) -> Option<MountInfo> {
+    let ids: std::collections::HashSet<u64> = all.iter().map(|m| m.id).collect();
+    let root = Path::new("/");
+    // The namespace's root: its parent is not in this namespace (or it is
+    // its own, after a pivot_root).
+    let mut cur = all
+        .iter()
+        .find(|m| m.mount_point == root && (!ids.contains(&m.parent) || m.parent == m.id))
+        .or_else(|| all.iter().find(|m| m.mount_point == root))?;
+    let mut prefixes: Vec<&Path> = point.ancestors().collect();
+    prefixes.reverse();
+    for q in prefixes {
+        while let Some(c) = all
+            .iter()
+            .rev()
+            .find(|c| c.parent == cur.id && c.id != cur.id && c.mount_point == q)
+        {
+            cur = c;
+        }
+    }
+    (cur.mount_point == point).then(|| cur.clone())
 }
 
 /// The mount `path` lies on (the last of the longest mount point above it).
@@ -254,8 +287,34 @@ fn filesystems_has_overlay(text: &str) -> bool {
         .any(|l| l.split_whitespace().last() == Some("overlay"))
 }
 
+/// Whether this process runs in a user namespace other than the initial
+/// one (`nixfs-layer run` as an unprivileged user): overlayfs then keeps
+/// its whiteout and opaque markers in `user.overlay.*` attributes
+/// (`userxattr`), and the seal, which needs CAP_LINUX_IMMUTABLE of the
+/// initial namespace, cannot be set.
+pub fn in_user_namespace() -> bool {
+    fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| !is_initial_uid_map(&m))
+}
+
+fn is_initial_uid_map(map: &str) -> bool {
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    fields == ["0", "0", "4294967295"]
+}
+
+/// Whether overlays mounted by this process can be sealed (see [`seal`]).
+pub fn can_seal() -> bool {
+    !in_user_namespace()
+}
+
 /// The overlayfs option string for a stack (first lower on top).
 pub fn overlay_options(lowers: &[Lower], upper: &Upper) -> String {
+    overlay_options_for(lowers, upper, in_user_namespace())
+}
+
+/// [`overlay_options`] for a mount in the initial user namespace or in
+/// another one (`userxattr`: the trusted.* attributes are out of reach
+/// there, and `redirect_dir=nofollow` is the setting that needs none).
+fn overlay_options_for(lowers: &[Lower], upper: &Upper, userns: bool) -> String {
     let lowerdir = lowers
         .iter()
         .map(|l| l.store().to_string_lossy().into_owned())
@@ -263,8 +322,13 @@ pub fn overlay_options(lowers: &[Lower], upper: &Upper) -> String {
         .join(":");
     // index/metacopy/redirect_dir stay off: they record lower file handles,
     // and our lowers legitimately change between mounts.
+    let (redirect, xattr) = if userns {
+        ("nofollow", ",userxattr")
+    } else {
+        ("off", "")
+    };
     format!(
-        "lowerdir={lowerdir},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=off",
+        "lowerdir={lowerdir},upperdir={},workdir={},index=off,metacopy=off,redirect_dir={redirect}{xattr}",
         upper.store().display(),
         upper.work().display()
     )
@@ -521,8 +585,14 @@ fn inode_flags(f: &fs::File) -> Result<libc::c_int, Errno> {
     Ok(flags)
 }
 
-/// Seals the work directory of a mounted overlay.
+/// Seals the work directory of a mounted overlay. In a user namespace
+/// (see [`can_seal`]) there is no seal to set: the kernel's permission
+/// checks stand in (the lowers' entries belong to users the namespace does
+/// not map, so nothing there may change them), with the GC pin.
 pub fn seal(upper: &Upper) -> Result<(), MountError> {
+    if !can_seal() {
+        return Ok(());
+    }
     let dir = seal_dir(upper);
     set_immutable(&dir, true).map_err(|errno| match errno {
         Errno::ENOTTY | Errno::EOPNOTSUPP | Errno::EINVAL => MountError::SealUnsupported {
@@ -576,16 +646,14 @@ fn set_opaque(dir: &Path) -> Result<(), MountError> {
         path: dir.to_owned(),
         source: std::io::ErrorKind::InvalidInput.into(),
     })?;
-    // SAFETY: NUL-terminated strings and a one-byte value.
-    let rc = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            c"trusted.overlay.opaque".as_ptr(),
-            b"y".as_ptr().cast(),
-            1,
-            0,
-        )
+    // In a user namespace overlayfs reads the user.* twin (`userxattr`).
+    let name = if in_user_namespace() {
+        c"user.overlay.opaque"
+    } else {
+        c"trusted.overlay.opaque"
     };
+    // SAFETY: NUL-terminated strings and a one-byte value.
+    let rc = unsafe { libc::lsetxattr(c.as_ptr(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
     if rc != 0 {
         return Err(io_at(dir)(std::io::Error::last_os_error()));
     }
@@ -614,6 +682,13 @@ fn remove_idle_whiteouts(upper: &Upper, lowers: &[Lower]) -> Result<(), MountErr
         }
     }
     Ok(())
+}
+
+/// The mount ids (first field) of mountinfo lines.
+fn mount_ids(text: &str) -> std::collections::HashSet<u64> {
+    text.lines()
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect()
 }
 
 /// A process other than this one, as /proc shows it.
@@ -671,19 +746,38 @@ pub struct Holder {
 pub fn holders_elsewhere(upper: &Upper) -> Vec<Holder> {
     let upper_store = upper.store();
     let own = own_mnt_ns();
+    // Mount ids are unique across namespaces: a process whose namespace
+    // link cannot be read (one in another user namespace, for an
+    // unprivileged caller) still shows whether its overlay is one of ours.
+    let own_ids = fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| mount_ids(&t))
+        .unwrap_or_default();
     let mut seen = std::collections::HashSet::new();
+    let mut seen_ids = std::collections::HashSet::new();
     let mut out = Vec::new();
     for p in processes() {
-        let Some(ns) = p.mnt_ns.clone() else { continue };
-        if Some(&ns) == own.as_ref() || !seen.insert(ns) {
-            continue;
+        if let Some(ns) = &p.mnt_ns {
+            if Some(ns) == own.as_ref() || !seen.insert(ns.clone()) {
+                continue;
+            }
         }
         let Ok(text) = fs::read_to_string(p.dir.join("mountinfo")) else {
             continue;
         };
-        if let Some(m) = parse_mountinfo(&text).into_iter().find(|m| {
-            m.fs_type == "overlay" && m.option("upperdir").map(Path::new) == Some(&upper_store)
-        }) {
+        let is_ours = |line: &&str| {
+            parse_mountinfo(line).first().is_some_and(|m| {
+                m.fs_type == "overlay" && m.option("upperdir").map(Path::new) == Some(&upper_store)
+            })
+        };
+        let Some(line) = text.lines().find(is_ours) else {
+            continue;
+        };
+        let id = mount_ids(line).into_iter().next();
+        if p.mnt_ns.is_none() && id.is_some_and(|id| own_ids.contains(&id) || !seen_ids.insert(id))
+        {
+            continue;
+        }
+        if let Some(m) = parse_mountinfo(line).into_iter().next() {
             out.push(Holder {
                 pid: p.pid,
                 command: p.command(),
@@ -844,6 +938,54 @@ mod tests {
     fn finds_overlay_in_proc_filesystems() {
         assert!(filesystems_has_overlay("nodev\tsysfs\nnodev\toverlay\n"));
         assert!(!filesystems_has_overlay("nodev\tsysfs\n\text4\n"));
+    }
+
+    #[test]
+    fn a_mount_covered_by_a_later_one_above_it_is_not_visible() {
+        // The host's stack on /nix (a tmpfs, its overlay and bind), then a
+        // tmpfs over /nix (a mount on a mount point is its child) and a new
+        // overlay on it, as `run` makes them.
+        let m = parse_mountinfo(
+            "\
+1 0 8:1 / / rw - ext4 /dev/vda rw
+2 1 0:30 / /nix rw - tmpfs t rw
+3 2 0:31 / /nix/store rw - overlay nixfs-layer rw,upperdir=/u/store
+4 2 8:1 /u/var /nix/var rw - ext4 /dev/vda rw
+5 2 0:32 / /nix rw - tmpfs nixfs-layer-run rw
+",
+        );
+        let store = Path::new("/nix/store");
+        assert!(mount_at(&m, store).is_some());
+        assert!(visible_mount_at(&m, store).is_none());
+        assert!(visible_mount_at(&m, Path::new("/nix/var")).is_none());
+        assert_eq!(visible_mount_at(&m, Path::new("/nix")).unwrap().id, 5);
+        let mut m = m;
+        m.extend(parse_mountinfo(
+            "6 5 0:33 / /nix/store rw - overlay nixfs-layer rw,upperdir=/v/store\n",
+        ));
+        assert_eq!(visible_mount_at(&m, store).unwrap().id, 6);
+        // Two mounts stacked on one point: the upper one is visible.
+        let m = parse_mountinfo(
+            "1 0 8:1 / / rw - ext4 /dev/vda rw\n2 1 0:30 / /x rw - tmpfs a rw\n3 2 0:31 / /x rw - tmpfs b rw\n",
+        );
+        assert_eq!(visible_mount_at(&m, Path::new("/x")).unwrap().id, 3);
+    }
+
+    #[test]
+    fn a_user_namespace_mounts_with_userxattr() {
+        assert!(is_initial_uid_map("         0          0 4294967295\n"));
+        assert!(!is_initial_uid_map("         0       1000          1\n"));
+        assert!(!is_initial_uid_map("         0          0      65536\n"));
+        let lower = Lower::for_tests("/l/a");
+        let upper = Upper::for_tests("/u");
+        let lowers = std::slice::from_ref(&lower);
+        let host = overlay_options_for(lowers, &upper, false);
+        assert!(host.ends_with("redirect_dir=off"), "{host}");
+        let userns = overlay_options_for(lowers, &upper, true);
+        assert_eq!(
+            userns,
+            "lowerdir=/l/a/store,upperdir=/u/store,workdir=/u/work,index=off,metacopy=off,redirect_dir=nofollow,userxattr"
+        );
     }
 }
 

@@ -124,6 +124,7 @@ pub fn extra_sections() -> String {
     for (code, meaning) in exit_codes() {
         tagged(&mut r, &format!("\\fB{code}\\fR"), &roff_inline(&meaning));
     }
+    r.push_str(".PP\n\\fBrun\\fR exits with its command's status (128+N when signal N ended it; 127 or 126 when the command cannot be found or started), or with one of the codes above when the stack could not be set up.\n");
     r.push_str(".PP\nErrors are one line on stderr naming the path and what to do.\n");
 
     r.push_str(".SH EXAMPLES\n.PP\n.nf\n");
@@ -223,6 +224,11 @@ pub fn extra_sections() -> String {
         &mut r,
         &format!("\\fB{}\\fR", crate::nixcli::NIX_PROGRAM_ENV),
         "The \\fBnix\\fR program the flake tree and \\fBresolve\\fR run (default: \\fBnix\\fR on PATH).",
+    );
+    tagged(
+        &mut r,
+        &format!("\\fB{}\\fR", crate::stack::run::RUN_ENV),
+        "Set by \\fBrun\\fR for its command: the target of the stack its mount namespace was made for. Commands run there take no target lock under /run/nixfs\\-layer (the namespace is the run's own).",
     );
     tagged(
         &mut r,

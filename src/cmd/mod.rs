@@ -14,6 +14,7 @@ pub mod optimise;
 pub mod promote;
 pub mod publish;
 pub mod resolve;
+pub mod run;
 pub mod status;
 pub mod sync;
 pub mod umount;

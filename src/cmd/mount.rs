@@ -106,20 +106,26 @@ pub fn warn_merge(summary: &SyncSummary) {
     super::warn_vanished(summary);
 }
 
-/// The warnings of a mount's merge, and (unless `quiet`) what was mounted.
+/// The warnings of a mount's merge, and (unless `quiet`) what was mounted,
+/// on stdout.
 pub fn print_mounted(m: &lifecycle::Mounting, quiet: bool) {
     warn_merge(&m.summary);
     if !quiet {
-        println!(
-            "mounted {} lower(s) and upper {} at {} ({}){}",
-            m.stack.lowers.len(),
-            m.stack.upper.dir().display(),
-            m.target.display(),
-            m.summary,
-            match &m.flake_mountpoint {
-                Some(mp) => format!("; flake tree at {}", mp.display()),
-                None => String::new(),
-            }
-        );
+        println!("{}", mounted_line(m));
     }
+}
+
+/// The one line that says what was mounted.
+pub fn mounted_line(m: &lifecycle::Mounting) -> String {
+    format!(
+        "mounted {} lower(s) and upper {} at {} ({}){}",
+        m.stack.lowers.len(),
+        m.stack.upper.dir().display(),
+        m.target.display(),
+        m.summary,
+        match &m.flake_mountpoint {
+            Some(mp) => format!("; flake tree at {}", mp.display()),
+            None => String::new(),
+        }
+    )
 }

@@ -196,7 +196,9 @@ fn print_text(s: &Status) {
             _ => println!("  valid paths: {n}"),
         }
     }
-    if s.sealed == Some(false) {
+    if s.sealed == Some(false) && !crate::overlay::can_seal() {
+        println!("  not sealed (a user namespace cannot seal): the lowers' entries are safe by their owners' permissions and the GC pin");
+    } else if s.sealed == Some(false) {
         println!("  not sealed: lower paths can be copied up or whited out through the store; run `nixfs-layer sync` to seal it");
     }
 }

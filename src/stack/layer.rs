@@ -43,6 +43,12 @@ pub enum LayerError {
         schema: PathBuf,
         found: String,
     },
+    #[error("lower {dir}: cannot read its database {file} ({source}); the user running nixfs-layer must be able to read it: have the lower's owner make it readable (`chmod a+r {file}`), or run as a user who may")]
+    LowerDbUnreadable {
+        dir: PathBuf,
+        file: PathBuf,
+        source: io::Error,
+    },
     #[error("upper {0}: not initialised; run `nixfs-layer init --upper {0}` first")]
     UpperNotInitialised(PathBuf),
     #[error("upper {0}: directory is not empty and is not a nixfs-layer upper; pick an empty or new directory")]
@@ -177,6 +183,22 @@ impl Lower {
                 dir: lower.dir,
             });
         }
+        // Read, never written: every file the snapshot copies must open
+        // for reading (an unprivileged user's `run`, a lower of another
+        // user's).
+        let wal = lower.db_dir().join("db.sqlite-wal");
+        for file in [lower.db(), wal] {
+            match fs::File::open(&file) {
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    return Err(LayerError::LowerDbUnreadable {
+                        dir: lower.dir,
+                        file,
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
+        }
         let schema = lower.db_dir().join("schema");
         let found = fs::read_to_string(&schema).unwrap_or_else(|_| "<missing>".into());
         if found.trim() != NIX_SCHEMA_VERSION {
@@ -188,6 +210,12 @@ impl Lower {
         }
         check_mountable(&lower.dir)?;
         Ok(lower)
+    }
+
+    /// A lower at `dir`, unchecked (unit tests of what is derived from it).
+    #[cfg(test)]
+    pub fn for_tests(dir: &str) -> Lower {
+        Lower { dir: dir.into() }
     }
 
     pub fn dir(&self) -> &Path {
@@ -353,6 +381,12 @@ impl Upper {
             fs::create_dir_all(&d).map_err(io_err(&d))?;
         }
         Ok(upper)
+    }
+
+    /// An upper at `dir`, unchecked (unit tests of what is derived from it).
+    #[cfg(test)]
+    pub fn for_tests(dir: &str) -> Upper {
+        Upper { dir: dir.into() }
     }
 
     pub fn dir(&self) -> &Path {

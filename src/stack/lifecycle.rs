@@ -291,7 +291,7 @@ fn check_target_free(target: &Path, stack: &Stack) -> Result<()> {
     }
     let layout = Target::new(target);
     for p in [layout.store(), layout.var()] {
-        if overlay::mount_at(&mounts, &p).is_some() {
+        if overlay::visible_mount_at(&mounts, &p).is_some() {
             return Err(MountError::AlreadyMounted(p, target.to_owned()).into());
         }
     }
@@ -579,7 +579,7 @@ pub fn sync(target: &Path, force: bool, progress: Progress<'_>) -> Result<Synced
     let _lock = lock_upper(&mounted.upper)?;
     let lowers = mounted.lowers()?;
     let (replaced, sealed) = if mounted.store_mounted {
-        let sealed = !overlay::is_sealed(&mounted.upper);
+        let sealed = overlay::can_seal() && !overlay::is_sealed(&mounted.upper);
         if sealed {
             overlay::seal(&mounted.upper)?;
             tracing::warn!(upper = %mounted.upper.dir().display(), "the overlay was not sealed; sealed it");

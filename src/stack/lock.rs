@@ -42,9 +42,14 @@ const TARGET_LOCKS: &str = "/run/nixfs-layer";
 
 /// Holds the lock of a target in this mount namespace, so that two mounts
 /// of different uppers on one target cannot both find it free. None when
-/// the lock directory cannot be made (a read-only /run): the upper's lock
-/// and the mount table checks still apply.
+/// the lock directory cannot be made (a read-only /run), and inside `run`:
+/// the upper's lock and the mount table checks still apply.
 pub fn lock_target(target: &Path) -> Result<Option<TargetLock>> {
+    // A `run`'s mount namespace is its own: nothing else mounts there, and
+    // /run is the host's.
+    if std::env::var_os(super::run::RUN_ENV).is_some() {
+        return Ok(None);
+    }
     let ns = std::fs::read_link("/proc/self/ns/mnt")
         .map(|l| {
             l.to_string_lossy()

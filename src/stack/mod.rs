@@ -10,6 +10,7 @@
 //! Origin          where a valid path comes from: Upper, Lower(id) or the Pin
 //! MountRecord     what `mount` wrote, Mounted: a stack found mounted at a target
 //! lifecycle       mount, unmount, remount and switching lowers, as library functions
+//! run             a stack in a mount (and user) namespace of its own, for one command
 //! ```
 //!
 //! Everything that reads the layers' directories or the provenance of a
@@ -21,6 +22,7 @@ pub mod layer;
 pub mod lifecycle;
 mod lock;
 mod mounted;
+pub mod run;
 mod target;
 
 use std::fs;

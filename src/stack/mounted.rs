@@ -142,7 +142,7 @@ impl Mounted {
 /// Finds our overlay at `TARGET/store` and the upper behind it.
 pub fn find_mounted(target: &Path) -> Result<Option<Mounted>> {
     let mounts = overlay::mounts()?;
-    let Some(m) = overlay::mount_at(&mounts, &Target::new(target).store()) else {
+    let Some(m) = overlay::visible_mount_at(&mounts, &Target::new(target).store()) else {
         return Ok(None);
     };
     let Some(upper_store) = m

@@ -715,6 +715,91 @@ impl World {
     }
 }
 
+/// An unprivileged user made for one test (`useradd`), removed again when
+/// dropped (`userdel`), with a home directory of its own under the test's
+/// scratch directory.
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+impl TestUser {
+    /// Makes the user; the scratch directory of `w` (and the directories
+    /// above it) become traversable by it, so that lowers built there can
+    /// be read.
+    pub fn new(w: &World) -> TestUser {
+        use std::os::unix::fs::PermissionsExt;
+        // Named after the scratch directory: tests run in PID namespaces
+        // of their own, so their pids are all alike.
+        let digest = Sha256::digest(w.tmp.path().as_os_str().as_encoded_bytes());
+        let name = format!("nxl-{:x}", digest)[..14].to_owned();
+        let home = w.path(&format!("home-{name}"));
+        std::fs::create_dir_all(&home).unwrap();
+        let out = Command::new("useradd")
+            .args(["-M", "-U", "-s", "/bin/sh", "-d"])
+            .arg(&home)
+            .arg(&name)
+            .output()
+            .expect("run useradd (passwd)");
+        assert!(out.status.success(), "useradd {name}: {}", stderr(&out));
+        let id = |flag: &str| -> u32 { sh(&format!("id {flag} {name}")).trim().parse().unwrap() };
+        let (uid, gid) = (id("-u"), id("-g"));
+        let user = TestUser {
+            name,
+            uid,
+            gid,
+            home,
+        };
+        sh(&format!("chown {uid}:{gid} {}", user.home.display()));
+        // Every directory from / down to the scratch directory must let the
+        // user through (tempfile makes the scratch directory 0700).
+        for d in w.tmp.path().ancestors() {
+            let mode = std::fs::metadata(d).unwrap().permissions().mode();
+            if mode & 0o001 == 0 {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o055)).unwrap();
+            }
+        }
+        user
+    }
+
+    /// `program` run as this user (setpriv: its uid, gid and no other
+    /// group), in its home, with a PATH it may search.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut c = Command::new("setpriv");
+        c.arg(format!("--reuid={}", self.uid))
+            .arg(format!("--regid={}", self.gid))
+            .arg("--clear-groups")
+            .arg("--")
+            .arg(program);
+        self.env(&mut c);
+        c
+    }
+
+    /// Its environment on `c`: HOME, caches, PATH, the working directory.
+    pub fn env(&self, c: &mut Command) {
+        c.env("HOME", &self.home)
+            .env("XDG_CACHE_HOME", self.home.join(".cache"))
+            .env("USER", &self.name)
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .current_dir(&self.home);
+    }
+
+    /// The binary under test run as this user, with the Nix environment of
+    /// [`World::nix`] (its HOME is the user's).
+    pub fn tool(&self, w: &World) -> Command {
+        let mut c = self.command(env!("CARGO_BIN_EXE_nixfs-layer"));
+        w.nix_env(&mut c);
+        self.env(&mut c);
+        c.stdin(Stdio::null());
+        c
+    }
+}
+
 /// Runs a command line under a pseudo-terminal (util-linux `script`) with
 /// the Nix environment of [`World::nix`]; returns everything the terminal
 /// showed.
@@ -733,4 +818,10 @@ pub fn on_terminal(w: &World, cmdline: &str) -> String {
         stderr(&out)
     );
     shown
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).output();
+    }
 }
