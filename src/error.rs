@@ -1,8 +1,11 @@
-//! The error every command returns, and the exit code each kind maps to
-//! (the sysexits.h convention; 2 stays clap's for malformed arguments).
+//! The error every command returns, and the [`Kind`] of failure each one
+//! is, which alone decides the exit code (the sysexits.h convention; 2
+//! stays clap's for malformed arguments). Each module's error says its
+//! variants' kinds beside its definition (`kind()`), so a new variant
+//! touches one file.
 
 use crate::config::ConfigError;
-use crate::export::{ExportError, FormatError};
+use crate::export::ExportError;
 use crate::flakefs::daemon::FlakeFsError;
 use crate::flakefs::names::NameError;
 use crate::flakefs::Failure;
@@ -13,7 +16,6 @@ use crate::overlay::MountError;
 use crate::pathdb::DbError;
 use crate::promote::PromoteError;
 use crate::stack::run::RunError;
-use crate::storecopy::CopyError;
 use crate::verify::VerifyError;
 
 pub const EX_USAGE: u8 = 64;
@@ -58,6 +60,9 @@ pub enum Error {
     Name(#[from] NameError),
     #[error(transparent)]
     Run(#[from] RunError),
+    /// A copy `sync --lower --keep-needed` made did not check out.
+    #[error("{0}; nothing was switched: run `nixfs-layer verify --check-contents`")]
+    SwitchCopy(crate::storecopy::CopyError),
     #[error("{}", .0.message)]
     Resolve(Failure),
     #[error("{0}")]
@@ -82,140 +87,167 @@ impl Error {
         }
     }
 
-    pub fn exit_code(&self) -> u8 {
+    /// What kind of failure this is; each module's error says so beside
+    /// its definition.
+    pub fn kind(&self) -> Kind {
         match self {
-            Error::Verify(e) => match e {
-                VerifyError::ProblemsRemain { .. } => EXIT_PROBLEMS,
-                VerifyError::NoLowers { .. } => EX_NOINPUT,
-                VerifyError::Db(e) => Error::db_code(e),
-                VerifyError::Mount(e) => Error::mount_code(e),
-                VerifyError::Layer(e) => Error::layer_code(e),
-                VerifyError::Io { .. } => EX_IOERR,
-            },
-            Error::Gc(e) => match e {
-                GcError::TargetNotNix(_) => EX_USAGE,
-                GcError::Spawn { .. } => EX_UNAVAILABLE,
-                GcError::Nix { .. } => EX_SOFTWARE,
-                GcError::LowerChanged { .. } => EX_TEMPFAIL,
-                GcError::LowerEntriesInvalid { .. } | GcError::LowerPathsDead { .. } => EX_DATAERR,
-                GcError::Db(e) => Error::db_code(e),
-                GcError::Io { .. } => EX_IOERR,
-            },
-            Error::Export(e) => match e {
-                ExportError::Format {
-                    source: FormatError::Io(_),
-                    ..
-                }
-                | ExportError::Io { .. }
-                | ExportError::Compress { .. } => EX_IOERR,
-                ExportError::Format { .. }
-                | ExportError::Decompress { .. }
-                | ExportError::HashChanged { .. }
-                | ExportError::MissingReference { .. }
-                | ExportError::Conflict { .. } => EX_DATAERR,
-                ExportError::NotValid { .. } => EX_NOINPUT,
-                ExportError::TargetNotNix { .. } => EX_USAGE,
-                ExportError::Spawn { .. } => EX_UNAVAILABLE,
-                ExportError::Nix { .. } | ExportError::NotRegistered { .. } => EX_SOFTWARE,
-                ExportError::Db(e) => Error::db_code(e),
-            },
-            Error::Optimise(e) => match e {
-                OptimiseError::Db(e) => Error::db_code(e),
-                OptimiseError::Mount(e) => Error::mount_code(e),
-                OptimiseError::Remove { .. } => EX_IOERR,
-            },
-            Error::Promote(e) => match e {
-                PromoteError::NotValid(_) => EX_NOINPUT,
-                PromoteError::HashMismatch { .. } => EX_DATAERR,
-                PromoteError::Sqlite { .. } => EX_SOFTWARE,
-                PromoteError::Io { .. } => EX_IOERR,
-                PromoteError::Copy(CopyError::Mismatch { .. }) => EX_DATAERR,
-                PromoteError::Copy(_) => EX_IOERR,
-                PromoteError::Db(e) => Error::db_code(e),
-            },
-            Error::Name(_) => EX_DATAERR,
-            Error::Run(e) => match e {
-                RunError::UserNsDisabled { .. } | RunError::UserNs { .. } => EX_UNAVAILABLE,
-                RunError::Namespace { .. } => EX_OSERR,
-                RunError::NoRoom { .. } => EX_CANTCREAT,
-                RunError::Spawn { .. } => e.spawn_status().unwrap_or(EX_UNAVAILABLE),
-            },
-            Error::Resolve(f) => match f.errno {
-                libc::ENOENT => EX_NOINPUT,
-                libc::EACCES => EX_NOPERM,
-                libc::EINVAL | libc::ENAMETOOLONG => EX_DATAERR,
-                libc::ETIMEDOUT | libc::EAGAIN => EX_TEMPFAIL,
-                _ => EX_IOERR,
-            },
-            Error::FlakeFs(e) => match e {
-                FlakeFsError::Policy(_) => EX_CONFIG,
-                FlakeFsError::Mountpoint { .. } => EX_CANTCREAT,
-                FlakeFsError::AlreadyMounted(_) | FlakeFsError::DidNotStop(_) => EX_TEMPFAIL,
-                FlakeFsError::Mount { .. }
-                | FlakeFsError::Unmount { .. }
-                | FlakeFsError::Serve { .. }
-                | FlakeFsError::Spawn(_)
-                | FlakeFsError::NotReady { .. } => EX_OSERR,
-                FlakeFsError::Log { .. } => EX_IOERR,
-            },
-            Error::Config(_) => EX_CONFIG,
-            Error::Usage(_) => EX_USAGE,
-            Error::Io { .. } => EX_IOERR,
-            Error::Layer(e) => Error::layer_code(e),
-            Error::Mount(e) => Error::mount_code(e),
-            Error::Db(e) => Error::db_code(e),
+            Error::Config(_) => Kind::Config,
+            Error::Layer(e) => e.kind(),
+            Error::Mount(e) => e.kind(),
+            Error::Db(e) => e.kind(),
+            Error::Verify(e) => e.kind(),
+            Error::Gc(e) => e.kind(),
+            Error::Export(e) => e.kind(),
+            Error::Optimise(e) => e.kind(),
+            Error::Promote(e) => e.kind(),
+            Error::FlakeFs(e) => e.kind(),
+            Error::Name(_) => Kind::DataErr,
+            Error::Run(e) => e.kind(),
+            Error::SwitchCopy(e) => e.kind(),
+            Error::Resolve(f) => f.kind(),
+            Error::Usage(_) => Kind::Usage,
+            Error::Io { .. } => Kind::IoErr,
         }
     }
 
-    fn layer_code(e: &LayerError) -> u8 {
-        match e {
-            LayerError::LowerMissing(_) | LayerError::UpperNotInitialised(_) => EX_NOINPUT,
-            LayerError::LowerNoStore(_)
-            | LayerError::LowerNoDb { .. }
-            | LayerError::LowerSchema { .. } => EX_DATAERR,
-            LayerError::UpperForeign(_) => EX_CANTCREAT,
-            LayerError::LowerDbUnreadable { .. } => EX_NOPERM,
-            LayerError::Io { .. } | LayerError::LowerUnreadable { .. } | LayerError::Full(_) => {
-                EX_IOERR
-            }
-            LayerError::SameDir { .. }
-            | LayerError::TargetOverlap { .. }
-            | LayerError::Overlap { .. }
-            | LayerError::DuplicateLower(_)
-            | LayerError::UnmountablePath(_)
-            | LayerError::TooManyLowers { .. }
-            | LayerError::NoLower => EX_USAGE,
+    pub fn exit_code(&self) -> u8 {
+        self.kind().code()
+    }
+}
+
+/// What kind of failure an error is: the sysexits.h categories, this
+/// tool's own two codes, and the status of a command `run` could not
+/// start. Every module's error maps each of its variants to one
+/// (`kind()` beside the definition); the exit code follows from it alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// `umount`, `sync`, …: nothing of nixfs-layer is mounted at the target.
+    NotMounted,
+    /// `verify`: problems found, or left after `--repair`.
+    Problems,
+    /// Missing or conflicting arguments.
+    Usage,
+    /// Damaged or malformed data: a database, a lower, an export.
+    DataErr,
+    /// Something named does not exist.
+    NoInput,
+    /// A facility or program is missing.
+    Unavailable,
+    /// An internal failure (SQLite, Nix's own commands).
+    Software,
+    /// A mount, unmount or namespace call failed.
+    OsErr,
+    /// Something cannot be created where it must be.
+    CantCreat,
+    /// An I/O error.
+    IoErr,
+    /// Busy: try again once the holder is gone.
+    TempFail,
+    /// Not allowed.
+    NoPerm,
+    /// The configuration is wrong.
+    Config,
+    /// `run`: the command could not be started (127 not found, 126 else).
+    CommandNotStarted(u8),
+}
+
+impl Kind {
+    /// The exit code (README, "Exit codes").
+    pub const fn code(self) -> u8 {
+        match self {
+            Kind::NotMounted => EXIT_NOT_MOUNTED,
+            Kind::Problems => EXIT_PROBLEMS,
+            Kind::Usage => EX_USAGE,
+            Kind::DataErr => EX_DATAERR,
+            Kind::NoInput => EX_NOINPUT,
+            Kind::Unavailable => EX_UNAVAILABLE,
+            Kind::Software => EX_SOFTWARE,
+            Kind::OsErr => EX_OSERR,
+            Kind::CantCreat => EX_CANTCREAT,
+            Kind::IoErr => EX_IOERR,
+            Kind::TempFail => EX_TEMPFAIL,
+            Kind::NoPerm => EX_NOPERM,
+            Kind::Config => EX_CONFIG,
+            Kind::CommandNotStarted(c) => c,
         }
     }
 
-    fn mount_code(e: &MountError) -> u8 {
-        match e {
-            MountError::NotPermitted(_) => EX_NOPERM,
-            MountError::OverlayUnavailable | MountError::SealUnsupported { .. } => EX_UNAVAILABLE,
-            MountError::AlreadyMounted(..)
-            | MountError::UpperInUse { .. }
-            | MountError::HeldElsewhere { .. }
-            | MountError::InUse { .. }
-            | MountError::Busy(_)
-            | MountError::ReplacedBusy { .. } => EX_TEMPFAIL,
-            MountError::NotMounted(_) => EXIT_NOT_MOUNTED,
-            MountError::LowerSeesTarget { .. } => EX_USAGE,
-            MountError::Mount { .. } | MountError::Umount { .. } => EX_OSERR,
-            MountError::Io { .. } => EX_IOERR,
-        }
-    }
-
-    fn db_code(e: &DbError) -> u8 {
-        match e {
-            DbError::NotNixDb { .. }
-            | DbError::ForeignStoreDir { .. }
-            | DbError::ClosureBroken(_)
-            | DbError::Damaged { .. } => EX_DATAERR,
-            DbError::Unstable { .. } | DbError::NixBusy { .. } => EX_TEMPFAIL,
-            DbError::Io { .. } | DbError::Full(_) => EX_IOERR,
-            DbError::Sqlite { .. } => EX_SOFTWARE,
+    /// The kind of a flake tree failure, by the errno its lookup answers
+    /// (`resolve` exits with the code of this kind).
+    pub const fn of_errno(errno: i32) -> Kind {
+        match errno {
+            libc::ENOENT => Kind::NoInput,
+            libc::EACCES => Kind::NoPerm,
+            libc::EINVAL | libc::ENAMETOOLONG => Kind::DataErr,
+            libc::ETIMEDOUT | libc::EAGAIN => Kind::TempFail,
+            _ => Kind::IoErr,
         }
     }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kind, with its code: what scripts and the README rely on.
+    const TABLE: &[(Kind, u8)] = &[
+        (Kind::NotMounted, 1),
+        (Kind::Problems, 1),
+        (Kind::Usage, 64),
+        (Kind::DataErr, 65),
+        (Kind::NoInput, 66),
+        (Kind::Unavailable, 69),
+        (Kind::Software, 70),
+        (Kind::OsErr, 71),
+        (Kind::CantCreat, 73),
+        (Kind::IoErr, 74),
+        (Kind::TempFail, 75),
+        (Kind::NoPerm, 77),
+        (Kind::Config, 78),
+        (Kind::CommandNotStarted(126), 126),
+        (Kind::CommandNotStarted(127), 127),
+    ];
+
+    #[test]
+    fn each_kind_has_its_exit_code() {
+        for (k, code) in TABLE {
+            assert_eq!(k.code(), *code, "{k:?}");
+        }
+    }
+
+    #[test]
+    fn the_readme_lists_every_exit_code_and_no_other() {
+        let readme: std::collections::BTreeSet<u8> = crate::cmd::generate::exit_codes()
+            .iter()
+            .map(|(c, _)| c.parse().expect("a numeric code"))
+            .collect();
+        // 0 (done) and 2 (clap's malformed command line) are no kind's;
+        // 126/127 are `run`'s, explained under the table.
+        let kinds: std::collections::BTreeSet<u8> = TABLE
+            .iter()
+            .map(|(_, c)| *c)
+            .filter(|c| *c < 126)
+            .chain([0, 2])
+            .collect();
+        assert_eq!(readme, kinds);
+    }
+
+    #[test]
+    fn a_flake_failure_errno_gives_resolve_its_exit_code() {
+        for (errno, code) in [
+            (libc::ENOENT, 66),
+            (libc::EACCES, 77),
+            (libc::EINVAL, 65),
+            (libc::ENAMETOOLONG, 65),
+            (libc::ETIMEDOUT, 75),
+            (libc::EAGAIN, 75),
+            (libc::EIO, 74),
+        ] {
+            assert_eq!(Kind::of_errno(errno).code(), code, "errno {errno}");
+            let f = crate::flakefs::Failure::new(errno, "x".into());
+            assert_eq!(Error::Resolve(f).exit_code(), code, "errno {errno}");
+        }
+    }
+}

@@ -158,6 +158,30 @@ pub enum ExportError {
     Io { path: PathBuf, source: io::Error },
 }
 
+impl ExportError {
+    pub fn kind(&self) -> crate::error::Kind {
+        use crate::error::Kind;
+        match self {
+            ExportError::Format {
+                source: FormatError::Io(_),
+                ..
+            }
+            | ExportError::Io { .. }
+            | ExportError::Compress { .. } => Kind::IoErr,
+            ExportError::Format { .. }
+            | ExportError::Decompress { .. }
+            | ExportError::HashChanged { .. }
+            | ExportError::MissingReference { .. }
+            | ExportError::Conflict { .. } => Kind::DataErr,
+            ExportError::NotValid { .. } => Kind::NoInput,
+            ExportError::TargetNotNix { .. } => Kind::Usage,
+            ExportError::Spawn { .. } => Kind::Unavailable,
+            ExportError::Nix { .. } | ExportError::NotRegistered { .. } => Kind::Software,
+            ExportError::Db(e) => e.kind(),
+        }
+    }
+}
+
 /// The metadata of one exported path.
 #[derive(Debug, Clone)]
 pub struct PathMeta<'a> {

@@ -69,6 +69,21 @@ pub enum GcError {
     Io { path: PathBuf, source: io::Error },
 }
 
+impl GcError {
+    pub fn kind(&self) -> crate::error::Kind {
+        use crate::error::Kind;
+        match self {
+            GcError::TargetNotNix(_) => Kind::Usage,
+            GcError::Spawn { .. } => Kind::Unavailable,
+            GcError::Nix { .. } => Kind::Software,
+            GcError::LowerChanged { .. } => Kind::TempFail,
+            GcError::LowerEntriesInvalid { .. } | GcError::LowerPathsDead { .. } => Kind::DataErr,
+            GcError::Db(e) => e.kind(),
+            GcError::Io { .. } => Kind::IoErr,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GcOptions {
     /// Only list what would be freed.

@@ -45,6 +45,17 @@ pub enum OptimiseError {
     },
 }
 
+impl OptimiseError {
+    pub fn kind(&self) -> crate::error::Kind {
+        use crate::error::Kind;
+        match self {
+            OptimiseError::Db(e) => e.kind(),
+            OptimiseError::Mount(e) => e.kind(),
+            OptimiseError::Remove { .. } => Kind::IoErr,
+        }
+    }
+}
+
 /// An upper copy that was removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Dropped {

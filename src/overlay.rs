@@ -64,6 +64,28 @@ pub enum MountError {
     },
 }
 
+impl MountError {
+    pub fn kind(&self) -> crate::error::Kind {
+        use crate::error::Kind;
+        match self {
+            MountError::NotPermitted(_) => Kind::NoPerm,
+            MountError::OverlayUnavailable | MountError::SealUnsupported { .. } => {
+                Kind::Unavailable
+            }
+            MountError::AlreadyMounted(..)
+            | MountError::UpperInUse { .. }
+            | MountError::HeldElsewhere { .. }
+            | MountError::InUse { .. }
+            | MountError::Busy(_)
+            | MountError::ReplacedBusy { .. } => Kind::TempFail,
+            MountError::NotMounted(_) => Kind::NotMounted,
+            MountError::LowerSeesTarget { .. } => Kind::Usage,
+            MountError::Mount { .. } | MountError::Umount { .. } => Kind::OsErr,
+            MountError::Io { .. } => Kind::IoErr,
+        }
+    }
+}
+
 /// One line of `/proc/self/mountinfo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountInfo {

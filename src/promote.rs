@@ -58,6 +58,20 @@ pub enum PromoteError {
     NotValid(String),
 }
 
+impl PromoteError {
+    pub fn kind(&self) -> crate::error::Kind {
+        use crate::error::Kind;
+        match self {
+            PromoteError::NotValid(_) => Kind::NoInput,
+            PromoteError::HashMismatch { .. } => Kind::DataErr,
+            PromoteError::Sqlite { .. } => Kind::Software,
+            PromoteError::Io { .. } => Kind::IoErr,
+            PromoteError::Copy(e) => e.kind(),
+            PromoteError::Db(e) => e.kind(),
+        }
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PromoteError + '_ {
     move |source| PromoteError::Io {
         path: path.to_owned(),

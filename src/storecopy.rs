@@ -29,6 +29,16 @@ pub enum CopyError {
     },
 }
 
+impl CopyError {
+    pub fn kind(&self) -> crate::error::Kind {
+        use crate::error::Kind;
+        match self {
+            CopyError::Mismatch { .. } => Kind::DataErr,
+            CopyError::Read { .. } | CopyError::Write { .. } => Kind::IoErr,
+        }
+    }
+}
+
 fn read_err(path: &Path) -> impl FnOnce(io::Error) -> CopyError + '_ {
     move |source| CopyError::Read {
         path: path.to_owned(),

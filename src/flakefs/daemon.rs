@@ -81,6 +81,23 @@ pub enum FlakeFsError {
     DidNotStop(u32),
 }
 
+impl FlakeFsError {
+    pub fn kind(&self) -> crate::error::Kind {
+        use crate::error::Kind;
+        match self {
+            FlakeFsError::Policy(_) => Kind::Config,
+            FlakeFsError::Mountpoint { .. } => Kind::CantCreat,
+            FlakeFsError::AlreadyMounted(_) | FlakeFsError::DidNotStop(_) => Kind::TempFail,
+            FlakeFsError::Mount { .. }
+            | FlakeFsError::Unmount { .. }
+            | FlakeFsError::Serve { .. }
+            | FlakeFsError::Spawn(_)
+            | FlakeFsError::NotReady { .. } => Kind::OsErr,
+            FlakeFsError::Log { .. } => Kind::IoErr,
+        }
+    }
+}
+
 /// What serving the tree needs.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {

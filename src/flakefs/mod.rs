@@ -45,6 +45,10 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// What kind of failure, by its errno (`resolve`'s exit code).
+    pub fn kind(&self) -> crate::error::Kind {
+        crate::error::Kind::of_errno(self.errno)
+    }
     pub fn new(errno: i32, message: String) -> Failure {
         Failure {
             errno,

@@ -63,6 +63,21 @@ pub enum DbError {
     },
 }
 
+impl DbError {
+    pub fn kind(&self) -> crate::error::Kind {
+        use crate::error::Kind;
+        match self {
+            DbError::NotNixDb { .. }
+            | DbError::ForeignStoreDir { .. }
+            | DbError::ClosureBroken(_)
+            | DbError::Damaged { .. } => Kind::DataErr,
+            DbError::Unstable { .. } | DbError::NixBusy { .. } => Kind::TempFail,
+            DbError::Io { .. } | DbError::Full(_) => Kind::IoErr,
+            DbError::Sqlite { .. } => Kind::Software,
+        }
+    }
+}
+
 /// Paths a sync would drop while paths that stay valid still need them.
 #[derive(Debug)]
 pub struct ClosureBroken {

@@ -82,6 +82,30 @@ pub enum LayerError {
     Io { path: PathBuf, source: io::Error },
 }
 
+impl LayerError {
+    pub fn kind(&self) -> crate::error::Kind {
+        use crate::error::Kind;
+        match self {
+            LayerError::LowerMissing(_) | LayerError::UpperNotInitialised(_) => Kind::NoInput,
+            LayerError::LowerNoStore(_)
+            | LayerError::LowerNoDb { .. }
+            | LayerError::LowerSchema { .. } => Kind::DataErr,
+            LayerError::UpperForeign(_) => Kind::CantCreat,
+            LayerError::LowerDbUnreadable { .. } => Kind::NoPerm,
+            LayerError::Io { .. } | LayerError::LowerUnreadable { .. } | LayerError::Full(_) => {
+                Kind::IoErr
+            }
+            LayerError::SameDir { .. }
+            | LayerError::TargetOverlap { .. }
+            | LayerError::Overlap { .. }
+            | LayerError::DuplicateLower(_)
+            | LayerError::UnmountablePath(_)
+            | LayerError::TooManyLowers { .. }
+            | LayerError::NoLower => Kind::Usage,
+        }
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LayerError + '_ {
     move |source| {
         if no_space(&source) {

@@ -761,14 +761,8 @@ pub fn switch_lowers(
         if let Err(e) = storecopy::copy_verified(&src, &dst, &n.nar_hash) {
             keep::abandon_switch(upper);
             return Err(match e {
-                CopyError::Mismatch {
-                    expected, actual, ..
-                } => Error::Io {
-                    path: src,
-                    source: std::io::Error::other(format!(
-                        "its contents do not match its recorded hash {expected} (got {actual}); nothing was switched, run `nixfs-layer verify --check-contents`"
-                    )),
-                },
+                // Damaged content: the same kind as promote's and export's.
+                e @ CopyError::Mismatch { .. } => Error::SwitchCopy(e),
                 CopyError::Read { path, source } | CopyError::Write { path, source } => {
                     Error::io(&path, source)
                 }

@@ -60,6 +60,21 @@ pub enum RunError {
 }
 
 impl RunError {
+    pub fn kind(&self) -> crate::error::Kind {
+        use crate::error::Kind;
+        match self {
+            RunError::UserNsDisabled { .. } | RunError::UserNs { .. } => Kind::Unavailable,
+            RunError::Namespace { .. } => Kind::OsErr,
+            RunError::NoRoom { .. } => Kind::CantCreat,
+            RunError::Spawn { .. } => match self.spawn_status() {
+                Some(code) => Kind::CommandNotStarted(code),
+                None => Kind::Unavailable,
+            },
+        }
+    }
+}
+
+impl RunError {
     /// The exit status of a command that could not be started, as shells
     /// give it (127 not found, 126 not executable).
     pub fn spawn_status(&self) -> Option<u8> {

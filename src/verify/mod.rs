@@ -47,6 +47,20 @@ pub enum VerifyError {
     },
 }
 
+impl VerifyError {
+    pub fn kind(&self) -> crate::error::Kind {
+        use crate::error::Kind;
+        match self {
+            VerifyError::ProblemsRemain { .. } => Kind::Problems,
+            VerifyError::NoLowers { .. } => Kind::NoInput,
+            VerifyError::Db(e) => e.kind(),
+            VerifyError::Mount(e) => e.kind(),
+            VerifyError::Layer(e) => e.kind(),
+            VerifyError::Io { .. } => Kind::IoErr,
+        }
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> VerifyError + '_ {
     move |source| VerifyError::Io {
         path: path.to_owned(),
