@@ -822,6 +822,12 @@ pub fn users_of(target: &Path, exclude: impl Fn(u32) -> bool) -> Vec<Holder> {
             continue;
         }
         let dir = &p.dir;
+        // A process without an executable is exiting (its memory is gone,
+        // its files are being closed: the unmount retries that moment) or a
+        // kernel thread: no holder either way.
+        if fs::read_link(dir.join("exe")).is_err() {
+            continue;
+        }
         let mut hit = ["cwd", "root", "exe"]
             .iter()
             .filter_map(|l| fs::read_link(dir.join(l)).ok())

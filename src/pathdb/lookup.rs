@@ -19,11 +19,23 @@ pub enum Found {
     PlainStore,
 }
 
-/// The database of the store at `TARGET`, opened per question so that a
-/// long-lived daemon never holds a read transaction open.
+/// The database of the store at `TARGET`, for a long-lived server: one
+/// read-only connection, kept between questions (each is one statement:
+/// no read transaction stays open) and opened afresh whenever the file on
+/// the path is another one than it was opened on (`verify --repair`
+/// rebuilds the database by renaming a new one into place), or after an
+/// error.
 #[derive(Debug, Clone)]
 pub struct Lookup {
     db: PathBuf,
+    conn: std::sync::Arc<std::sync::Mutex<Option<Opened>>>,
+}
+
+#[derive(Debug)]
+struct Opened {
+    /// Device and inode of the file it was opened on.
+    file: (u64, u64),
+    conn: Connection,
 }
 
 impl Lookup {
@@ -31,13 +43,32 @@ impl Lookup {
     pub fn for_target(target: &Path) -> Lookup {
         Lookup {
             db: Target::new(target).db(),
+            conn: Default::default(),
         }
     }
 
     /// Which layer has `path` valid, or None when it is not valid.
     pub fn layer(&self, path: &Path) -> Result<Option<Found>, DbError> {
-        let conn = open_read_only(&self.db)?;
-        layer_of(&conn, &self.db, path)
+        use std::os::unix::fs::MetadataExt;
+        let now = std::fs::metadata(&self.db)
+            .map(|m| (m.dev(), m.ino()))
+            .map_err(|source| DbError::Io {
+                path: self.db.clone(),
+                source,
+            })?;
+        let mut held = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if held.as_ref().is_none_or(|o| o.file != now) {
+            *held = Some(Opened {
+                file: now,
+                conn: open_read_only(&self.db)?,
+            });
+        }
+        let opened = held.as_ref().expect("opened above");
+        let answer = layer_of(&opened.conn, &self.db, path);
+        if answer.is_err() {
+            *held = None;
+        }
+        answer
     }
 }
 

@@ -418,10 +418,13 @@ fn find_mounted_upper(upper: &Upper) -> Result<Option<PathBuf>> {
 /// build in a namespace of its own). Nothing at all is torn down while
 /// any remains: after `wait`, if given, it is an error naming them.
 fn wait_until_unused(mounted: &Mounted, wait: Option<Duration>) -> Result<()> {
-    let servers: Vec<u32> = daemon::servers_for(&mounted.target)
+    // The tree's servers: standalone ones, and a `mount --foreground`
+    // serving it itself (the record names it). They are stopped first.
+    let mut servers: Vec<u32> = daemon::servers_for(&mounted.target)
         .iter()
         .map(|s| s.pid)
         .collect();
+    servers.extend(mounted.record.flakefs.as_ref().and_then(|f| f.pid));
     let deadline = wait.map(|w| Instant::now() + w);
     loop {
         let mut holders = overlay::users_of(&mounted.target, |pid| {
