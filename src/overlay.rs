@@ -1023,24 +1023,57 @@ mod tests {
 pub struct ListeningSocket {
     /// The path it was bound to.
     pub path: PathBuf,
-    /// The processes holding it: pid and command.
-    pub holders: Vec<(u32, String)>,
+    /// The processes holding it, each with what it sees at that path.
+    pub holders: Vec<SocketHolder>,
 }
 
-impl ListeningSocket {
-    /// Whether connecting to its path reaches a listener. Not so when a
-    /// mount covered the directory after the socket was bound (a daemon
-    /// started before the stack was mounted). Connecting makes a
-    /// nix-daemon fork a worker for a moment.
-    pub fn reachable(&self) -> bool {
-        std::os::unix::net::UnixStream::connect(&self.path).is_ok()
+/// A process holding a listening socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketHolder {
+    pub pid: u32,
+    pub command: String,
+    pub view: SocketView,
+}
+
+/// How the socket's path looks from its holder's mount namespace, against
+/// this one's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketView {
+    /// The same file: clients here reach it; it serves what is mounted here.
+    Same,
+    /// Another file at the path, in a namespace that shares the directory
+    /// the mount covered (`target`): it was bound before the mount and is
+    /// covered now (a nix-daemon started before the stack).
+    Covered,
+    /// Another namespace's own file system: nothing of this one.
+    Unrelated,
+}
+
+fn file_id(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(p).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// What `pid` sees at `path` (through /proc/PID/root, which resolves in
+/// its mount namespace) against what this process sees; `target` is the
+/// directory whose covering tells a covered socket from an unrelated one.
+fn socket_view(pid: u32, path: &Path, target: &Path) -> SocketView {
+    let theirs = |p: &Path| {
+        let rel = p.strip_prefix("/").unwrap_or(p);
+        file_id(&Path::new(&format!("/proc/{pid}/root")).join(rel))
+    };
+    match (theirs(path), file_id(path)) {
+        (Some(t), Some(o)) if t == o => SocketView::Same,
+        _ if theirs(target).is_some() && theirs(target) == file_id(target) => SocketView::Covered,
+        _ => SocketView::Unrelated,
     }
 }
 
 /// The listening Unix sockets bound under `dir` (by the paths they were
-/// bound to, from /proc/net/unix) that some process holds, with those
-/// processes.
-pub fn listening_sockets(dir: &Path) -> Vec<ListeningSocket> {
+/// bound to, from /proc/net/unix, which every mount namespace shares) that
+/// some process holds, with those processes and what each sees there
+/// ([`SocketView`], `target` being the directory a mount may have covered).
+pub fn listening_sockets(dir: &Path, target: &Path) -> Vec<ListeningSocket> {
     use std::collections::BTreeMap;
     let Ok(table) = fs::read_to_string("/proc/net/unix") else {
         return Vec::new();
@@ -1106,6 +1139,16 @@ pub fn listening_sockets(dir: &Path) -> Vec<ListeningSocket> {
     by_path
         .into_iter()
         .filter(|(_, holders)| !holders.is_empty())
-        .map(|(path, holders)| ListeningSocket { path, holders })
+        .map(|(path, holders)| ListeningSocket {
+            holders: holders
+                .into_iter()
+                .map(|(pid, command)| SocketHolder {
+                    pid,
+                    command,
+                    view: socket_view(pid, &path, target),
+                })
+                .collect(),
+            path,
+        })
         .collect()
 }

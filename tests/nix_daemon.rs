@@ -143,7 +143,7 @@ ns_test! {
         // The machine's own (empty) store, and a daemon on it: the order
         // of a host whose nix-daemon starts before nixfs-layer.
         sh("mkdir -p /nix/store /nix/var/nix/db /nix/var/nix/daemon-socket");
-        let early = s.w.start_nix_daemon(MULTI_USER, true);
+        let mut early = s.w.start_nix_daemon(MULTI_USER, true);
         let o = s.w.tool(["mount", "--no-flake-fs", "--lower", s.lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap()]);
         assert!(o.status.success(), "{}", stderr(&o));
         let msg = stderr(&o);
@@ -156,7 +156,12 @@ ns_test! {
         let liba = s.lower_path("liba");
         let v = s.w.nix_as(NOBODY, "nix-store").args(["-q", "--hash", &liba]).output().unwrap();
         assert!(!v.status.success(), "a client reaches the covered daemon");
-        // The covered daemon holds nothing of the stack: umount goes.
+        // The covered daemon holds nothing of the stack: umount goes while
+        // it runs on (serving the store beneath).
+        let out = s.w.tool(["umount"]);
+        assert!(out.status.success(), "umount beside a covered daemon: {}", stderr(&out));
+        assert!(early.alive(), "the covered daemon runs on");
+        s.w.tool_ok(["mount", "--no-flake-fs", "--lower", s.lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap()]);
         // Restarted after the mount, a daemon serves the stack.
         drop(early);
         let daemon = s.w.start_nix_daemon(MULTI_USER, true);
@@ -197,5 +202,31 @@ ns_test! {
         let _daemon = s.w.start_nix_daemon(MULTI_USER, true);
         let v = s.w.nix_as(NOBODY, "nix-store").args(["-q", "--hash", &liba]).output().unwrap();
         assert!(v.status.success(), "{}", stderr(&v));
+    }
+}
+
+ns_test! {
+    fn a_listener_of_another_namespace_neither_warns_nor_holds_the_stack() {
+        let s = stack();
+        // Another mount namespace with a /nix of its own, listening at the
+        // same path (a container's nix-daemon, another stack's).
+        let mut other = std::process::Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg(format!(
+                "mount -t tmpfs other /nix && mkdir -p /nix/var/nix/daemon-socket && exec python3 -c '{}'",
+                "import socket,time; s=socket.socket(socket.AF_UNIX); s.bind(\"/nix/var/nix/daemon-socket/socket\"); s.listen(); print(\"up\", flush=True); time.sleep(600)"
+            ))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(other.stdout.as_mut().unwrap()), &mut line).unwrap();
+        assert_eq!(line.trim(), "up");
+        let o = s.w.tool(["mount", "--no-flake-fs", "--lower", s.lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap()]);
+        assert!(o.status.success() && stderr(&o).is_empty(), "no warning for another namespace's socket: {}", stderr(&o));
+        let o = s.w.tool(["umount"]);
+        assert!(o.status.success(), "another namespace's listener holds nothing of the stack: {}", stderr(&o));
+        let _ = other.kill();
+        let _ = other.wait();
     }
 }

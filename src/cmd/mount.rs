@@ -86,7 +86,7 @@ pub fn warn_hidden_sockets(m: &lifecycle::Mounting) {
         let who = h
             .holders
             .iter()
-            .map(|(pid, c)| format!("{c} (pid {pid})"))
+            .map(|h| format!("{} (pid {})", h.command, h.pid))
             .collect::<Vec<_>>()
             .join(", ");
         eprintln!(

@@ -222,8 +222,12 @@ pub fn mount(opts: &MountOptions, progress: Progress<'_>) -> Result<Mounting> {
     guard.disarm();
     drop(target_lock);
     failpoint::hit("mount:done");
-    let mut hidden_sockets = overlay::listening_sockets(&var);
-    hidden_sockets.retain(|s| !s.reachable());
+    // Listeners in TARGET/var bound before this mount covered it.
+    let mut hidden_sockets = overlay::listening_sockets(&var, target);
+    for s in &mut hidden_sockets {
+        s.holders.retain(|h| h.view == overlay::SocketView::Covered);
+    }
+    hidden_sockets.retain(|s| !s.holders.is_empty());
     Ok(Mounting {
         hidden_sockets,
         flake_mountpoint: opts.flake_tree.as_ref().map(|t| t.mountpoint.clone()),
@@ -433,12 +437,15 @@ fn wait_until_unused(mounted: &Mounted, wait: Option<Duration>) -> Result<()> {
         holders.extend(overlay::holders_elsewhere(&mounted.upper));
         // A nix-daemon serving the stack holds no file of it between
         // clients, only its socket in TARGET/var.
-        for s in overlay::listening_sockets(&mounted.var()) {
-            for (pid, command) in s.holders {
-                if !holders.iter().any(|h| h.pid == pid) {
+        // Only the listeners on this stack's own socket files count: one
+        // a mount covered serves what lies beneath, another namespace's its
+        // own store.
+        for s in overlay::listening_sockets(&mounted.var(), &mounted.target) {
+            for h in s.holders {
+                if h.view == overlay::SocketView::Same && !holders.iter().any(|x| x.pid == h.pid) {
                     holders.push(overlay::Holder {
-                        pid,
-                        command,
+                        pid: h.pid,
+                        command: h.command,
                         mount_point: s.path.clone(),
                     });
                 }

@@ -655,6 +655,11 @@ impl NixDaemon {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Whether it still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
 }
 
 impl World {
