@@ -206,15 +206,27 @@ fn check(row: Row) -> Result<Entry, String> {
     })
 }
 
-/// The name of a reference's GC root in [`Lower::published_roots`]: a
-/// digest of the text (any reference fits a file name), then the text made
-/// readable.
+/// The digest of a reference that starts the names of its GC roots.
+fn ref_digest(reference: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(reference.as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The name of the GC root in [`Lower::published_roots`] of `reference`
+/// published as `path`: a digest of the reference (any reference fits a
+/// file name), the path's hash part, then the reference made readable. A
+/// republished reference gets a new root beside the old one; the old one
+/// goes once the index names the new path ([`drop_roots`]).
 ///
 /// [`Lower::published_roots`]: crate::stack::layer::Lower::published_roots
-pub fn root_name(reference: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(reference.as_bytes());
-    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+pub fn root_name(reference: &str, path: &str) -> String {
+    let hash = crate::storepath::base_name(path)
+        .split('-')
+        .next()
+        .unwrap_or_default();
     let readable: String = reference
         .chars()
         .map(|c| {
@@ -226,17 +238,17 @@ pub fn root_name(reference: &str) -> String {
         })
         .take(64)
         .collect();
-    format!("{hex}-{readable}")
+    format!("{}-{hash}-{readable}", ref_digest(reference))
 }
 
-/// Roots the paths `changes` publish in `dir` (written before the index
-/// names them: a path is never published without its root). Each link is
-/// made under a temporary name and renamed over the old one.
+/// Roots the paths `changes` publish in `dir`, before the index names
+/// them (a published path is never without its root). Each link is made
+/// under a temporary name and renamed into place.
 pub fn add_roots(dir: &Path, changes: &[Change]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     for c in changes {
         if let Change::Set(e) = c {
-            let name = root_name(&e.reference);
+            let name = root_name(&e.reference, &e.path);
             let tmp = dir.join(format!(".{name}.tmp"));
             let _ = std::fs::remove_file(&tmp);
             std::os::unix::fs::symlink(&e.path, &tmp)?;
@@ -246,14 +258,28 @@ pub fn add_roots(dir: &Path, changes: &[Change]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Drops the roots of the references `changes` remove (after the index
-/// stopped naming them).
+/// After the index took `changes`: drops the roots it no longer names (a
+/// removed reference's; a republished one's old paths'). A run cut short
+/// before leaves an extra root, never a published path without one.
 pub fn drop_roots(dir: &Path, changes: &[Change]) -> std::io::Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
     for c in changes {
-        if let Change::Remove(r) = c {
-            match std::fs::remove_file(dir.join(root_name(r))) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
+        let (reference, keep) = match c {
+            Change::Set(e) => (&e.reference, Some(root_name(&e.reference, &e.path))),
+            Change::Remove(r) => (r, None),
+        };
+        let prefix = format!("{}-", ref_digest(reference));
+        for n in names.iter().filter(|n| n.starts_with(&prefix)) {
+            if keep.as_deref() != Some(n.as_str()) {
+                match std::fs::remove_file(dir.join(n)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
             }
         }
     }
@@ -263,6 +289,51 @@ pub fn drop_roots(dir: &Path, changes: &[Change]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn set(reference: &str, path: &str) -> Change {
+        Change::Set(Entry {
+            reference: reference.into(),
+            path: path.into(),
+            output: "out".into(),
+            locked: None,
+            system: None,
+            time: 0,
+        })
+    }
+
+    #[test]
+    fn a_published_path_keeps_its_root_until_the_index_moves_on() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("roots");
+        let (p1, p2) = (
+            "/nix/store/3fhxqk6qp4gzrm0xs8w7drf3vznmxgz5-a",
+            "/nix/store/7bhxkqg8q1xk1n4h3v5ii0i4rlfm1ph7-a",
+        );
+        let targets = || -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| {
+                    std::fs::read_link(e.unwrap().path())
+                        .unwrap()
+                        .display()
+                        .to_string()
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        add_roots(&dir, &[set("x#a", p1), set("x#ab", p1)]).unwrap();
+        drop_roots(&dir, &[set("x#a", p1), set("x#ab", p1)]).unwrap();
+        assert_eq!(targets(), [p1, p1]);
+        // Republished: both roots until the index names p2 (a run that
+        // stops in between keeps p1 rooted), then p2's alone.
+        add_roots(&dir, &[set("x#a", p2)]).unwrap();
+        assert_eq!(targets(), [p1, p1, p2]);
+        drop_roots(&dir, &[set("x#a", p2)]).unwrap();
+        assert_eq!(targets(), [p1, p2], "x#ab's root is not x#a's");
+        drop_roots(&dir, &[Change::Remove("x#a".into())]).unwrap();
+        assert_eq!(targets(), [p1]);
+    }
 
     #[test]
     fn writes_reads_replaces_and_skips_bad_rows() {
