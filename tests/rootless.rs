@@ -521,3 +521,89 @@ ns_test! {
         s.umount();
     }
 }
+
+ns_test! {
+    fn a_killed_run_takes_its_flake_tree_server_along_and_the_upper_serves_again() {
+        let s = Stack::new(&["app", "tool"]);
+        let args = |script: &str| -> Vec<String> {
+            ["run", "--lower", s.lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap(), "--", "sh", "-c", script]
+                .iter()
+                .map(|a| a.to_string())
+                .collect()
+        };
+        let mut run = s
+            .w
+            .tool_command()
+            .args(args("ls /nixfs/flake >/dev/null && echo up && sleep 2"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(run.stdout.take().unwrap()), &mut line).unwrap();
+        assert_eq!(line.trim(), "up", "the command runs with the tree mounted");
+        run.kill().unwrap();
+        run.wait().unwrap();
+        // Once the command is done, nothing of the run is left: its tree's
+        // server went with it (no `nixfs-layer flakefs` process).
+        let servers = || {
+            sh("for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done")
+                .lines()
+                .filter(|l| l.contains("nixfs-layer flakefs"))
+                .count()
+        };
+        let t = std::time::Instant::now();
+        while servers() > 0 {
+            assert!(t.elapsed() < std::time::Duration::from_secs(15), "the tree's server outlived the killed run");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // The upper is free: the next run of it works.
+        let t = std::time::Instant::now();
+        loop {
+            let out = s.w.tool(args("echo again"));
+            if out.status.success() {
+                assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "again");
+                break;
+            }
+            assert!(
+                out.status.code() == Some(75) && t.elapsed() < std::time::Duration::from_secs(10),
+                "the next run after a killed one: {}",
+                stderr(&out)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+ns_test! {
+    fn a_process_the_command_leaves_behind_keeps_the_stack_without_holding_up_run() {
+        let s = Stack::new(&["tool"]);
+        let args = |script: &str| -> Vec<String> {
+            ["run", "--no-flake-fs", "--lower", s.lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap(), "--", "sh", "-c", script]
+                .iter()
+                .map(|a| a.to_string())
+                .collect()
+        };
+        let t = std::time::Instant::now();
+        let out = s.w.tool(args("(cd /nix/store && exec sleep 4) >/dev/null 2>&1 & echo started"));
+        let took = t.elapsed();
+        assert!(out.status.success(), "run's status is the command's: {}", stderr(&out));
+        assert!(took < std::time::Duration::from_secs(4), "run returned after {took:?}");
+        let err = stderr(&out);
+        let said: Vec<&str> = err.lines().filter(|l| l.contains("still use")).collect();
+        assert_eq!(said.len(), 1, "{err}");
+        assert!(said[0].contains("sleep") && said[0].contains("until they end"), "{err}");
+        // Once it ended, the upper serves the next run.
+        std::thread::sleep(std::time::Duration::from_secs(4).saturating_sub(took) + std::time::Duration::from_millis(500));
+        let t = std::time::Instant::now();
+        loop {
+            let out = s.w.tool(args("echo again"));
+            if out.status.success() {
+                break;
+            }
+            assert!(t.elapsed() < std::time::Duration::from_secs(10), "after the leftover ended: {}", stderr(&out));
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}

@@ -354,10 +354,23 @@ pub fn spawn(args: &[OsString], mountpoint: &Path, log: &Path) -> Result<u32, Fl
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
-    // SAFETY: setsid is async-signal-safe.
+    // Inside `run` the server is the run's: it must not outlive it (a
+    // killed `run` would leave it holding the namespace and the upper).
+    let in_run = std::env::var_os(crate::stack::run::RUN_ENV).is_some();
+    let parent = nix::unistd::getpid();
+    // SAFETY: setsid, prctl and getppid are async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
+            if in_run {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The run died before the signal was armed.
+                if nix::unistd::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+            }
             Ok(())
         });
     }

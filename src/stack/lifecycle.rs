@@ -421,7 +421,7 @@ fn find_mounted_upper(upper: &Upper) -> Result<Option<PathBuf>> {
 /// stopped first), and other mount namespaces holding the overlay (a
 /// build in a namespace of its own). Nothing at all is torn down while
 /// any remains: after `wait`, if given, it is an error naming them.
-fn wait_until_unused(mounted: &Mounted, wait: Option<Duration>) -> Result<()> {
+pub(crate) fn wait_until_unused(mounted: &Mounted, wait: Option<Duration>) -> Result<()> {
     // The tree's servers: standalone ones, and a `mount --foreground`
     // serving it itself (the record names it). They are stopped first.
     let mut servers: Vec<u32> = daemon::servers_for(&mounted.target)

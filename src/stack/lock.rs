@@ -47,7 +47,13 @@ const TARGET_LOCKS: &str = "/run/nixfs-layer";
 pub fn lock_target(target: &Path) -> Result<Option<TargetLock>> {
     // A `run`'s mount namespace is its own: nothing else mounts there, and
     // /run is the host's.
-    if std::env::var_os(super::run::RUN_ENV).is_some() {
+    // Only in the run's namespace itself: the variable alone (inherited,
+    // or set by anyone) does not switch the lock off.
+    if std::env::var_os(super::run::RUN_ENV).is_some()
+        && std::env::var_os(super::run::RUN_NS_ENV).is_some_and(|ns| {
+            std::fs::read_link("/proc/self/ns/mnt").is_ok_and(|own| own.as_os_str() == ns)
+        })
+    {
         return Ok(None);
     }
     let ns = std::fs::read_link("/proc/self/ns/mnt")

@@ -41,6 +41,9 @@ use crate::pathdb::journal;
 /// stack this mount namespace was made for. Commands inside see that the
 /// namespace is a private one (no target lock under /run).
 pub const RUN_ENV: &str = "NIXFS_LAYER_RUN";
+/// The mount namespace `run` made (`mnt:[…]`), beside [`RUN_ENV`]: what
+/// tells a command that it runs in that namespace itself.
+pub const RUN_NS_ENV: &str = "NIXFS_LAYER_RUN_NS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -149,6 +152,9 @@ pub fn enter(opts: &MountOptions, progress: Progress<'_>) -> Result<Session> {
     // Single-threaded still. The flake tree's server and the command
     // inherit both.
     std::env::set_var(RUN_ENV, &opts.target);
+    if let Ok(ns) = std::fs::read_link("/proc/self/ns/mnt") {
+        std::env::set_var(RUN_NS_ENV, ns);
+    }
     if let Some(c) = nix_config(mode) {
         std::env::set_var("NIX_CONFIG", c);
     }
@@ -535,17 +541,20 @@ fn tear_down(target: &Path) -> Result<()> {
     };
     let _lock = lock_upper(&mounted.upper)?;
     journal::catch_up(&mounted.upper, &mounted.record.lowers);
-    let mut tries = 0;
-    loop {
-        match lifecycle::unmount_stack(&mounted, true) {
-            Err(Error::Mount(overlay::MountError::Busy(_))) if tries < 20 => {
-                // A build's processes may take a moment to go.
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            other => return other,
+    // A build's processes may take a moment to go; processes the command
+    // left running keep the stack (in this namespace, which ends with
+    // them): say so once, tear nothing down.
+    match lifecycle::wait_until_unused(&mounted, Some(Duration::from_secs(1))) {
+        Err(Error::Mount(overlay::MountError::InUse { holders, .. })) => {
+            eprintln!(
+                "nixfs-layer: run: {holders} still use {}: the stack stays in the run's namespace until they end, then the upper is free",
+                target.display()
+            );
+            return Ok(());
         }
+        other => other?,
     }
+    lifecycle::unmount_stack(&mounted, true)
 }
 
 #[cfg(test)]
