@@ -690,6 +690,10 @@ fn killed_umounts(flake: bool, seed: u64, random: usize) {
     }
     eprintln!("random kills landed: {landed:?}; the window closed in on {lo}..{hi} µs");
     eprintln!("{kills} kills");
+    assert!(
+        landed.keys().any(|k| k.starts_with("half-mounted")),
+        "some random kills fell inside umount's work: {landed:?}"
+    );
 }
 
 ns_test! {
