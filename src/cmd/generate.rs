@@ -228,7 +228,12 @@ pub fn extra_sections() -> String {
     tagged(
         &mut r,
         &format!("\\fB{}\\fR", crate::stack::run::RUN_ENV),
-        "Set by \\fBrun\\fR for its command: the target of the stack its mount namespace was made for. Commands run there take no target lock under /run/nixfs\\-layer (the namespace is the run's own).",
+        "Set by \\fBrun\\fR for its command: the target of the stack its mount namespace was made for.",
+    );
+    tagged(
+        &mut r,
+        &format!("\\fB{}\\fR", crate::stack::run::RUN_NS_ENV),
+        "Set by \\fBrun\\fR beside it: that mount namespace. Commands in that namespace itself (and only there) take no target lock under /run/nixfs\\-layer.",
     );
     tagged(
         &mut r,
