@@ -51,7 +51,7 @@ fn main() {
     sh("mount -t tmpfs bench /nix");
     let refs = count(&lower, "select count(*) from Refs");
     let drvs = count(&lower, "select count(*) from DerivationOutputs");
-    println!("machine: {}", machine());
+    println!("machine: {}", common::machine());
     println!("lower: {n} paths, {refs} references, {drvs} derivation outputs");
 
     // nixfs-layer: full merge into a fresh upper, as `mount` does it.
@@ -371,28 +371,4 @@ fn children_max_rss_kib() -> i64 {
     nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
         .unwrap()
         .max_rss()
-}
-
-fn machine() -> String {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let cpu = read("/proc/cpuinfo")
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|s| s.trim_start_matches([' ', '\t', ':']).to_owned())
-        .unwrap_or_default();
-    let mem_gib = read("/proc/meminfo")
-        .split_whitespace()
-        .nth(1)
-        .and_then(|k| k.parse::<u64>().ok())
-        .map_or(0, |k| k / 1024 / 1024);
-    let nix = Command::new("nix-store")
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!(
-        "{cores} cores ({cpu}), {mem_gib} GiB RAM, kernel {}, {nix}",
-        read("/proc/sys/kernel/osrelease").trim()
-    )
 }

@@ -64,6 +64,34 @@ create trigger if not exists NixfsLayerOriginOnDelete after delete on ValidPaths
     delete from NixfsLayerOrigin where path = old.path;
   end;
 
+-- How many valid paths the lowers provide (rows of NixfsLayerOrigin with
+-- layer > 0): one row, kept by the triggers below inside every transaction
+-- that changes provenance (Nix's too), so that a sync with nothing to do
+-- reports it without reading a row per path. A database made before this
+-- table gets its row, counted once, when this tool next opens it
+-- (src/pathdb/mod.rs).
+create table if not exists NixfsLayerCounts (
+    provided integer not null
+);
+
+create trigger if not exists NixfsLayerCountOnInsert after insert on NixfsLayerOrigin
+  when new.layer > 0
+  begin
+    update NixfsLayerCounts set provided = provided + 1;
+  end;
+
+create trigger if not exists NixfsLayerCountOnDelete after delete on NixfsLayerOrigin
+  when old.layer > 0
+  begin
+    update NixfsLayerCounts set provided = provided - 1;
+  end;
+
+create trigger if not exists NixfsLayerCountOnUpdate after update of layer on NixfsLayerOrigin
+  when (old.layer > 0) != (new.layer > 0)
+  begin
+    update NixfsLayerCounts set provided = provided + (new.layer > 0) - (old.layer > 0);
+  end;
+
 -- The journal of the upper's own registrations (UPPER/nixfs-layer/journal.sqlite,
 -- src/pathdb/journal.rs) copies the upper's rows out of this file, so that
 -- `verify --repair` can rebuild a damaged merged database without losing

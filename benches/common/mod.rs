@@ -78,3 +78,28 @@ fn run_sh(c: &mut Command, script: &str) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// One line describing the machine: cores, CPU, memory, kernel, Nix.
+pub fn machine() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|s| s.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    let mem_gib = read("/proc/meminfo")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|k| k.parse::<u64>().ok())
+        .map_or(0, |k| k / 1024 / 1024);
+    let nix = Command::new("nix-store")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!(
+        "{cores} cores ({cpu}), {mem_gib} GiB RAM, kernel {}, {nix}",
+        read("/proc/sys/kernel/osrelease").trim()
+    )
+}

@@ -38,9 +38,9 @@ const KNOWN_TABLES: &[&str] = &[
 /// Whether the merged database holds nothing but (at most) the pin.
 pub fn is_fresh(conn: &Connection) -> rusqlite::Result<bool> {
     conn.query_row(
-        "select (select count(*) from ValidPaths) <= 1
-            and (select count(*) from NixfsLayerOrigin where layer != ?1) = 0
-            and (select count(*) from NixfsLayerLowerPath) = 0",
+        "select (select count(*) from (select 1 from ValidPaths limit 2)) <= 1
+            and not exists (select 1 from NixfsLayerOrigin where layer != ?1)
+            and not exists (select 1 from NixfsLayerLowerPath)",
         [pin::PIN_LAYER],
         |r| r.get(0),
     )
@@ -137,6 +137,10 @@ pub fn adopt(
         .map_err(&err)?;
     let tx = conn.transaction().map_err(&err)?;
     tx.execute_batch(LAYER_SCHEMA_SQL).map_err(&err)?;
+    // Every row is the lower's: counted once below rather than one by one
+    // by the trigger (the schema puts it back).
+    tx.execute_batch("drop trigger NixfsLayerCountOnInsert")
+        .map_err(&err)?;
     let id: i64 = tx
         .query_row(
             "insert into NixfsLayerLower (dir, priority, fingerprint, syncedAt)
@@ -158,6 +162,14 @@ pub fn adopt(
     let n: u64 = tx
         .query_row("select count(*) from ValidPaths", [], |r| r.get(0))
         .map_err(&err)?;
+    tx.execute_batch(LAYER_SCHEMA_SQL).map_err(&err)?;
+    tx.execute("delete from NixfsLayerCounts", [])
+        .map_err(&err)?;
+    tx.execute(
+        "insert into NixfsLayerCounts (provided) values (?1)",
+        [n as i64],
+    )
+    .map_err(&err)?;
     let pin_id = pin::ensure(&tx, upper, &upper.store())?;
     // Every path but the pin comes from this lower: the tops are the paths
     // nothing else refers to.

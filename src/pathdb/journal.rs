@@ -228,12 +228,15 @@ pub fn catch_up(upper: &Upper, lowers: &[PathBuf]) {
     }
 }
 
-/// The upper's rows with an id above `from`, and those listed as changed.
+/// The upper's rows with an id above `from`, and those listed as changed:
+/// a range of ids and a few lookups, not a scan of every row.
 fn read_rows(conn: &Connection, from: i64) -> rusqlite::Result<Vec<Registration>> {
     let mut stmt = conn.prepare(
         "select v.id, v.path, v.hash, v.registrationTime, v.deriver, v.narSize, v.ultimate, v.sigs, v.ca
          from ValidPaths v cross join NixfsLayerOrigin o on o.path = v.path
-         where o.layer = 0 and (v.id > ?1 or v.path in (select path from NixfsLayerJournalDirty))
+         where o.layer = 0 and v.id in (
+           select id from ValidPaths where id > ?1
+           union select w.id from NixfsLayerJournalDirty d cross join ValidPaths w on w.path = d.path)
          order by v.id",
     )?;
     let mut refs = conn.prepare(

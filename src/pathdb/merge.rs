@@ -241,13 +241,7 @@ pub fn sync(
     if changed.is_empty() && !stack_left(&conn, &states).map_err(&err)? {
         pin::ensure(&conn, upper, &pin_store)?;
         journal(&conn);
-        let provided = conn
-            .query_row(
-                "select count(*) from NixfsLayerOrigin where layer > 0",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(&err)?;
+        let provided = super::provided_count(&conn).map_err(&err)?;
         let vanished = check_vanished(&conn, &states, &HashSet::new(), &db)?;
         return Ok(SyncSummary {
             unchanged: provided,
@@ -404,8 +398,7 @@ pub fn sync(
     summary.added = adopted + count("select count(*) from temp.added").map_err(&err)?;
     summary.removed = count("select count(*) from temp.removed").map_err(&err)?;
     summary.moved = count("select count(*) from temp.moved").map_err(&err)?;
-    let provided =
-        count("select count(*) from main.NixfsLayerOrigin where layer > 0").map_err(&err)?;
+    let provided = super::provided_count(&tx).map_err(&err)?;
     summary.unchanged = provided - summary.added - summary.moved;
     tx.execute_batch(DROP_TEMP_SQL).map_err(&err)?;
     phase("committing");
@@ -940,7 +933,8 @@ fn names_of(tx: &Connection, sql: &str) -> rusqlite::Result<Vec<String>> {
 /// rows exist, since one lower's new path may refer to another's).
 fn register_paths(tx: &Connection, l: &str, id: i64) -> rusqlite::Result<()> {
     tx.execute(
-        "insert or replace into main.NixfsLayerOrigin (path, layer) select path, lower from temp.added where lower = ?1",
+        "insert into main.NixfsLayerOrigin (path, layer) select path, lower from temp.added where lower = ?1
+         on conflict (path) do update set layer = excluded.layer",
         [id],
     )?;
     tx.execute(

@@ -157,6 +157,7 @@ pub fn create(db: &Path) -> Result<(), DbError> {
             conn.pragma_update(None, "journal_mode", "wal")?;
             conn.execute_batch(NIX_SCHEMA_SQL)?;
             conn.execute_batch(LAYER_SCHEMA_SQL)?;
+            init_counts(&conn)?;
             conn.close().map_err(|(_, e)| e)
         })();
         if let Err(e) = made {
@@ -208,7 +209,8 @@ fn ensure_layer_tables(conn: &mut Connection) -> rusqlite::Result<()> {
     };
     if has(conn)? {
         // Later additions to the schema (all idempotent) still apply.
-        return conn.execute_batch(LAYER_SCHEMA_SQL);
+        conn.execute_batch(LAYER_SCHEMA_SQL)?;
+        return init_counts(conn);
     }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute_batch(LAYER_SCHEMA_SQL)?;
@@ -216,7 +218,45 @@ fn ensure_layer_tables(conn: &mut Connection) -> rusqlite::Result<()> {
         "delete from NixfsLayerOrigin where path not in (select path from ValidPaths);
          insert or ignore into NixfsLayerOrigin (path, layer) select path, 0 from ValidPaths;",
     )?;
+    init_counts(&tx)?;
     tx.commit()
+}
+
+/// Gives the database its `NixfsLayerCounts` row if it has none (one made
+/// before that table), counted once. Its triggers already exist (the
+/// schema makes them first), so every change from here on is counted.
+fn init_counts(conn: &Connection) -> rusqlite::Result<()> {
+    let has: bool = conn.query_row("select exists (select 1 from NixfsLayerCounts)", [], |r| {
+        r.get(0)
+    })?;
+    if !has {
+        conn.execute(
+            "insert into NixfsLayerCounts (provided)
+             select (select count(*) from NixfsLayerOrigin where layer > 0)
+             where not exists (select 1 from NixfsLayerCounts)",
+            [],
+        )?;
+    }
+    Ok(())
+}
+
+/// How many valid paths the lowers provide, from `NixfsLayerCounts` (kept
+/// by triggers): one row read, whatever the size of the store.
+pub(crate) fn provided_count(conn: &Connection) -> rusqlite::Result<u64> {
+    use rusqlite::OptionalExtension;
+    let kept: Option<i64> = conn
+        .query_row("select provided from main.NixfsLayerCounts", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    match kept {
+        Some(n) => Ok(n.max(0) as u64),
+        None => conn.query_row(
+            "select count(*) from main.NixfsLayerOrigin where layer > 0",
+            [],
+            |r| r.get(0),
+        ),
+    }
 }
 
 /// With `NIXFS_LAYER_LOG=nixfs_layer::sql=trace`, logs every statement that
@@ -289,5 +329,72 @@ mod tests {
         drop(c);
         let c = open(&db).unwrap();
         assert_eq!(origin(&c), expect[1..]);
+    }
+
+    #[test]
+    fn the_provided_count_follows_every_change_of_provenance() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db.sqlite");
+        create(&db).unwrap();
+        let c = open(&db).unwrap();
+        let check = |c: &Connection| {
+            let counted: u64 = c
+                .query_row(
+                    "select count(*) from NixfsLayerOrigin where layer > 0",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(provided_count(c).unwrap(), counted);
+            counted
+        };
+        assert_eq!(check(&c), 0);
+        let add = |p: &str| {
+            c.execute(
+                "insert into ValidPaths (path, hash, registrationTime) values (?1, 'sha256:x', 0)",
+                [p],
+            )
+            .unwrap();
+        };
+        for p in [
+            "/nix/store/a",
+            "/nix/store/b",
+            "/nix/store/c",
+            "/nix/store/d",
+        ] {
+            add(p);
+        }
+        assert_eq!(check(&c), 0, "Nix's registrations are the upper's");
+        // A merge's registrations: an upsert over existing rows as well.
+        c.execute_batch(
+            "insert into NixfsLayerOrigin (path, layer) values ('/nix/store/e', 2)
+               on conflict (path) do update set layer = excluded.layer;
+             insert into NixfsLayerOrigin (path, layer) values ('/nix/store/a', 1)
+               on conflict (path) do update set layer = excluded.layer;
+             insert into NixfsLayerOrigin (path, layer) values ('/nix/store/b', -1)
+               on conflict (path) do update set layer = excluded.layer;",
+        )
+        .unwrap();
+        assert_eq!(check(&c), 2);
+        // Moved between lowers, adopted by the upper, given to a lower.
+        c.execute_batch(
+            "update NixfsLayerOrigin set layer = 3 where path = '/nix/store/a';
+             update NixfsLayerOrigin set layer = 0 where path = '/nix/store/e';
+             update NixfsLayerOrigin set layer = 1 where path in ('/nix/store/c', '/nix/store/d');",
+        )
+        .unwrap();
+        assert_eq!(check(&c), 3);
+        // Invalidated by Nix: provenance goes, and the count with it.
+        c.execute("delete from ValidPaths where path = '/nix/store/c'", [])
+            .unwrap();
+        assert_eq!(check(&c), 2);
+        // A database from before the count: counted once when opened.
+        c.execute_batch("drop table NixfsLayerCounts").unwrap();
+        drop(c);
+        let c = open(&db).unwrap();
+        assert_eq!(check(&c), 2);
+        c.execute("delete from ValidPaths where path = '/nix/store/d'", [])
+            .unwrap();
+        assert_eq!(check(&c), 1);
     }
 }

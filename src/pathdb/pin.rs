@@ -88,7 +88,8 @@ pub fn ensure(tx: &Connection, upper: &Upper, store: &Path) -> Result<i64, DbErr
     }
     let h = nar::hash_path(&file).map_err(io(&file))?;
     tx.execute(
-        "insert or replace into main.NixfsLayerOrigin (path, layer) values (?1, ?2)",
+        "insert into main.NixfsLayerOrigin (path, layer) values (?1, ?2)
+         on conflict (path) do update set layer = excluded.layer",
         params![abs, PIN_LAYER],
     )
     .map_err(&sql)?;
