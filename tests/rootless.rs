@@ -607,3 +607,30 @@ ns_test! {
         }
     }
 }
+
+ns_test! {
+    fn an_interrupt_sent_to_run_reaches_its_command() {
+        let s = Stack::new(&["tool"]);
+        // A CI runner cancelling a job: SIGINT to run's pid, not to a terminal's group.
+        let mut run = s
+            .w
+            .tool_command()
+            .args(["run", "--no-flake-fs", "--lower", s.lower.to_str().unwrap(), "--upper", s.upper.to_str().unwrap(), "--", "sh", "-c"])
+            .arg("trap 'echo got-int; exit 7' INT; echo up; for i in $(seq 300); do sleep 0.1; done; echo no-int")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(run.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert_eq!(line.trim(), "up");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+        let status = run.wait().unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        assert_eq!(rest.trim(), "got-int", "the command got the interrupt");
+        assert_eq!(status.code(), Some(7), "run's status is the command's");
+    }
+}

@@ -462,8 +462,8 @@ fn nix_config(mode: Mode) -> Option<OsString> {
 }
 
 /// Runs the command and waits for it; TERM and HUP sent to `run` are
-/// passed on, INT and QUIT (the terminal sends them to the command too)
-/// are left to the command.
+/// passed on, and INT and QUIT when a process sent them to `run` itself
+/// (the terminal sends them to the command too: those are left to it).
 fn run_command(command: &[OsString]) -> Result<u8> {
     let (program, args) = command
         .split_first()
@@ -514,9 +514,19 @@ fn run_command(command: &[OsString]) -> Result<u8> {
         {
             break st;
         }
-        // SAFETY: a valid signal set and timeout; no siginfo wanted.
-        let sig = unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), &tick) };
-        if sig == libc::SIGTERM || sig == libc::SIGHUP {
+        // SAFETY: a valid signal set, siginfo buffer and timeout.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let sig = unsafe { libc::sigtimedwait(signals.as_ref(), &mut info, &tick) };
+        // INT and QUIT from the terminal reach the command itself (it is in
+        // the foreground process group): only those a process sent to
+        // `run` alone (si_code ≤ 0: kill, sigqueue, tkill) are passed on.
+        let sent_to_run = info.si_code <= 0;
+        let pass = match sig {
+            libc::SIGTERM | libc::SIGHUP => true,
+            libc::SIGINT | libc::SIGQUIT => sent_to_run,
+            _ => false,
+        };
+        if pass {
             if let Ok(s) = Signal::try_from(sig) {
                 let _ = kill(pid, s);
             }
