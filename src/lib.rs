@@ -30,6 +30,7 @@ pub mod sdnotify;
 pub mod stack;
 pub mod storecopy;
 pub mod storepath;
+#[cfg(feature = "testing")]
 pub mod synth;
 pub mod verify;
 

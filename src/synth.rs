@@ -3,6 +3,10 @@
 //! towards a few popular paths as real closures are towards libc), some
 //! `.drv` paths with DerivationOutputs, and small real contents whose narHash
 //! and narSize are right, so `nix-store --verify --check-contents` passes.
+//!
+//! Built only with the `testing` feature (the tests and benchmarks turn it
+//! on through the crate's dev-dependency on itself): not in the shipped
+//! tool.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
