@@ -14,30 +14,18 @@ use crate::stack::lifecycle::{self, FlakeTree, MountOptions};
 use super::{flakefs, resolve_target, Progress};
 
 pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
-    let config = Config::load(args.config.config.as_deref())?;
-    let lowers = if args.lowers.is_empty() {
-        config.lowers.clone()
-    } else {
-        args.lowers.clone()
-    };
-    let upper = args
-        .upper
-        .clone()
-        .or_else(|| config.upper.clone())
-        .ok_or_else(|| Error::Usage("mount needs --upper DIR (or `upper` in the config)".into()))?;
-    let target = resolve_target(args.target.as_deref(), &config)?;
-    let flake = !args.no_flake_fs && config.flakefs.enable.unwrap_or(true);
-    let opts = MountOptions {
-        lowers,
-        upper,
-        target,
-        flake_tree: flake.then(|| FlakeTree {
-            mountpoint: flakefs::mountpoint(args.flake_mount.as_deref(), &config),
-            config_file: args.config.config.clone(),
-            config: config.flakefs.clone(),
-        }),
-        foreground: args.foreground,
-    };
+    let opts = mount_options(
+        "mount",
+        &StackFlags {
+            lowers: &args.lowers,
+            upper: args.upper.as_deref(),
+            target: args.target.as_deref(),
+            no_flake_fs: args.no_flake_fs,
+            flake_mount: args.flake_mount.as_deref(),
+            config: args.config.config.as_deref(),
+        },
+        args.foreground,
+    )?;
     let progress = Progress::new(quiet, "merging lower databases");
     let phase = |p: &str| progress.phase(p);
     let mounting = lifecycle::mount(&opts, Some(&phase))?;
@@ -50,6 +38,48 @@ pub fn run(args: &MountArgs, quiet: bool) -> Result<()> {
         print_mounted(&mounting, quiet);
     }
     mounting.serve()
+}
+
+/// The flags that name a stack (`mount`'s and `run`'s).
+pub struct StackFlags<'a> {
+    pub lowers: &'a [std::path::PathBuf],
+    pub upper: Option<&'a Path>,
+    pub target: Option<&'a Path>,
+    pub no_flake_fs: bool,
+    pub flake_mount: Option<&'a Path>,
+    pub config: Option<&'a Path>,
+}
+
+/// What to mount: the flags over the config file over the defaults.
+pub fn mount_options(command: &str, f: &StackFlags<'_>, foreground: bool) -> Result<MountOptions> {
+    let config = Config::load(f.config)?;
+    let lowers = if f.lowers.is_empty() {
+        config.lowers.clone()
+    } else {
+        f.lowers.to_vec()
+    };
+    let upper = f
+        .upper
+        .map(Path::to_owned)
+        .or_else(|| config.upper.clone())
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "{command} needs --upper DIR (or `upper` in the config)"
+            ))
+        })?;
+    let target = resolve_target(f.target, &config)?;
+    let flake = !f.no_flake_fs && config.flakefs.enable.unwrap_or(true);
+    Ok(MountOptions {
+        lowers,
+        upper,
+        target,
+        flake_tree: flake.then(|| FlakeTree {
+            mountpoint: flakefs::mountpoint(f.flake_mount, &config),
+            config_file: f.config.map(Path::to_owned),
+            config: config.flakefs.clone(),
+        }),
+        foreground,
+    })
 }
 
 /// `mount --json`'s document (and `sync --lower --json`'s, with `kept`).

@@ -2,40 +2,25 @@
 //! the options from the flags and the config, then `stack::run`.
 
 use crate::cli::RunArgs;
-use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::stack::lifecycle::{FlakeTree, MountOptions};
+use crate::error::Result;
 use crate::stack::run::{self, Mode};
 
-use super::mount::{mounted_line, warn_merge};
-use super::{flakefs, resolve_target};
+use super::mount::{mount_options, mounted_line, warn_merge, StackFlags};
 
 /// Runs the command; returns its exit status.
 pub fn run(args: &RunArgs, quiet: bool) -> Result<u8> {
-    let config = Config::load(args.config.config.as_deref())?;
-    let lowers = if args.lowers.is_empty() {
-        config.lowers.clone()
-    } else {
-        args.lowers.clone()
-    };
-    let upper = args
-        .upper
-        .clone()
-        .or_else(|| config.upper.clone())
-        .ok_or_else(|| Error::Usage("run needs --upper DIR (or `upper` in the config)".into()))?;
-    let target = resolve_target(args.target.as_deref(), &config)?;
-    let flake = !args.no_flake_fs && config.flakefs.enable.unwrap_or(true);
-    let opts = MountOptions {
-        lowers,
-        upper,
-        target,
-        flake_tree: flake.then(|| FlakeTree {
-            mountpoint: flakefs::mountpoint(args.flake_mount.as_deref(), &config),
-            config_file: args.config.config.clone(),
-            config: config.flakefs.clone(),
-        }),
-        foreground: false,
-    };
+    let opts = mount_options(
+        "run",
+        &StackFlags {
+            lowers: &args.lowers,
+            upper: args.upper.as_deref(),
+            target: args.target.as_deref(),
+            no_flake_fs: args.no_flake_fs,
+            flake_mount: args.flake_mount.as_deref(),
+            config: args.config.config.as_deref(),
+        },
+        false,
+    )?;
     // No spinner: its thread would keep the process from entering a
     // namespace (run::enter needs a single thread).
     let session = run::enter(&opts, None)?;
